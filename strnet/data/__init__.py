@@ -1,0 +1,1 @@
+"""Data: layout adapters -> canonical manifest -> audit/split -> preprocessing cache -> Dataset."""
