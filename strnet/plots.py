@@ -1,0 +1,291 @@
+"""Evaluation figures a clinician can read at a glance: every curve shows where τ* actually operates.
+
+Each function takes plain numpy arrays, writes one PNG and returns its path. Figures are built on
+``matplotlib.figure.Figure`` with an Agg canvas, never through pyplot, so a long evaluation or a
+server process never accumulates open figures. Degenerate inputs (no cases, one class only,
+non-finite scores) still produce a PNG that says why the figure is not computable, so a report
+never has a hole or a crash where a figure should be.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import average_precision_score, brier_score_loss, precision_recall_curve, roc_auc_score, roc_curve
+
+WHO_OSTEOPENIA = -1.0
+WHO_OSTEOPOROSIS = -2.5
+_FIGSIZE = (5.5, 4.5)
+_DPI = 110
+
+
+class NotComputable(ValueError):
+    """Raised inside a drawing function when the data cannot support the figure; becomes a placeholder."""
+
+
+def _as_arrays(y_true: Sequence | np.ndarray, y_prob: Sequence | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true, dtype=float).ravel()
+    p = np.asarray(y_prob, dtype=float).ravel()
+    if y.shape != p.shape:
+        raise NotComputable(f"{y.size} labels but {p.size} scores")
+    if y.size == 0:
+        raise NotComputable("no cases")
+    if not np.all(np.isfinite(p)):
+        raise NotComputable("some scores are not finite")
+    if not np.all(np.isin(y, (0.0, 1.0))):
+        raise NotComputable("labels must be 0 (normal) or 1 (bone loss)")
+    return y.astype(int), p
+
+
+def _need_both_classes(y: np.ndarray) -> None:
+    if np.unique(y).size < 2:
+        only = "bone loss" if y[0] == 1 else "normal"
+        raise NotComputable(f"only one class present ({only}, n={y.size})")
+
+
+def _paired(t_true: Sequence | np.ndarray, t_pred: Sequence | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    a = np.asarray(t_true, dtype=float).ravel()
+    b = np.asarray(t_pred, dtype=float).ravel()
+    if a.shape != b.shape:
+        raise NotComputable(f"{a.size} reference T-scores but {b.size} predictions")
+    keep = np.isfinite(a) & np.isfinite(b)
+    a, b = a[keep], b[keep]
+    if a.size < 2:
+        raise NotComputable(f"fewer than 2 cases with both T-scores (n={a.size})")
+    return a, b
+
+
+def operating_point(
+    y_true: Sequence | np.ndarray, y_prob: Sequence | np.ndarray, threshold: float
+) -> tuple[float, float]:
+    """(false-positive rate, sensitivity) when a case is flagged at prob >= threshold — the point τ* sits on.
+
+    A rate whose denominator is empty (no negatives / no positives) is NaN rather than a misleading 0.
+    """
+    y = np.asarray(y_true, dtype=int).ravel()
+    flag = np.asarray(y_prob, dtype=float).ravel() >= threshold
+    pos, neg = y == 1, y == 0
+    tpr = float(flag[pos].mean()) if pos.any() else float("nan")
+    fpr = float(flag[neg].mean()) if neg.any() else float("nan")
+    return fpr, tpr
+
+
+def _op_label(fpr: float, tpr: float, threshold: float) -> str:
+    return f"τ* = {threshold:.3f}: sensitivity {tpr:.1%}, specificity {1 - fpr:.1%}"
+
+
+def _save(out: str | Path, title: str, draw: Callable[[Axes], None]) -> Path:
+    """Draw into a fresh figure; any NotComputable becomes a readable placeholder figure instead."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=_FIGSIZE, dpi=_DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    try:
+        draw(ax)
+        ax.set_title(ax.get_title() or title, fontsize=10)
+    except NotComputable as exc:
+        fig.clear()
+        ax = fig.add_subplot(1, 1, 1)
+        ax.set_axis_off()
+        ax.set_title(title, fontsize=11)
+        ax.text(0.5, 0.5, f"not computable:\n{exc}", ha="center", va="center", wrap=True, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
+
+
+def roc_curve_plot(
+    y_true: Sequence | np.ndarray, y_prob: Sequence | np.ndarray, threshold: float, out: str | Path
+) -> Path:
+    """ROC with the frozen operating point marked, so the chosen trade-off is visible on the curve."""
+
+    def draw(ax: Axes) -> None:
+        y, p = _as_arrays(y_true, y_prob)
+        _need_both_classes(y)
+        fpr, tpr, _ = roc_curve(y, p)
+        auc = roc_auc_score(y, p)
+        ax.plot(fpr, tpr, color="tab:blue", lw=2, label=f"STR-Net (AUROC = {auc:.3f})")
+        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
+        ofpr, otpr = operating_point(y, p, threshold)
+        ax.plot([ofpr], [otpr], "o", color="tab:red", ms=8, label=_op_label(ofpr, otpr, threshold))
+        ax.set_xlabel("1 − specificity (false-positive rate)")
+        ax.set_ylabel("Sensitivity (true-positive rate)")
+        ax.set_xlim(-0.01, 1.01)
+        ax.set_ylim(-0.01, 1.01)
+        ax.set_title(f"ROC — bone-loss screening (n={y.size})")
+        ax.legend(loc="lower right", fontsize=8)
+        ax.grid(alpha=0.3)
+
+    return _save(out, "ROC — bone-loss screening", draw)
+
+
+def pr_curve_plot(
+    y_true: Sequence | np.ndarray, y_prob: Sequence | np.ndarray, threshold: float, out: str | Path
+) -> Path:
+    """Precision–recall with the prevalence baseline: the honest view when bone loss is rare or common."""
+
+    def draw(ax: Axes) -> None:
+        y, p = _as_arrays(y_true, y_prob)
+        _need_both_classes(y)
+        precision, recall, _ = precision_recall_curve(y, p)
+        ap = average_precision_score(y, p)
+        prevalence = float(y.mean())
+        ax.step(recall, precision, where="post", color="tab:blue", lw=2, label=f"STR-Net (AUPRC = {ap:.3f})")
+        ax.axhline(prevalence, ls="--", color="grey", lw=1, label=f"prevalence = {prevalence:.3f}")
+        flag = p >= threshold
+        sens = float(flag[y == 1].mean())
+        ppv = float(y[flag].mean()) if flag.any() else float("nan")
+        spec = 1.0 - float(flag[y == 0].mean())
+        if np.isfinite(ppv):
+            ax.plot(
+                [sens],
+                [ppv],
+                "o",
+                color="tab:red",
+                ms=8,
+                label=f"τ* = {threshold:.3f}: sensitivity {sens:.1%}, specificity {spec:.1%}, PPV {ppv:.1%}",
+            )
+        ax.set_xlabel("Recall (sensitivity)")
+        ax.set_ylabel("Precision (positive predictive value)")
+        ax.set_xlim(-0.01, 1.01)
+        ax.set_ylim(-0.01, 1.01)
+        ax.set_title(f"Precision–recall — bone-loss screening (n={y.size})")
+        ax.legend(loc="lower left", fontsize=8)
+        ax.grid(alpha=0.3)
+
+    return _save(out, "Precision–recall — bone-loss screening", draw)
+
+
+def confusion_matrix_plot(
+    y_true: Sequence | np.ndarray,
+    y_prob: Sequence | np.ndarray,
+    threshold: float,
+    out: str | Path,
+    labels: tuple[str, str] = ("Normal", "Bone loss"),
+) -> Path:
+    """Counts with row percentages: each row reads directly as specificity / sensitivity."""
+
+    def draw(ax: Axes) -> None:
+        y, p = _as_arrays(y_true, y_prob)
+        pred = (p >= threshold).astype(int)
+        cm = np.zeros((2, 2), dtype=int)
+        np.add.at(cm, (y, pred), 1)
+        rows = cm.sum(axis=1, keepdims=True)
+        frac = np.divide(cm, rows, out=np.zeros_like(cm, dtype=float), where=rows > 0)
+        ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+        for i in range(2):
+            for j in range(2):
+                pct = f"{frac[i, j]:.1%}" if rows[i, 0] else "n/a"
+                colour = "white" if frac[i, j] > 0.6 else "black"
+                ax.text(j, i, f"{cm[i, j]}\n({pct})", ha="center", va="center", fontsize=12, color=colour)
+        ax.set_xticks([0, 1], [f"Predicted\n{labels[0]}", f"Predicted\n{labels[1]}"])
+        ax.set_yticks([0, 1], [f"Reference\n{labels[0]}", f"Reference\n{labels[1]}"])
+        ax.set_title(f"Confusion matrix at τ* = {threshold:.3f} (n={y.size})\nrow % = share of each reference class")
+
+    return _save(out, "Confusion matrix", draw)
+
+
+def score_histogram_plot(
+    y_true: Sequence | np.ndarray, y_prob: Sequence | np.ndarray, threshold: float, out: str | Path
+) -> Path:
+    """Score distribution per reference class, so the overlap around τ* is visible."""
+
+    def draw(ax: Axes) -> None:
+        y, p = _as_arrays(y_true, y_prob)
+        bins = np.linspace(0.0, 1.0, 21)
+        for cls, name, colour in ((0, "Normal", "tab:green"), (1, "Bone loss", "tab:orange")):
+            sel = p[y == cls]
+            if sel.size:
+                ax.hist(np.clip(sel, 0, 1), bins=bins, alpha=0.55, color=colour, label=f"{name} (n={sel.size})")
+        ax.axvline(threshold, color="tab:red", ls="--", lw=2, label=f"τ* = {threshold:.3f}")
+        ax.set_xlabel("Predicted probability of bone loss")
+        ax.set_ylabel("Number of knees")
+        ax.set_xlim(0, 1)
+        ax.set_title("Score distribution by reference class")
+        ax.legend(fontsize=8)
+
+    return _save(out, "Score distribution by reference class", draw)
+
+
+def calibration_plot(
+    y_true: Sequence | np.ndarray, y_prob: Sequence | np.ndarray, out: str | Path, n_bins: int = 10
+) -> Path:
+    """Reliability diagram: does a predicted 30% mean about 30% of such knees have bone loss?"""
+
+    def draw(ax: Axes) -> None:
+        y, p = _as_arrays(y_true, y_prob)
+        _need_both_classes(y)
+        if p.min() < 0 or p.max() > 1:
+            raise NotComputable("scores are not probabilities in [0, 1]")
+        frac_pos, mean_pred = calibration_curve(y, p, n_bins=n_bins, strategy="uniform")
+        brier = brier_score_loss(y, p)
+        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
+        ax.plot(mean_pred, frac_pos, "o-", color="tab:blue", lw=2, label=f"STR-Net (Brier = {brier:.3f})")
+        ax.set_xlabel("Mean predicted probability of bone loss")
+        ax.set_ylabel("Observed fraction with bone loss")
+        ax.set_xlim(-0.01, 1.01)
+        ax.set_ylim(-0.01, 1.01)
+        ax.set_title(f"Calibration ({n_bins} bins, n={y.size})")
+        ax.legend(loc="upper left", fontsize=8)
+        ax.grid(alpha=0.3)
+
+    return _save(out, "Calibration", draw)
+
+
+def tscore_scatter_plot(t_true: Sequence | np.ndarray, t_pred: Sequence | np.ndarray, out: str | Path) -> Path:
+    """Estimated vs reference T-score over the WHO bands, so misclassification across -1 / -2.5 is visible."""
+
+    def draw(ax: Axes) -> None:
+        a, b = _paired(t_true, t_pred)
+        lo = float(min(a.min(), b.min(), WHO_OSTEOPOROSIS) - 0.5)
+        hi = float(max(a.max(), b.max(), WHO_OSTEOPENIA) + 0.5)
+        ax.axvspan(lo, WHO_OSTEOPOROSIS, color="tab:red", alpha=0.08, label="osteoporosis (≤ −2.5)")
+        ax.axvspan(WHO_OSTEOPOROSIS, WHO_OSTEOPENIA, color="tab:orange", alpha=0.08, label="osteopenia (−2.5 to −1.0)")
+        for t in (WHO_OSTEOPENIA, WHO_OSTEOPOROSIS):
+            ax.axvline(t, color="grey", lw=0.8, ls=":")
+            ax.axhline(t, color="grey", lw=0.8, ls=":")
+        ax.plot([lo, hi], [lo, hi], ls="--", color="black", lw=1, label="identity")
+        ax.scatter(a, b, s=14, alpha=0.7, color="tab:blue")
+        mae = float(np.mean(np.abs(b - a)))
+        r = float(np.corrcoef(a, b)[0, 1]) if np.std(a) > 0 and np.std(b) > 0 else float("nan")
+        r_txt = f"{r:.3f}" if np.isfinite(r) else "n/a"
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        ax.set_xlabel("Reference T-score")
+        ax.set_ylabel("Estimated T-score")
+        ax.set_title(f"T-score estimate vs reference (n={a.size})\nPearson r = {r_txt}, MAE = {mae:.3f}")
+        ax.legend(loc="upper left", fontsize=8)
+        ax.grid(alpha=0.3)
+
+    return _save(out, "T-score estimate vs reference", draw)
+
+
+def bland_altman_plot(t_true: Sequence | np.ndarray, t_pred: Sequence | np.ndarray, out: str | Path) -> Path:
+    """Agreement, not correlation: systematic bias and the range within which 95% of differences fall."""
+
+    def draw(ax: Axes) -> None:
+        a, b = _paired(t_true, t_pred)
+        mean = (a + b) / 2
+        diff = b - a
+        bias = float(diff.mean())
+        sd = float(diff.std(ddof=1))
+        lo, hi = bias - 1.96 * sd, bias + 1.96 * sd
+        ax.scatter(mean, diff, s=14, alpha=0.7, color="tab:blue")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.axhline(bias, color="tab:red", lw=1.5, label=f"bias = {bias:.3f}")
+        ax.axhline(hi, color="tab:red", ls="--", lw=1, label=f"+1.96 SD = {hi:.3f}")
+        ax.axhline(lo, color="tab:red", ls="--", lw=1, label=f"−1.96 SD = {lo:.3f}")
+        ax.set_xlabel("Mean of estimated and reference T-score")
+        ax.set_ylabel("Estimated − reference T-score")
+        ax.set_title(f"Bland–Altman agreement (n={a.size})")
+        ax.legend(loc="best", fontsize=8)
+        ax.grid(alpha=0.3)
+
+    return _save(out, "Bland–Altman agreement", draw)
