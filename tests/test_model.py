@@ -1,0 +1,211 @@
+"""STR-Net model: parameter budget, offline weight loading, stop-gradient, channels_last/bf16, argument checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from strnet.errors import DataError
+from strnet.losses import LossWeights, MultiTaskLoss
+from strnet.model import (
+    EfficientNetLite0,
+    build_backbone,
+    build_strnet,
+    count_params,
+    efficientnet_lite0_checkpoint,
+    model_info,
+    register_backbone,
+)
+
+PAPER_PARAMS = 23.95e6
+
+
+def _inputs(b: int = 2, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(b, 1, size, size, generator=g), torch.randn(b, 3, generator=g)
+
+
+def test_paper_configuration_matches_reported_parameter_count() -> None:
+    model = build_strnet(backbone="resnet50")
+    counts = count_params(model)
+    assert abs(counts["trainable_params"] - PAPER_PARAMS) / PAPER_PARAMS < 0.01
+    assert model.backbone.body.conv1.in_channels == 1
+    assert model.neck[0].in_features == 2048 and model.neck[0].out_features == 128
+    assert model.neck[2].p == pytest.approx(0.3)
+    model.eval()
+    with torch.no_grad():
+        out = model(*_inputs())
+    assert {k: tuple(v.shape) for k, v in out.items()} == {"screen": (2,), "severity": (2,), "t_score": (2,)}
+    assert model.backbone_name == "resnet50"
+    assert model.gradcam_layer is model.backbone.body.layer4[-1]
+
+
+def test_model_info_reports_counts_and_feature_dim() -> None:
+    info = model_info("tiny")
+    model = build_strnet(backbone="tiny")
+    assert info["trainable_params"] == sum(p.numel() for p in model.parameters())
+    assert info["feature_dim"] == 64 and info["backbone"] == "tiny" and info["input_channels"] == 1
+    assert sum(info["params_by_part"].values()) == info["total_params"]
+
+
+def _fake_resnet18_file(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    torch.manual_seed(1)
+    ref = torchvision.models.resnet18(weights=None)
+    with torch.no_grad():
+        ref.conv1.weight.copy_(torch.randn_like(ref.conv1.weight))
+        for m in ref.modules():  # non-trivial BN statistics, so a wrong mapping cannot pass by accident
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    state = ref.state_dict()
+    path = tmp_path / "resnet18_fake.pth"
+    torch.save(state, path)
+    return path, state
+
+
+def test_local_resnet_weights_average_conv1_and_match_rgb_network(tmp_path: Path) -> None:
+    path, state = _fake_resnet18_file(tmp_path)
+    trunk, feat_dim = build_backbone("resnet18", str(path))
+    assert feat_dim == 512
+    loaded = trunk.body.conv1.weight.detach()
+    assert loaded.shape == (64, 1, 7, 7)
+    torch.testing.assert_close(loaded, state["conv1.weight"].mean(dim=1, keepdim=True))
+    torch.testing.assert_close(trunk.body.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
+
+    # Oracle: the original RGB network on a grey image (R=G=B=g) equals the 1-channel trunk on 3*g.
+    ref = torchvision.models.resnet18(weights=None)
+    ref.load_state_dict(state)
+    ref.fc = nn.Identity()
+    ref.eval()
+    trunk.eval()
+    grey, _ = _inputs(2, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(trunk(3.0 * grey), ref(grey.expand(-1, 3, -1, -1)), rtol=1e-4, atol=1e-4)
+
+
+def test_weight_file_problems_name_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(DataError, match=r"nope\.pth.*not found"):
+        build_strnet(backbone="resnet18", weights=str(missing))
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(DataError, match=r"garbage\.pth.*cannot read"):
+        build_backbone("resnet18", str(garbage))
+    r18, _ = _fake_resnet18_file(tmp_path)
+    with pytest.raises(DataError, match=r"resnet18_fake.pth.*not a torchvision resnet50 state dict"):
+        build_backbone("resnet50", str(r18))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(DataError, match=r"hub.*never downloaded.*weights="):
+        build_backbone("resnet50", "imagenet")
+
+
+def test_argument_checks() -> None:
+    with pytest.raises(ValueError, match=r"unknown backbone 'vgg'.*efficientnet_lite0.*resnet18.*resnet50.*tiny"):
+        build_strnet(backbone="vgg")
+    with pytest.raises(ValueError, match="tiny"):
+        build_strnet(backbone="tiny", weights="imagenet")
+    with pytest.raises(ValueError, match="efficientnet_lite0"):
+        build_backbone("efficientnet_lite0", "/some/file.pth")
+    with pytest.raises(ValueError, match="neck_dim"):
+        build_strnet(backbone="tiny", neck_dim=0)
+    with pytest.raises(ValueError, match="dropout"):
+        build_strnet(backbone="tiny", dropout=1.0)
+    with pytest.raises(TypeError):
+        build_strnet("tiny")  # type: ignore[misc]  # keyword-only on purpose
+    with pytest.raises(ValueError, match="already registered"):
+        register_backbone("tiny")(lambda w: (nn.Identity(), 1))
+    model = build_strnet(backbone="tiny")
+    image, tab = _inputs()
+    with pytest.raises(ValueError, match="tabular"):
+        model(image, tab[:, :2])
+    with pytest.raises(ValueError, match=r"\[B,1,H,W\]"):
+        model(image.expand(-1, 3, -1, -1), tab)
+
+
+def test_efficientnet_lite0_loads_packaged_weights_offline() -> None:
+    model = build_strnet(backbone="efficientnet_lite0", weights="imagenet")
+    packaged = torch.load(efficientnet_lite0_checkpoint(), map_location="cpu", weights_only=True)
+    stem = model.backbone._conv_stem.weight.detach()
+    torch.testing.assert_close(stem, packaged["_conv_stem.weight"].mean(dim=1, keepdim=True))
+    torch.testing.assert_close(
+        model.backbone._blocks[15]._project_conv.weight, packaged["_blocks.15._project_conv.weight"]
+    )
+    model.eval()
+    with torch.no_grad():
+        out = model(*_inputs(2, 64))
+    assert all(v.shape == (2,) and torch.isfinite(v).all() for v in out.values())
+    assert model.gradcam_layer is model.backbone._head_act
+
+
+def test_efficientnet_lite0_architecture_reproduces_imagenet_classifier() -> None:
+    """Oracle for the hand-written architecture: the packaged classifier must call Grace Hopper a military uniform."""
+    mpl = pytest.importorskip("matplotlib.cbook")
+    from PIL import Image
+
+    try:
+        path = mpl.get_sample_data("grace_hopper.jpg", asfileobj=False)
+    except (FileNotFoundError, ValueError):
+        pytest.skip("matplotlib sample data not installed")
+    net = EfficientNetLite0(in_chans=3, num_classes=1000)
+    net.load_state_dict(torch.load(efficientnet_lite0_checkpoint(), map_location="cpu", weights_only=True), strict=True)
+    net.eval()
+    rgb = np.asarray(Image.open(path).convert("RGB").resize((224, 224)), np.float32)
+    x = (torch.from_numpy(rgb).permute(2, 0, 1)[None] - 127.0) / 128.0
+    with torch.no_grad():
+        probs = net(x).softmax(1)[0]
+    assert int(probs.argmax()) == 652  # ImageNet "military uniform"
+    assert float(probs[652]) > 0.2
+
+
+def test_tiny_backbone_forward_backward() -> None:
+    model = build_strnet(backbone="tiny")
+    assert 40_000 <= count_params(model.backbone)["trainable_params"] <= 60_000
+    image, tab = _inputs(4, 48)
+    out = model(image, tab)
+    batch = {
+        "y_screen": torch.tensor([1.0, 0.0, 1.0, 0.0]),
+        "y_severity": torch.tensor([1.0, float("nan"), 0.0, float("nan")]),
+        "t_score": torch.tensor([-2.8, -0.2, -1.5, 0.5]),
+    }
+    loss, _ = MultiTaskLoss(pos_weight=1.0, weights=LossWeights())(out, batch, epoch=5)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert model.gradcam_layer is model.backbone.blocks[-1]
+
+
+def test_t_score_path_sends_no_gradient_into_shared_layers() -> None:
+    model = build_strnet(backbone="tiny")
+    image, tab = _inputs(3, 48)
+    model(image, tab)["t_score"].sum().backward()
+    shared = ("backbone.", "neck.", "tarr.", "screen_head.", "severity_head.")
+    for name, p in model.named_parameters():
+        if name.startswith(shared):
+            assert p.grad is None or torch.count_nonzero(p.grad) == 0, name
+        else:  # t_image, t_tabular, t_fusion
+            assert p.grad is not None and torch.count_nonzero(p.grad) > 0, name
+
+
+def test_channels_last_and_bfloat16_autocast_on_cpu() -> None:
+    model = build_strnet(backbone="tiny").eval()
+    image, tab = _inputs(2, 64)
+    with torch.no_grad():
+        ref = model(image, tab)
+        model = model.to(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(image.contiguous(memory_format=torch.channels_last), tab)
+    for k in ref:
+        assert low[k].shape == ref[k].shape and torch.isfinite(low[k]).all()
+        torch.testing.assert_close(low[k].float(), ref[k], rtol=0.1, atol=0.1)
+
+
+def test_batchnorm_counters_stay_int64() -> None:
+    model = build_strnet(backbone="tiny").to(memory_format=torch.channels_last)
+    model(*_inputs(2, 32))  # one training-mode step increments num_batches_tracked
+    counters = {k: v for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")}
+    assert counters and all(v.dtype == torch.int64 and int(v) == 1 for v in counters.values())
