@@ -1,0 +1,157 @@
+"""One configuration schema for centralized and federated runs.
+
+The science parameters (preprocessing, augmentation, loss weights) are the dataclasses the ``strnet``
+package itself defines, so a preset, a model bundle and a federated site can never disagree about what
+"size: 512" means.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from strnet.data.augment import AugmentParams
+from strnet.data.preprocess import PreprocessParams
+from strnet.losses import LossWeights
+
+from configs.loader import apply_overrides, from_dict, read_yaml, to_dict
+from strnet.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the cases come from. Manifests carry their own split column (see ``strnet data split``)."""
+
+    manifests: tuple[str, ...] = ()
+    cache_dir: str = ".cache/preprocessed"
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "resnet50"
+    weights: str = "none"
+    neck_dim: int = 128
+    dropout: float = 0.3
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The paper's recipe by default: AdamW 1e-4/1e-4, plateau(0.5, 20), clip 1.0, early stop 30, batch 32."""
+
+    epochs: int = 100
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    plateau_factor: float = 0.5
+    plateau_patience: int = 20
+    grad_clip: float = 1.0
+    early_stop_patience: int = 30
+    monitor: Literal["auprc", "auroc"] = "auprc"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    channels_last: bool = True
+    max_steps_per_epoch: int | None = None
+    eval_batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class ThresholdConfig:
+    min_sensitivity: float = 0.86
+    grid_start: float = 0.20
+    grid_stop: float = 0.80
+    grid_step: float = 0.01
+    histogram_bins: int = 1000
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    bootstrap: int = 2000
+    alpha: float = 0.05
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """``uri`` null means a local SQLite store ``mlflow.db`` in the working directory."""
+
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = "strnet"
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """A federation member. ``train`` sites train and validate; ``external`` sites only evaluate the frozen model.
+
+    In simulation the i-th site is played by the node with ``partition-id`` i; a deployed SuperNode names its
+    site and manifest in its node config instead (``site-id``, ``manifest``).
+    """
+
+    name: str
+    role: Literal["train", "external"] = "train"
+    manifest: str = ""
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    strategy: Literal["fedavg"] = "fedavg"
+    rounds: int = 5
+    local_epochs: int = 1
+    quorum: int = 2
+    round_timeout: float = 3600.0
+    sites: tuple[SiteConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "strnet"
+    seed: int = 42
+    output_dir: str = "runs/strnet"
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessParams = field(default_factory=PreprocessParams)
+    augment: AugmentParams = field(default_factory=AugmentParams)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossWeights = field(default_factory=LossWeights)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML preset (path or bare preset name), apply ``key=value`` overrides, validate."""
+    data: dict[str, Any] = read_yaml(path) if path is not None else {}
+    apply_overrides(data, list(overrides))
+    cfg = from_dict(Config, data)
+    _check(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``Config.to_dict()`` (bundles and federated sites carry it as JSON)."""
+    cfg = from_dict(Config, data)
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: Config) -> None:
+    t = cfg.train
+    if t.epochs < 1 or t.batch_size < 1:
+        raise ConfigError("train.epochs and train.batch_size must be >= 1")
+    if not 0.0 < cfg.threshold.min_sensitivity <= 1.0:
+        raise ConfigError(f"threshold.min_sensitivity={cfg.threshold.min_sensitivity} must be in (0, 1]")
+    if not 0.0 <= cfg.threshold.grid_start < cfg.threshold.grid_stop <= 1.0:
+        raise ConfigError("threshold grid must satisfy 0 <= grid_start < grid_stop <= 1")
+    fed = cfg.federation
+    names = [site.name for site in fed.sites]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"federation.sites: duplicate site names {names}")
+    n_train = sum(site.role == "train" for site in fed.sites)
+    if fed.sites and not 1 <= fed.quorum <= n_train:
+        raise ConfigError(f"federation.quorum={fed.quorum} must be between 1 and the {n_train} training site(s)")
+    if cfg.preprocess.size < 16:
+        raise ConfigError(f"preprocess.size={cfg.preprocess.size} is too small (>= 16)")

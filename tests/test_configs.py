@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from configs import load_config
+from configs.loader import apply_overrides, flatten, list_presets
+from configs.schema import Config, config_from_dict
+from strnet.errors import ConfigError
+
+
+@pytest.mark.parametrize("name", ["demo", "cpu", "paper"])
+def test_presets_load_and_round_trip(name: str) -> None:
+    cfg = load_config(name)
+    assert isinstance(cfg, Config)
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_presets_exist() -> None:
+    assert {"demo", "cpu", "paper"} <= set(list_presets())
+
+
+def test_paper_preset_is_the_published_recipe() -> None:
+    cfg = load_config("paper")
+    assert (cfg.model.backbone, cfg.preprocess.size, cfg.train.batch_size, cfg.train.epochs) == (
+        "resnet50",
+        512,
+        32,
+        100,
+    )
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.grad_clip) == (1e-4, 1e-4, 1.0)
+    assert (cfg.train.plateau_factor, cfg.train.plateau_patience, cfg.train.early_stop_patience) == (0.5, 20, 30)
+    assert (cfg.loss.severity, cfg.loss.t_score, cfg.loss.warmup_epochs) == (0.3, 0.1, 5)
+    assert cfg.threshold.min_sensitivity == 0.86 and cfg.seed == 42
+    assert cfg.preprocess.clip_percentiles == (1.0, 99.0) and (cfg.preprocess.mean, cfg.preprocess.std) == (0.5, 0.25)
+
+
+def test_overrides_are_typed_and_nested() -> None:
+    cfg = load_config("demo", ["train.epochs=3", "preprocess.size=64", "data.manifests=[a.csv, b.csv]"])
+    assert cfg.train.epochs == 3 and cfg.preprocess.size == 64
+    assert cfg.data.manifests == ("a.csv", "b.csv")
+
+
+def test_unknown_key_is_rejected_with_its_full_name(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"train: unknown key\(s\) epoch"):
+        load_config("demo", ["train.epoch=3"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {backbone: resnet50, dropuot: 0.1}\n")
+    with pytest.raises(ConfigError, match="dropuot"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.epochs=three", "train.epochs: expected an integer"),
+        ("train.lr=[1]", "train.lr: expected a number"),
+        ("train.channels_last=1", "expected true/false"),
+        ("train.precision=fp8", "not one of"),
+        ("preprocess.clip_percentiles=[1, 2, 3]", "expected 2 values"),
+        ("threshold.min_sensitivity=1.5", "min_sensitivity"),
+        ("noequals", "expected key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config("demo", [override])
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+
+
+def test_federation_sites_and_quorum() -> None:
+    sites = "federation.sites=[{name: a, manifest: a.csv}, {name: b, manifest: b.csv}, {name: h, role: external}]"
+    cfg = load_config("demo", [sites, "federation.quorum=2"])
+    assert [s.role for s in cfg.federation.sites] == ["train", "train", "external"]
+    with pytest.raises(ConfigError, match="quorum"):
+        load_config("demo", [sites, "federation.quorum=3"])
+    with pytest.raises(ConfigError, match="duplicate site names"):
+        load_config("demo", ["federation.sites=[{name: a}, {name: a}]", "federation.quorum=1"])
+
+
+def test_flatten_and_apply_overrides() -> None:
+    assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
+    data: dict = {"a": {"b": 1}}
+    apply_overrides(data, ["a.c=2", "x.y=hello"])
+    assert data == {"a": {"b": 1, "c": 2}, "x": {"y": "hello"}}
+    with pytest.raises(ConfigError, match="not a section"):
+        apply_overrides({"a": 1}, ["a.b=2"])
