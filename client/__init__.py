@@ -1,0 +1,1 @@
+"""Flower ClientApp: thin glue translating Messages into strnet calls."""

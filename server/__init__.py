@@ -1,0 +1,1 @@
+"""Flower ServerApp, strategy, pooled statistics and MLflow tracking."""

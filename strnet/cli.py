@@ -1,0 +1,264 @@
+"""The ``strnet`` command line: one subcommand per step of the data -> model -> report flow.
+
+Each handler only parses arguments and calls one library function, so everything the CLI does is also
+importable and testable without a subprocess. Heavy imports (torch, pandas) happen inside handlers so
+``strnet --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from strnet.errors import StrnetError
+
+
+def _print_problems(problems: Sequence[str], limit: int = 30) -> None:
+    if not problems:
+        return
+    print(f"{len(problems)} problem(s):", file=sys.stderr)
+    for line in problems[:limit]:
+        print(f"  - {line}", file=sys.stderr)
+    if len(problems) > limit:
+        print(f"  ... and {len(problems) - limit} more", file=sys.stderr)
+
+
+def _label_summary(df) -> str:  # type: ignore[no-untyped-def]
+    counts = df["label_cls"].replace("", "unlabelled").value_counts().to_dict()
+    return ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from strnet.data.adapters import prepare
+    from strnet.data.manifest import write_manifest
+
+    df, problems = prepare(args.layout, Path(args.src), site=args.site, source=args.source)
+    _print_problems(problems)
+    write_manifest(df, args.out)
+    print(f"wrote {args.out}: {len(df)} rows from {df['path'].nunique()} images ({_label_summary(df)})")
+    return 0
+
+
+def cmd_data_split(args: argparse.Namespace) -> int:
+    from strnet.data.manifest import merge_manifests, read_manifest, write_manifest
+    from strnet.data.split import assign_splits
+
+    df = merge_manifests(read_manifest(m) for m in args.manifests)
+    groups = None
+    if args.max_distance >= 0:
+        from strnet.data.audit import group_ids
+
+        groups = group_ids(df, max_distance=args.max_distance)
+    out = assign_splits(df, fractions=tuple(args.fractions), seed=args.seed, groups=groups)
+    write_manifest(out, args.out)
+    summary = out.groupby("split")["label_cls"].value_counts().unstack(fill_value=0)
+    print(f"wrote {args.out}: {len(out)} rows\n{summary.to_string()}")
+    return 0
+
+
+def cmd_data_audit(args: argparse.Namespace) -> int:
+    from strnet.data.audit import run_audit, summarize
+
+    report = run_audit(
+        [Path(m) for m in args.manifests],
+        json_out=Path(args.json) if args.json else None,
+        clean_out=Path(args.clean) if args.clean else None,
+        max_distance=args.max_distance,
+    )
+    print(summarize(report))
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from simulations.sites import write_sites
+
+    sites = write_sites(Path(args.out), seed=args.seed, n_patients=args.patients, image_size=args.size)
+    for name, path in sites.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_model_info(args: argparse.Namespace) -> int:
+    from strnet.model import model_info
+
+    print(json.dumps(model_info(args.backbone, weights=args.weights), indent=2))
+    return 0
+
+
+def _tracker(cfg, uri: str | None, enabled: bool = True):  # type: ignore[no-untyped-def]
+    """MLflow lives in server.tracking; imported here, at the composition root, only when tracking is on."""
+    if not (enabled and cfg.tracking.enabled):
+        return None
+    from server.tracking import Tracker
+
+    return Tracker(uri=uri or cfg.tracking.uri, experiment=cfg.tracking.experiment)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from configs import load_config
+    from strnet.training import train_centralized
+
+    overrides = list(args.set or [])
+    if args.manifest:
+        overrides.append("data.manifests=[" + ",".join(json.dumps(m) for m in args.manifest) + "]")
+    if args.output_dir:
+        overrides.append(f"output_dir={json.dumps(args.output_dir)}")
+    cfg = load_config(args.config, overrides)
+    result = train_centralized(cfg, tracker=_tracker(cfg, args.tracking_uri, not args.no_tracking), resume=args.resume)
+    print(f"bundle: {result.bundle_dir}")
+    print(f"tau* = {result.threshold['value']:.2f} ({result.threshold['rule']})")
+    scr = result.test_metrics.get("screening", {})
+    if scr:
+        print("test: " + ", ".join(f"{k}={scr[k]:.3f}" for k in ("auroc", "auprc", "sensitivity", "specificity")))
+    if result.run_id:
+        print(f"mlflow run: {result.run_id}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from strnet.bundle import load_bundle
+    from strnet.data.cache import PreprocessCache
+    from strnet.data.manifest import read_manifest
+    from strnet.evaluation import evaluate_bundle
+
+    bundle = load_bundle(args.model)
+    df = read_manifest(args.manifest)
+    if args.split != "all":
+        df = df[df["split"] == args.split].reset_index(drop=True)
+        if df.empty:
+            raise StrnetError(f"{args.manifest}: no rows with split={args.split!r} (use --split all)")
+    out = Path(args.out or Path(args.model) / f"eval_{Path(args.manifest).stem}_{args.split}")
+    cache = PreprocessCache(Path(args.cache_dir)) if args.cache_dir else None
+    result = evaluate_bundle(bundle, df, out, cache=cache, n_boot=args.bootstrap)
+    scr = result.metrics.get("screening")
+    if scr is None:
+        print("no labels in the manifest: predictions only")
+    else:
+        ci = result.metrics["screening_ci"]
+        for k in ("auroc", "auprc", "sensitivity", "specificity"):
+            print(f"{k:12s} {scr[k]:.3f}  (95% CI {ci[k][0]:.3f}-{ci[k][1]:.3f})")
+    print(f"report: {result.report}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from strnet.bundle import load_bundle
+    from strnet.predict import predict_files
+
+    bundle = load_bundle(args.model)
+    out = predict_files(bundle, args.inputs, clinical_csv=args.clinical, gradcam_dir=args.gradcam)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    out.to_csv(args.out, index=False)
+    n_err = int((out["status"] == "error").sum())
+    print(f"wrote {args.out}: {len(out) - n_err} knee(s) predicted, {n_err} file(s) failed")
+    for _, r in out[out["status"] == "error"].iterrows():
+        print(f"  - {r['file']}: {r['error']}", file=sys.stderr)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from server.compare import compare
+
+    table, figure = compare(args.tracking_uri, args.experiment, Path(args.out), run_ids=args.run_id)
+    print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+    print(f"figure: {figure}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="strnet", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="prepare, audit, split and synthesize manifests").add_subparsers(
+        dest="data_command", required=True
+    )
+    p = data.add_parser("prepare", help="turn a distributed layout into a canonical manifest")
+    p.add_argument("--layout", required=True, choices=["kaggle-folders", "mendeley", "dicom-csv"])
+    p.add_argument("--src", required=True, help="the layout's root folder")
+    p.add_argument("--site", required=True, help="site name written into the manifest")
+    p.add_argument("--source", default=None, help="data-source name (default: the folder name)")
+    p.add_argument("--out", required=True, help="manifest CSV to write")
+    p.set_defaults(func=cmd_data_prepare)
+
+    p = data.add_parser("split", help="assign train/val/test, stratified, patient- and duplicate-group-level")
+    p.add_argument("manifests", nargs="+")
+    p.add_argument("--out", required=True)
+    p.add_argument("--fractions", nargs=3, type=float, default=[0.7, 0.15, 0.15], metavar=("TRAIN", "VAL", "TEST"))
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument(
+        "--max-distance",
+        type=int,
+        default=4,
+        help="perceptual-hash distance that ties near-duplicates to one split (-1: do not group duplicates)",
+    )
+    p.set_defaults(func=cmd_data_split)
+
+    p = data.add_parser("audit", help="exact/near duplicates, label conflicts, leakage, cross-source copies")
+    p.add_argument("manifests", nargs="+")
+    p.add_argument("--json", default=None, help="write the full report as JSON")
+    p.add_argument("--clean", default=None, help="write a manifest with conflicts dropped, one image per group")
+    p.add_argument("--max-distance", type=int, default=4, help="perceptual-hash Hamming distance (default 4)")
+    p.set_defaults(func=cmd_data_audit)
+
+    p = data.add_parser("synth", help="write three synthetic sites in the three real layouts")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--patients", type=int, default=60, help="patients per site")
+    p.add_argument("--size", type=int, default=256, help="image size in pixels")
+    p.set_defaults(func=cmd_data_synth)
+
+    p = sub.add_parser("model-info", help="parameter counts of an STR-Net configuration (JSON)")
+    p.add_argument("--backbone", default="resnet50")
+    p.add_argument("--weights", default="none")
+    p.set_defaults(func=cmd_model_info)
+
+    p = sub.add_parser("train", help="centralized training: fit, choose tau* on val, bundle, frozen test report")
+    p.add_argument("--config", default="demo", help="YAML file or preset name (demo, cpu, paper)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set train.epochs=3")
+    p.add_argument("--manifest", action="append", help="manifest(s) to train on (overrides data.manifests)")
+    p.add_argument("--output-dir", default=None)
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite ./mlflow.db)")
+    p.add_argument("--no-tracking", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint.pt")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="frozen evaluation of a bundle at its tau*")
+    p.add_argument("--model", required=True, help="bundle folder")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument("--out", default=None)
+    p.add_argument("--bootstrap", type=int, default=2000)
+    p.add_argument("--cache-dir", default=None)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="screen PNG/JPEG/DICOM files or folders with a bundle")
+    p.add_argument("--model", required=True, help="bundle folder")
+    p.add_argument("inputs", nargs="+")
+    p.add_argument("--out", required=True, help="results CSV")
+    p.add_argument("--gradcam", default=None, help="folder for Grad-CAM overlays")
+    p.add_argument("--clinical", default=None, help="CSV with file, age, sex, bmi for the T-score branch")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("compare", help="centralized vs federated runs side by side, from MLflow")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite ./mlflow.db)")
+    p.add_argument("--experiment", default="strnet")
+    p.add_argument("--run-id", action="append", help="compare these runs instead of the newest of each mode")
+    p.add_argument("--out", default="runs/compare")
+    p.set_defaults(func=cmd_compare)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (StrnetError, LookupError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

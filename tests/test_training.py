@@ -1,0 +1,188 @@
+"""Centralized pipeline on a tiny synthetic scenario: train -> τ* -> bundle -> evaluate -> predict -> MLflow."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from configs import load_config
+from server.tracking import Tracker, search_runs
+from simulations.scenario import build_synthetic_scenario
+from strnet import metrics as M
+from strnet.bundle import load_bundle
+from strnet.cli import main as cli_main
+from strnet.errors import DataError
+from strnet.evaluation import evaluate_bundle
+from strnet.predict import predict_files
+from strnet.training import train_centralized
+
+
+def tiny_config(root: Path, manifest: Path, **extra: str):  # type: ignore[no-untyped-def]
+    overrides = [
+        f"data.manifests=[{manifest}]",
+        f"data.cache_dir={root / 'cache'}",
+        f"output_dir={root / 'run'}",
+        "model.backbone=tiny",
+        "preprocess.size=48",
+        "train.epochs=2",
+        "train.batch_size=8",
+        "train.lr=0.001",
+        "loss.warmup_epochs=1",
+        "evaluate.bootstrap=50",
+        "train.precision=fp32",
+        *[f"{k}={v}" for k, v in extra.items()],
+    ]
+    return load_config("demo", overrides)
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    return build_synthetic_scenario(tmp_path_factory.mktemp("scenario"), seed=3, n_patients=14, image_size=64)
+
+
+@pytest.fixture(scope="module")
+def trained(scenario, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    root = tmp_path_factory.mktemp("train")
+    cfg = tiny_config(root, scenario.manifest)
+    tracker = Tracker(uri=f"sqlite:///{root / 'mlflow.db'}", experiment="test")
+    result = train_centralized(cfg, tracker=tracker, progress=False)
+    return root, cfg, result, tracker
+
+
+def test_training_writes_bundle_with_frozen_threshold(trained) -> None:  # type: ignore[no-untyped-def]
+    root, cfg, result, _ = trained
+    meta = json.loads((result.bundle_dir / "metadata.json").read_text())
+    assert meta["threshold"]["value"] == result.threshold["value"]
+    assert 0.2 <= meta["threshold"]["value"] <= 0.8
+    assert meta["threshold"]["rule"] in (M.RULE_CONSTRAINED, M.RULE_FALLBACK)
+    assert meta["model"]["backbone"] == "tiny" and meta["preprocess"]["size"] == 48
+    assert meta["training"]["data"]["fingerprint"]
+    assert (root / "run" / "checkpoint.pt").exists()
+    assert (root / "run" / "test_report" / "report.html").exists()
+    assert len(result.history) == 2
+
+
+def test_same_seed_gives_same_metrics(scenario, trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, _, first, _ = trained
+    cfg = tiny_config(tmp_path, scenario.manifest)
+    again = train_centralized(cfg, tracker=None, progress=False)
+    a = [h["loss_total"] for h in first.history]
+    b = [h["loss_total"] for h in again.history]
+    assert a == pytest.approx(b, rel=1e-6)
+    assert again.threshold["value"] == first.threshold["value"]
+
+
+def test_resume_continues_from_checkpoint(scenario, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    full = train_centralized(tiny_config(tmp_path / "full", scenario.manifest, **{"train.epochs": "3"}), progress=False)
+    part = tiny_config(tmp_path / "part", scenario.manifest, **{"train.epochs": "2"})
+    train_centralized(part, progress=False)
+    resumed = train_centralized(
+        tiny_config(tmp_path / "part", scenario.manifest, **{"train.epochs": "3"}), resume=True, progress=False
+    )
+    assert len(resumed.history) == 3
+    assert resumed.history[-1]["loss_total"] == pytest.approx(full.history[-1]["loss_total"], rel=1e-5)
+
+
+def test_evaluate_matches_sklearn_on_same_predictions(scenario, trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, _, result, _ = trained
+    bundle = load_bundle(result.bundle_dir)
+    df = pd.read_csv(scenario.manifest, keep_default_na=False)
+    from strnet.data.manifest import read_manifest
+
+    test = read_manifest(scenario.manifest)
+    test = test[test["split"] == "test"].reset_index(drop=True)
+    ev = evaluate_bundle(bundle, test, tmp_path / "eval", cache=None, n_boot=50)
+    pred = pd.read_csv(tmp_path / "eval" / "predictions.csv", keep_default_na=False)
+    y = (pred["label_cls"] != "normal").astype(int).to_numpy()
+    p = pred["prob_bone_loss"].astype(float).to_numpy()
+    scr = ev.metrics["screening"]
+    assert scr["auroc"] == pytest.approx(roc_auc_score(y, p))
+    assert scr["auprc"] == pytest.approx(average_precision_score(y, p))
+    flag = p >= bundle.threshold
+    assert scr["sensitivity"] == pytest.approx(flag[y == 1].mean())
+    assert scr["specificity"] == pytest.approx((~flag[y == 0]).mean())
+    for name in ("roc", "pr", "confusion", "histogram", "calibration"):
+        assert ev.figures[name].stat().st_size > 0
+    assert len(df) > len(test)
+
+
+def test_tampered_bundle_is_refused(trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, _, result, _ = trained
+    copy = tmp_path / "bundle"
+    shutil.copytree(result.bundle_dir, copy)
+    with (copy / "model.pt").open("ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(DataError, match="SHA-256 mismatch"):
+        load_bundle(copy)
+
+
+def test_predict_survives_broken_files(scenario, trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, _, result, _ = trained
+    folder = tmp_path / "inbox"
+    shutil.copytree(scenario.site_dirs["hospital"] / "dicom", folder)
+    good = sorted(folder.glob("*.dcm"))
+    (folder / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 50)
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"garbage")
+    out = predict_files(load_bundle(result.bundle_dir), [folder], gradcam_dir=tmp_path / "cam")
+    ok = out[out["status"] == "ok"]
+    errors = out[out["status"] == "error"].set_index(out[out["status"] == "error"]["file"].map(lambda s: Path(s).name))
+    assert len(ok) == len(good)
+    assert set(errors.index) == {"truncated.jpg", "notes.txt", "broken.dcm"}
+    assert all(errors["error"].str.len() > 0)
+    assert ((ok["flag_bone_loss"] == 1) == (ok["prob_bone_loss"] >= ok["threshold"])).all()
+    assert all(Path(p).exists() for p in ok["gradcam"])
+
+
+def test_mlflow_holds_the_run(trained) -> None:  # type: ignore[no-untyped-def]
+    root, _, result, tracker = trained
+    runs = search_runs(tracker.uri, "test")
+    run = runs[runs["run_id"] == result.run_id].iloc[0]
+    assert run["tags.mode"] == "centralized"
+    assert run["metrics.tau_star"] == pytest.approx(result.threshold["value"])
+    assert not math.isnan(run["metrics.test_screening_auroc"])
+    assert run["params.train.epochs"] == "2"
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracker.uri)
+    names = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"bundle", "test_report"} <= names
+
+
+def test_cli_train_evaluate_predict(scenario, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    base = [
+        f"--set=data.cache_dir={tmp_path / 'cache'}",
+        "--set=model.backbone=tiny",
+        "--set=preprocess.size=32",
+        "--set=train.epochs=1",
+        "--set=evaluate.bootstrap=20",
+    ]
+    rc = cli_main(
+        [
+            "train",
+            "--config",
+            "demo",
+            "--manifest",
+            str(scenario.manifest),
+            "--output-dir",
+            str(tmp_path / "r"),
+            "--no-tracking",
+            *base,
+        ]
+    )
+    assert rc == 0
+    bundle = tmp_path / "r" / "bundle"
+    assert (
+        cli_main(["evaluate", "--model", str(bundle), "--manifest", str(scenario.manifest), "--bootstrap", "20"]) == 0
+    )
+    out = tmp_path / "pred.csv"
+    assert cli_main(["predict", "--model", str(bundle), str(scenario.site_dirs["stage1"]), "--out", str(out)]) == 0
+    assert len(pd.read_csv(out)) > 0
+    assert np.isfinite(pd.read_csv(out)["prob_bone_loss"]).all()
