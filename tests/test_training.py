@@ -57,7 +57,7 @@ def trained(scenario, tmp_path_factory: pytest.TempPathFactory):  # type: ignore
 
 
 def test_training_writes_bundle_with_frozen_threshold(trained) -> None:  # type: ignore[no-untyped-def]
-    root, cfg, result, _ = trained
+    root, _cfg, result, _ = trained
     meta = json.loads((result.bundle_dir / "metadata.json").read_text())
     assert meta["threshold"]["value"] == result.threshold["value"]
     assert 0.2 <= meta["threshold"]["value"] <= 0.8
@@ -142,7 +142,7 @@ def test_predict_survives_broken_files(scenario, trained, tmp_path: Path) -> Non
 
 
 def test_mlflow_holds_the_run(trained) -> None:  # type: ignore[no-untyped-def]
-    root, _, result, tracker = trained
+    _root, _, result, tracker = trained
     runs = search_runs(tracker.uri, "test")
     run = runs[runs["run_id"] == result.run_id].iloc[0]
     assert run["tags.mode"] == "centralized"
