@@ -25,7 +25,8 @@ def is_image_file(path: str | Path) -> bool:
     suffix = p.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
         return True
-    return suffix == "" and p.is_file() and _has_dicom_preamble(p)
+    # DICOM files are often named by UID (``1.2.840.113619.2.55.3``): trust the preamble, not the suffix.
+    return p.is_file() and _has_dicom_preamble(p)
 
 
 def _has_dicom_preamble(path: Path) -> bool:
@@ -48,7 +49,7 @@ def read_radiograph(path: str | Path) -> np.ndarray:
     if p.stat().st_size == 0:
         raise DataError(p, "empty file")
     suffix = p.suffix.lower()
-    if suffix in (".dcm", ".dicom") or (suffix == "" and _has_dicom_preamble(p)):
+    if suffix in (".dcm", ".dicom") or (suffix not in RASTER_SUFFIXES and _has_dicom_preamble(p)):
         img = _read_dicom(p)
     elif suffix in RASTER_SUFFIXES:
         img = _read_raster(p)
