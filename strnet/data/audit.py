@@ -23,10 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,27 +178,20 @@ def _hash_or_problem(path: str) -> FileHash | Problem:
         return Problem(path, f"cannot hash image ({type(exc).__name__}: {exc})")
 
 
-def _init_worker() -> None:
-    """One OpenCV thread per process: the pool already uses every core, more threads only contend."""
-    import cv2
-
-    cv2.setNumThreads(1)
-
-
 def hash_files(paths: Sequence[str], workers: int | None = None) -> tuple[list[FileHash], list[Problem]]:
-    """Hash files in a process pool (decoding is CPU-bound); results keep the order of ``paths``."""
+    """Hash files in a thread pool; results keep the order of ``paths``.
+
+    Threads, not processes: hashing, JPEG/PNG decoding and the resize release the GIL, and a forked pool
+    deadlocks when the parent already holds live OpenCV/OpenMP thread pools (as any caller that decoded an
+    image or imported torch does).
+    """
     paths = list(paths)
     workers = min(os.cpu_count() or 1, 8) if workers is None else max(1, workers)
     if workers == 1 or len(paths) < 16:
         results = [_hash_or_problem(p) for p in paths]
     else:
-        chunk = max(1, min(32, len(paths) // (workers * 4)))
-        # fork starts in milliseconds and needs no ``__main__`` guard in the caller's script; the parent has not
-        # decoded anything yet, so no OpenCV thread pool is live to be inherited half-locked.
-        methods = multiprocessing.get_all_start_methods()
-        ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker) as pool:
-            results = list(pool.map(_hash_or_problem, paths, chunksize=chunk))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = list(pool.map(_hash_or_problem, paths))
     hashes = [r for r in results if isinstance(r, FileHash)]
     problems = [r for r in results if isinstance(r, Problem)]
     return hashes, problems
