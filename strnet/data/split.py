@@ -92,7 +92,9 @@ def assign_splits(
     fold_split = np.repeat(np.arange(3), counts)  # fold index -> split index
 
     n_components = len(np.unique(component))
-    if n_components >= k:
+    largest_class = int(pd.Series(labels).value_counts().max())
+    # StratifiedGroupKFold needs at least K components and at least one class with K members.
+    if n_components >= k and largest_class >= k:
         fold = np.empty(len(out), dtype=int)
         sgkf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
         with warnings.catch_warnings():
