@@ -149,7 +149,7 @@ def train_one_epoch(
     sums: dict[str, float] = {}
     n_seen = 0
     start = time.perf_counter()
-    bar = tqdm(loader, desc=f"{desc} {epoch}", leave=False, disable=not progress, unit="batch")
+    bar = tqdm(loader, desc=f"{desc} {epoch}", leave=False, disable=None if progress else True, unit="batch")
     for step, batch in enumerate(bar):
         if max_steps is not None and step >= max_steps:
             break
@@ -190,7 +190,7 @@ def predict_loader(
     model.eval()
     keys = ("prob_screen", "prob_severity", "t_pred", "y_screen", "y_severity", "t_true", "index")
     chunks: dict[str, list[np.ndarray]] = {k: [] for k in keys}
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch"):
+    for batch in tqdm(loader, desc=desc, leave=False, disable=None if progress else True, unit="batch"):
         batch = _to_device(batch, device, channels_last)
         with _autocast(device, amp_dtype):
             out = model(batch["image"], batch["tabular"])
