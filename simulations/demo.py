@@ -1,6 +1,10 @@
-"""The README's main job on embedded synthetic sites: data -> audit -> split -> train -> evaluate -> predict.
+"""The README's main job on embedded synthetic sites, no download, no real data (``make demo``).
 
-No download, no real data: everything is generated under ``--out``. Run with ``make demo``.
+1. three synthetic sites in the three real layouts -> manifests -> audit -> patient-level split;
+2. ``flwr run .``: FedAvg over stage1 + stage2, τ* from pooled validation counts, frozen evaluation at every
+   site, the hospital as an external site that never trains;
+3. the centralized run on the same sites and roles (one YAML for both modes);
+4. ``strnet compare`` side by side from MLflow, and ``strnet predict`` with Grad-CAM on the hospital's DICOMs.
 """
 
 from __future__ import annotations
@@ -10,63 +14,90 @@ import json
 import time
 from pathlib import Path
 
+import yaml
+
 from simulations.scenario import build_synthetic_scenario
+
+ROLES = {"stage1": "train", "stage2": "train", "hospital": "external"}
+
+
+def scenario_config(args: argparse.Namespace, manifests: dict[str, Path], out: Path, mode: str):  # type: ignore[no-untyped-def]
+    from configs import load_config
+
+    sites = [{"name": s, "role": ROLES[s], "manifest": str(p.resolve())} for s, p in manifests.items()]
+    uri = args.tracking_uri or f"sqlite:///{Path('mlflow.db').resolve()}"
+    return load_config(
+        args.config,
+        [
+            *args.set,
+            f"federation.sites={json.dumps(sites)}",
+            f"output_dir={json.dumps(str((out / mode).resolve()))}",
+            f"data.cache_dir={json.dumps(str(Path('.cache/preprocessed').resolve()))}",
+            f"tracking.uri={json.dumps(uri)}",
+        ],
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--patients", type=int, default=60, help="patients per synthetic site")
+    parser.add_argument("--patients", type=int, default=150, help="patients per synthetic site")
     parser.add_argument("--config", default="demo")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--tracking-uri", default=None)
+    parser.add_argument("--tracking-uri", default=None, help="default: sqlite ./mlflow.db")
     args = parser.parse_args(argv)
 
-    from configs import load_config
+    from server.compare import compare
     from server.tracking import Tracker
+    from simulations.flower_sim import REPO, local_superlink
     from strnet.bundle import load_bundle
     from strnet.predict import predict_files
     from strnet.training import train_centralized
 
     t0 = time.perf_counter()
     out = Path(args.out)
-    cfg0 = load_config(args.config, args.set)
-    print(f"[1/4] synthetic sites -> {out / 'sites'}")
-    scenario = build_synthetic_scenario(
-        out, seed=args.seed, n_patients=args.patients, image_size=cfg0.preprocess.size * 2
-    )
-    for site, path in scenario.site_manifests.items():
-        print(f"      {site}: {path}")
+    size = scenario_config(args, {}, out, "x").preprocess.size
+    print(f"[1/5] synthetic sites -> {out / 'sites'}", flush=True)
+    scenario = build_synthetic_scenario(out, seed=args.seed, n_patients=args.patients, image_size=size * 2)
     a = scenario.audit
     print(
-        f"[2/4] audit: {a['n_images']} images, {a['duplicate_groups']} duplicate groups, "
+        f"      audit: {a['n_images']} images, {a['duplicate_groups']} duplicate groups, "
         f"{a['label_conflict_groups']} label conflicts, {a['cross_split_groups']} cross-split groups"
     )
-    data_overrides = [
-        f"data.manifests=[{json.dumps(str(scenario.manifest))}]",
-        f"output_dir={json.dumps(str(out / 'centralized'))}",
-    ]
-    cfg = load_config(args.config, [*args.set, *data_overrides])
-    print("[3/4] centralized training (STR-Net, τ* on validation, frozen test evaluation)")
-    tracker = Tracker(uri=args.tracking_uri or cfg.tracking.uri, experiment=cfg.tracking.experiment)
-    result = train_centralized(cfg, tracker=tracker, extra_tags={"data": "synthetic"})
-    scr = result.test_metrics.get("screening", {})
-    print(
-        f"      τ*={result.threshold['value']:.2f}  test AUROC={scr.get('auroc', float('nan')):.3f} "
-        f"AUPRC={scr.get('auprc', float('nan')):.3f} sens={scr.get('sensitivity', float('nan')):.3f} "
-        f"spec={scr.get('specificity', float('nan')):.3f}"
-    )
-    print("[4/4] predict with Grad-CAM on the hospital site's DICOM files")
-    bundle = load_bundle(result.bundle_dir)
+
+    fed = scenario_config(args, scenario.site_manifests, out, "federated")
+    fed_yaml = out / "federated.yaml"
+    fed_yaml.write_text(yaml.safe_dump(fed.to_dict(), sort_keys=False))
+    print(f"[2/5] flwr run . (FedAvg: stage1 + stage2 train, hospital external) config {fed_yaml}", flush=True)
+    t_fed = time.perf_counter()
+    with local_superlink(out / "flower") as link:
+        run = link.run(REPO, f'config="{fed_yaml.resolve()}"', num_supernodes=len(ROLES), stream=True)
+    if run.returncode != 0:
+        print(f"flwr run failed (exit {run.returncode}); SuperLink log: {out / 'flower' / 'superlink.log'}")
+        return run.returncode
+    print(f"      federated done in {time.perf_counter() - t_fed:.0f} s")
+
+    cen = scenario_config(args, scenario.site_manifests, out, "centralized")
+    print("[3/5] centralized training on the same sites and roles", flush=True)
+    tracker = Tracker(uri=cen.tracking.uri, experiment=cen.tracking.experiment)
+    train_centralized(cen, tracker=tracker, extra_tags={"data": "synthetic"})
+
+    print("[4/5] comparison (from MLflow)", flush=True)
+    table, figure = compare(cen.tracking.uri, cen.tracking.experiment, out / "compare")
+    print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+    print(f"      figure: {figure}")
+
+    print("[5/5] predict with Grad-CAM on the hospital's DICOM files (federated bundle)", flush=True)
+    bundle = load_bundle(Path(fed.output_dir) / "bundle")
     pred = predict_files(
         bundle, [scenario.site_dirs["hospital"] / "dicom"], gradcam_dir=out / "predictions" / "gradcam"
     )
     pred_path = out / "predictions" / "hospital.csv"
     pred.to_csv(pred_path, index=False)
     print(f"      {len(pred)} knees -> {pred_path}")
-    print(f"report: {out / 'centralized' / 'test_report' / 'report.html'}")
-    print(f"done in {time.perf_counter() - t0:.0f} s; MLflow store: {tracker.uri}")
+    print(f"reports: {out / 'centralized' / 'test_report' / 'report.html'}, {out / 'federated'}")
+    print(f"done in {time.perf_counter() - t0:.0f} s; MLflow store: {cen.tracking.uri}")
     return 0
 
 

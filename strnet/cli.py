@@ -44,7 +44,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 def cmd_data_split(args: argparse.Namespace) -> int:
     from strnet.data.manifest import merge_manifests, read_manifest, write_manifest
-    from strnet.data.split import assign_splits
+    from strnet.data.split import assign_splits, hold_out_site
 
     df = merge_manifests(read_manifest(m) for m in args.manifests)
     groups = None
@@ -53,7 +53,13 @@ def cmd_data_split(args: argparse.Namespace) -> int:
 
         groups = group_ids(df, max_distance=args.max_distance)
     out = assign_splits(df, fractions=tuple(args.fractions), seed=args.seed, groups=groups)
+    for spec in args.holdout or []:
+        site, _, fraction = spec.partition("=")
+        out = hold_out_site(out, site, float(fraction or 0.25), seed=args.seed, groups=groups)
     write_manifest(out, args.out)
+    if args.per_site_dir:
+        for site, part in out.groupby("site"):
+            write_manifest(part.reset_index(drop=True), Path(args.per_site_dir) / f"{site}.csv")
     summary = out.groupby("split")["label_cls"].value_counts().unstack(fill_value=0)
     print(f"wrote {args.out}: {len(out)} rows\n{summary.to_string()}")
     return 0
@@ -194,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=4,
         help="perceptual-hash distance that ties near-duplicates to one split (-1: do not group duplicates)",
     )
+    p.add_argument(
+        "--holdout",
+        action="append",
+        metavar="SITE=FRACTION",
+        help="move a patient-level fraction of SITE to an external site SITE-holdout (split=test)",
+    )
+    p.add_argument("--per-site-dir", default=None, help="also write one manifest per site into this folder")
     p.set_defaults(func=cmd_data_split)
 
     p = data.add_parser("audit", help="exact/near duplicates, label conflicts, leakage, cross-source copies")

@@ -122,3 +122,27 @@ def test_tiny_frames_fall_back_without_error() -> None:
     assert set(out["split"]) <= {"train", "val", "test"} and (out["split"] == "train").any()
     assert out.groupby("patient_id")["split"].nunique().max() == 1
     pd.testing.assert_series_equal(out["split"], assign_splits(df, seed=1)["split"])
+
+
+def test_hold_out_site_moves_whole_patients_of_one_site() -> None:
+    from strnet.data.split import hold_out_site
+
+    rng = np.random.default_rng(0)
+    n = 200
+    df = pd.DataFrame(
+        {
+            "path": [f"/x/{i}.png" for i in range(n)],
+            "patient_id": [f"p{i // 2}" for i in range(n)],
+            "site": np.where(np.arange(n) < 120, "a", "b"),
+            "label_cls": rng.choice(["normal", "osteopenia", "osteoporosis"], n),
+        }
+    )
+    split = assign_splits(df, seed=3)
+    out = hold_out_site(split, "a", 0.25, seed=3)
+    held = out[out["site"] == "a-holdout"]
+    assert 0.15 < len(held) / 120 < 0.35
+    assert (held["split"] == "test").all()
+    assert (out.loc[out["site"] == "b"] == split.loc[split["site"] == "b"]).all().all()
+    assert out.groupby("patient_id")["site"].nunique().max() == 1
+    with pytest.raises(ValueError, match="no rows with site"):
+        hold_out_site(split, "zzz", 0.25)

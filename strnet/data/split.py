@@ -118,3 +118,32 @@ def _small_split(component: np.ndarray, fractions: tuple[float, ...], seed: int)
     comp_split[order] = np.searchsorted(bounds, cum, side="right")
     lookup = dict(zip(ids.tolist(), comp_split.tolist(), strict=True))
     return np.array([lookup[c] for c in component.tolist()])
+
+
+def hold_out_site(
+    df: pd.DataFrame, site: str, fraction: float, *, seed: int = 42, groups: pd.Series | None = None
+) -> pd.DataFrame:
+    """Move a seeded, leakage-free fraction of ``site``'s cases to a new external site ``<site>-holdout``.
+
+    Stands in for the paper's external hospital when only public data exist: whole components (patients,
+    bilateral images, duplicate groups) move, stratified by label like :func:`assign_splits`, and the moved
+    rows get ``split=test`` because an external site only ever evaluates the frozen model.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"hold-out fraction must be in (0, 1), got {fraction}")
+    if site not in set(df["site"]):
+        raise ValueError(f"no rows with site={site!r}; sites are {sorted(set(df['site']))}")
+    out = df.copy()
+    mask = (out["site"] == site).to_numpy()
+    part = out[mask]
+    sub_groups = groups[mask] if groups is not None else None
+    chosen = assign_splits(part, fractions=(1.0 - fraction, 0.0, fraction), seed=seed, groups=sub_groups)
+    moved = chosen.index[chosen["split"] == "test"]
+    components = leakage_components(out, groups)
+    crossing = set(components[out.index.get_indexer(moved)]) & set(components[~out.index.isin(moved)])
+    if crossing:  # a duplicate group spanning two sites: keep it out of the hold-out to avoid leakage
+        keep = out.index.isin(moved) & np.isin(components, list(crossing))
+        moved = moved.difference(out.index[keep])
+    out.loc[moved, "site"] = f"{site}-holdout"
+    out.loc[moved, "split"] = "test"
+    return out
