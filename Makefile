@@ -10,7 +10,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: demo test lint real-data venv
+.PHONY: demo test lint real-data real-data-prepare venv
 
 venv: $(STAMP)
 
@@ -30,3 +30,18 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# Real public data (../shared/data/knee): prepare -> audit/clean -> split (+ a Mendeley hold-out as the external
+# site) -> centralized `cpu` preset -> the same sites federated with `flwr run` -> comparison.
+KNEE ?= ../shared/data/knee
+REAL := runs/real
+real-data-prepare: $(STAMP)
+	$(BIN)/strnet data prepare --layout kaggle-folders --src $(KNEE)/os-collected-data-224 --site stage1 --out $(REAL)/stage1_raw.csv
+	$(BIN)/strnet data prepare --layout mendeley --src $(KNEE)/knee-xray-osteoporosis-mendeley --site stage2 --out $(REAL)/stage2_raw.csv
+	$(BIN)/strnet data audit $(REAL)/stage1_raw.csv $(REAL)/stage2_raw.csv --max-distance 2 --json $(REAL)/audit.json --clean $(REAL)/clean.csv
+	$(BIN)/strnet data split $(REAL)/clean.csv --max-distance 2 --holdout stage2=0.25 --out $(REAL)/split.csv --per-site-dir $(REAL)/sites
+
+real-data: real-data-prepare
+	$(BIN)/strnet train --config cpu
+	$(BIN)/python -m simulations.federate --config cpu --out $(REAL)/federated
+	$(BIN)/strnet compare --out $(REAL)/compare

@@ -183,9 +183,10 @@ def run_federation(grid: Grid, cfg: Config, *, tracker: TrackerProtocol | None =
         grid=grid_values,
         min_sensitivity=cfg.threshold.min_sensitivity,
         tracker=tracker,
+        monitor=cfg.train.monitor,
     )
     state = initial_state(cfg)
-    result = strategy.start(
+    strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(state),
         num_rounds=fed.rounds,
@@ -194,17 +195,19 @@ def run_federation(grid: Grid, cfg: Config, *, tracker: TrackerProtocol | None =
         evaluate_config=ConfigRecord({"config-json": config_json}),
     )
     problems += strategy.problems
-    pooled = strategy.round_pooled.get(fed.rounds)
-    if pooled is None:
+    if strategy.best_round is None or strategy.best_arrays is None:
         raise QuorumError(
-            f"no pooled validation statistics for the final round {fed.rounds} (quorum {fed.quorum}): "
-            + "; ".join(strategy.problems)
+            f"no round produced pooled validation statistics (quorum {fed.quorum}): " + "; ".join(strategy.problems)
         )
+    # Keep the round with the best pooled validation score, as centralized training keeps its best epoch;
+    # τ* is chosen on that same round's pooled validation counts.
+    best_round, best_arrays = strategy.best_round, strategy.best_arrays
+    pooled = strategy.round_pooled[best_round]
     threshold = pooled_threshold(pooled, grid_values, cfg.threshold.min_sensitivity)
     tau = float(threshold["value"])
     i = int(np.argmin(np.abs(grid_values - tau)))
     val_metrics = {**pooled.ranking(), **count_metrics(pooled.tp[i], pooled.fp[i], pooled.tn[i], pooled.fn[i])}
-    final_state = result.arrays.to_torch_state_dict()
+    final_state = best_arrays.to_torch_state_dict()
     model = build_strnet(backbone=cfg.model.backbone, weights="none", neck_dim=cfg.model.neck_dim)
     model.load_state_dict(final_state)
     bundle_dir = save_bundle(
@@ -222,6 +225,8 @@ def run_federation(grid: Grid, cfg: Config, *, tracker: TrackerProtocol | None =
             "mode": "federated",
             "strategy": fed.strategy,
             "rounds": fed.rounds,
+            "best_round": best_round,
+            "monitor": f"pooled val {cfg.train.monitor}",
             "local_epochs": fed.local_epochs,
             "quorum": fed.quorum,
             "sites": site_table,
@@ -229,7 +234,7 @@ def run_federation(grid: Grid, cfg: Config, *, tracker: TrackerProtocol | None =
             "problems": problems,
         },
     )
-    site_metrics = frozen_evaluation(grid, cfg, nodes, result.arrays, tau, config_json, problems)
+    site_metrics = frozen_evaluation(grid, cfg, nodes, best_arrays, tau, config_json, problems)
     train_sites = {s: m for s, m in site_metrics.items() if site_table[s]["role"] == "train"}
     test_metrics, test_problems = pool_test_metrics(train_sites, n_bins=cfg.threshold.histogram_bins)
     for text in test_problems:

@@ -53,6 +53,7 @@ class SiteFedAvg(FedAvg):
         grid: np.ndarray,
         min_sensitivity: float,
         tracker: MetricsLogger | None = None,
+        monitor: str = "auprc",
     ) -> None:
         n = len(train_nodes)
         super().__init__(min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n, weighted_by_key=WEIGHT_KEY)
@@ -68,6 +69,11 @@ class SiteFedAvg(FedAvg):
         self.round_pooled: dict[int, PooledStatistics] = {}
         self.round_train_metrics: dict[int, dict[str, dict[str, float]]] = {}
         self.history: dict[int, dict[str, float]] = {}
+        self.monitor = monitor
+        self._evaluated_arrays: dict[int, ArrayRecord] = {}
+        self.best_round: int | None = None
+        self.best_score = -np.inf
+        self.best_arrays: ArrayRecord | None = None
         self._reference: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
 
     def summary(self) -> None:
@@ -161,6 +167,7 @@ class SiteFedAvg(FedAvg):
     ) -> Iterable[Message]:
         """Ask the training sites for additive validation statistics of the new global model."""
         config["server-round"] = server_round
+        self._evaluated_arrays[server_round] = arrays
         record = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: config})
         return self._messages(record, VAL_STATS_TYPE, server_round)
 
@@ -191,6 +198,11 @@ class SiteFedAvg(FedAvg):
             self._problem(server_round, "validation statistics", Exception(text))
         self.round_pooled[server_round] = pooled
         ranking = pooled.ranking()
+        score = float(ranking[self.monitor])
+        arrays = self._evaluated_arrays.pop(server_round, None)
+        if arrays is not None and np.isfinite(score) and score > self.best_score:
+            # the same model selection as centralized early stopping: best pooled validation AUPRC
+            self.best_round, self.best_score, self.best_arrays = server_round, score, arrays
         row = {
             "val_screen_auroc": float(ranking["auroc"]),
             "val_screen_auprc": float(ranking["auprc"]),

@@ -14,28 +14,20 @@ import json
 import time
 from pathlib import Path
 
-import yaml
-
+from configs import Config, load_config
+from simulations.federate import absolute_config, run_federated
 from simulations.scenario import build_synthetic_scenario
 
 ROLES = {"stage1": "train", "stage2": "train", "hospital": "external"}
 
 
-def scenario_config(args: argparse.Namespace, manifests: dict[str, Path], out: Path, mode: str):  # type: ignore[no-untyped-def]
-    from configs import load_config
-
-    sites = [{"name": s, "role": ROLES[s], "manifest": str(p.resolve())} for s, p in manifests.items()]
-    uri = args.tracking_uri or f"sqlite:///{Path('mlflow.db').resolve()}"
-    return load_config(
-        args.config,
-        [
-            *args.set,
-            f"federation.sites={json.dumps(sites)}",
-            f"output_dir={json.dumps(str((out / mode).resolve()))}",
-            f"data.cache_dir={json.dumps(str(Path('.cache/preprocessed').resolve()))}",
-            f"tracking.uri={json.dumps(uri)}",
-        ],
-    )
+def scenario_config(args: argparse.Namespace, manifests: dict[str, Path], out: Path, mode: str) -> Config:
+    """The demo preset with the synthetic sites and their roles; paths absolute (Flower runs elsewhere)."""
+    sites = [{"name": s, "role": ROLES[s], "manifest": str(p)} for s, p in manifests.items()]
+    overrides = [*args.set, f"federation.sites={json.dumps(sites)}"]
+    if args.tracking_uri:
+        overrides.append(f"tracking.uri={json.dumps(args.tracking_uri)}")
+    return absolute_config(load_config(args.config, overrides), output_dir=out / mode)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +42,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from server.compare import compare
     from server.tracking import Tracker
-    from simulations.flower_sim import REPO, local_superlink
     from strnet.bundle import load_bundle
     from strnet.predict import predict_files
     from strnet.training import train_centralized
@@ -67,15 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     fed = scenario_config(args, scenario.site_manifests, out, "federated")
-    fed_yaml = out / "federated.yaml"
-    fed_yaml.write_text(yaml.safe_dump(fed.to_dict(), sort_keys=False))
-    print(f"[2/5] flwr run . (FedAvg: stage1 + stage2 train, hospital external) config {fed_yaml}", flush=True)
+    print("[2/5] flwr run . (FedAvg: stage1 + stage2 train, hospital external)", flush=True)
     t_fed = time.perf_counter()
-    with local_superlink(out / "flower") as link:
-        run = link.run(REPO, f'config="{fed_yaml.resolve()}"', num_supernodes=len(ROLES), stream=True)
-    if run.returncode != 0:
-        print(f"flwr run failed (exit {run.returncode}); SuperLink log: {out / 'flower' / 'superlink.log'}")
-        return run.returncode
+    code = run_federated(fed, out / "federated")
+    if code != 0:
+        print(f"flwr run failed (exit {code}); SuperLink log: {out / 'federated' / 'flower' / 'superlink.log'}")
+        return code
     print(f"      federated done in {time.perf_counter() - t_fed:.0f} s")
 
     cen = scenario_config(args, scenario.site_manifests, out, "centralized")

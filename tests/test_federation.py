@@ -323,6 +323,8 @@ def test_federated_run_in_process(scenario, tmp_path: Path) -> None:
     assert "site.stage2.screening_specificity" in run.data.metrics
     history = MlflowClient().get_metric_history(result.run_id, "val_screen_auprc")
     assert sorted(m.step for m in history) == [1, 2]
+    best = max(history, key=lambda m: (m.value, -m.step))  # the kept model: best pooled val AUPRC, earliest on ties
+    assert bundle.metadata["training"]["best_round"] == best.step
     assert (Path(cfg.output_dir) / "figures" / "rounds.png").is_file()
 
 
