@@ -44,4 +44,4 @@ real-data-prepare: $(STAMP)
 real-data: real-data-prepare
 	$(BIN)/strnet train --config cpu
 	$(BIN)/python -m simulations.federate --config cpu --out $(REAL)/federated
-	$(BIN)/strnet compare --out $(REAL)/compare
+	$(BIN)/strnet compare --experiment strnet-real --out $(REAL)/compare
