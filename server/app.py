@@ -24,7 +24,6 @@ from flwr.supercore import log
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from client.site import from_metric_record
 from configs.loader import flatten
 from configs.schema import Config, load_config
 from server.pooled import (
@@ -42,7 +41,7 @@ from strnet.engine import seed_everything
 from strnet.errors import ConfigError
 from strnet.evaluation import flat_metrics
 from strnet.model import build_strnet, count_params
-from strnet.site import threshold_grid
+from strnet.site import decode_statistics, threshold_grid
 from strnet.training import Tracker as TrackerProtocol
 
 app = ServerApp()
@@ -121,7 +120,7 @@ def discover_sites(grid: Grid, cfg: Config, config_json: str, problems: list[str
             continue
         try:
             info = msg.content[INFO_KEY]
-            counts = from_metric_record(msg.content[METRICS_KEY])
+            counts = decode_statistics(msg.content[METRICS_KEY])
             entry = SiteNode(node, str(info["site"]), str(info["role"]), {k: int(v) for k, v in counts.items()})
             if entry.role not in ("train", "external"):
                 raise ValueError(f"site {entry.site!r} reports unknown role {entry.role!r}")
@@ -304,7 +303,7 @@ def frozen_evaluation(
                 raise SiteError(site, f"error reply (code {msg.error.code}): {msg.error.reason}")
             if len(msg.content.metric_records) != 1:
                 raise SiteError(site, "malformed reply: expected exactly one MetricRecord")
-            out[site] = from_metric_record(next(iter(msg.content.metric_records.values())))
+            out[site] = decode_statistics(next(iter(msg.content.metric_records.values())))
         except SiteError as exc:
             _problem(problems, f"frozen evaluation: {exc}")
     return out

@@ -21,7 +21,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from client.site import from_metric_record
 from server.pooled import (
     PooledStatistics,
     QuorumError,
@@ -29,6 +28,7 @@ from server.pooled import (
     pool_validation_statistics,
     pooled_threshold,
 )
+from strnet.site import decode_statistics
 
 ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
@@ -181,7 +181,7 @@ class SiteFedAvg(FedAvg):
                     raise SiteError(site, f"error reply (code {msg.error.code}): {msg.error.reason}")
                 if len(msg.content.metric_records) != 1:
                     raise SiteError(site, "malformed reply: expected exactly one MetricRecord")
-                per_site[site] = from_metric_record(next(iter(msg.content.metric_records.values())))
+                per_site[site] = decode_statistics(next(iter(msg.content.metric_records.values())))
             except SiteError as exc:
                 self._problem(server_round, "validation statistics", exc)
         return per_site

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -276,3 +277,39 @@ def tscore_sums(t_true: np.ndarray, t_pred: np.ndarray) -> dict[str, float]:
     d = y - x
     values = (len(x), x.sum(), y.sum(), (x * x).sum(), (y * y).sum(), (x * y).sum(), np.abs(d).sum(), (d * d).sum())
     return {k: float(v) for k, v in zip(TSCORE_SUM_KEYS, values, strict=True)}
+
+
+def encode_statistics(values: dict[str, Any]) -> dict[str, Any]:
+    """numpy scalars/arrays -> plain ints/floats/lists (a Flower MetricRecord's value types).
+
+    The one wire format between sites and server: a (2, n) histogram travels as ``<name>_neg`` /
+    ``<name>_pos`` lists. Framework-free so the client can encode and the server decode without either
+    importing the other.
+    """
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, np.ndarray) and value.ndim == 2:
+            out[f"{key}_neg"] = _plain(value[0])
+            out[f"{key}_pos"] = _plain(value[1])
+        else:
+            out[key] = _plain(value)
+    return out
+
+
+def decode_statistics(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`encode_statistics` (histograms re-stacked; lists become arrays)."""
+    out: dict[str, Any] = {k: (np.asarray(v) if isinstance(v, list) else v) for k, v in record.items()}
+    for key in [k[: -len("_neg")] for k in list(out) if k.endswith("_neg")]:
+        if f"{key}_pos" in out:
+            neg, pos = out.pop(f"{key}_neg"), out.pop(f"{key}_pos")
+            out[key] = [neg, pos] if np.shape(neg) != np.shape(pos) else np.stack([neg, pos])
+    return out
+
+
+def _plain(value: Any) -> int | float | list[int] | list[float]:
+    arr = np.asarray(value)
+    if arr.ndim == 0:
+        return int(arr) if np.issubdtype(arr.dtype, np.integer) else float(arr)
+    if np.issubdtype(arr.dtype, np.integer):
+        return [int(v) for v in arr.ravel()]
+    return [float(v) for v in arr.ravel()]

@@ -18,7 +18,7 @@ from scipy import stats
 from sklearn.metrics import average_precision_score, recall_score, roc_auc_score
 
 from client.app import app as client_app
-from client.site import from_metric_record, to_metric_record
+from client.site import to_metric_record
 from configs.schema import load_config
 from server.app import config_from_run_config, run_federation
 from server.pooled import (
@@ -37,7 +37,7 @@ from strnet.bundle import load_bundle
 from strnet.data.cache import PreprocessCache
 from strnet.data.manifest import read_manifest
 from strnet.evaluation import predict_frame
-from strnet.site import confusion, histogram, tscore_sums
+from strnet.site import confusion, decode_statistics, histogram, tscore_sums
 
 GRID = M.THRESHOLD_GRID
 BINS = 1000
@@ -69,7 +69,7 @@ def val_stats(y: np.ndarray, p: np.ndarray) -> dict:
 def test_pooled_tau_and_ranking_equal_the_concatenated_cohort() -> None:
     sites = {f"s{i}": site_scores(i, n, shift) for i, (n, shift) in enumerate([(120, 0.3), (60, 0.1), (90, 0.2)])}
     # round-trip through the wire format the ClientApp uses
-    per_site = {s: from_metric_record(to_metric_record(val_stats(*yp))) for s, yp in sites.items()}
+    per_site = {s: decode_statistics(to_metric_record(val_stats(*yp))) for s, yp in sites.items()}
     pooled = pool_validation_statistics(per_site, n_bins=BINS, n_grid=len(GRID), quorum=3)
     y = np.concatenate([yp[0] for yp in sites.values()])
     p = np.concatenate([yp[1] for yp in sites.values()])
