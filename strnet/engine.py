@@ -78,16 +78,29 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast where it pays: CUDA always; on CPU when asked, or on 'auto' (measured ~4x on ResNet-50).
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX), where bf16 autocast pays."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
-    Returns None for plain fp32.
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` (None = plain fp32).
+
+    ``auto`` picks bf16 on CUDA (fp16 where bf16 is unsupported) and on CPUs with native bf16 instructions,
+    where we measured channels-last + bf16 training at 1.4x (EfficientNet-Lite0, 224²), 1.9x (ResNet-18) and
+    2.8x (ResNet-50) the fp32 throughput on 2 cores; elsewhere bf16 is emulated and slower, so fp32.
     """
     if precision == "fp32":
         return None
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16
+    if precision == "bf16" or cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
