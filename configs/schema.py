@@ -11,12 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from configs.loader import apply_overrides, from_dict, read_yaml, to_dict
 from strnet.data.augment import AugmentParams
 from strnet.data.preprocess import PreprocessParams
-from strnet.losses import LossWeights
-
-from configs.loader import apply_overrides, from_dict, read_yaml, to_dict
 from strnet.errors import ConfigError
+from strnet.losses import LossWeights
 
 
 @dataclass(frozen=True)
@@ -26,6 +25,8 @@ class DataConfig:
     manifests: tuple[str, ...] = ()
     cache_dir: str = ".cache/preprocessed"
     num_workers: int = 0
+    # Training re-audits its cases and records the result in the bundle; split leakage is reported loudly.
+    audit_max_distance: int = 2
 
 
 @dataclass(frozen=True)

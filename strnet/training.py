@@ -20,6 +20,7 @@ from configs.loader import flatten
 from configs.schema import Config, SiteConfig
 from strnet import metrics as M
 from strnet.bundle import load_bundle, save_bundle
+from strnet.data.audit import audit_manifest
 from strnet.data.cache import PreprocessCache
 from strnet.data.manifest import merge_manifests, read_manifest
 from strnet.engine import (
@@ -114,6 +115,12 @@ def warm_cache(df: pd.DataFrame, cfg: Config, cache: PreprocessCache) -> tuple[p
     return df[keep].reset_index(drop=True), problems
 
 
+def audit_summary(df: pd.DataFrame, max_distance: int) -> dict[str, Any]:
+    """The audit's counts for the bundle (the member lists stay in `strnet data audit --json`)."""
+    report = audit_manifest(df, max_distance=max_distance).to_dict()
+    return {k: v for k, v in report.items() if not isinstance(v, list)}
+
+
 @dataclass
 class TrainResult:
     bundle_dir: Path
@@ -148,6 +155,12 @@ def train_centralized(
         if splits[name].empty or (splits[name]["label_cls"] == "").all():
             raise DataError(", ".join(cfg.data.manifests), f"no labelled {name} cases: run `strnet data split` first")
     summary = data_summary(df)
+    audit = audit_summary(df, cfg.data.audit_max_distance)
+    if audit["cross_split_groups"]:
+        print(
+            f"warning: {audit['cross_split_groups']} duplicate group(s) span two splits (leakage): "
+            "re-split with `strnet data split`, which keeps duplicate groups together"
+        )
     run_id = None
     if tracker is not None:
         run_id = tracker.start(
@@ -225,6 +238,7 @@ def train_centralized(
         training={
             "mode": "centralized",
             "data": summary,
+            "audit": audit,
             "best_epoch": result.best_epoch,
             "epochs_run": result.epochs_run,
             "stopped_early": result.stopped_early,

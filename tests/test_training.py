@@ -64,6 +64,8 @@ def test_training_writes_bundle_with_frozen_threshold(trained) -> None:  # type:
     assert meta["threshold"]["rule"] in (M.RULE_CONSTRAINED, M.RULE_FALLBACK)
     assert meta["model"]["backbone"] == "tiny" and meta["preprocess"]["size"] == 48
     assert meta["training"]["data"]["fingerprint"]
+    assert meta["training"]["audit"]["cross_split_groups"] == 0
+    assert meta["training"]["audit"]["n_images"] == len(set(pd.read_csv(_cfg.data.manifests[0])["path"]))
     assert (root / "run" / "checkpoint.pt").exists()
     assert (root / "run" / "test_report" / "report.html").exists()
     assert len(result.history) == 2
@@ -186,3 +188,17 @@ def test_cli_train_evaluate_predict(scenario, tmp_path: Path) -> None:  # type: 
     assert cli_main(["predict", "--model", str(bundle), str(scenario.site_dirs["stage1"]), "--out", str(out)]) == 0
     assert len(pd.read_csv(out)) > 0
     assert np.isfinite(pd.read_csv(out)["prob_bone_loss"]).all()
+
+
+def test_evaluate_without_labels_gives_predictions_only(scenario, trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from strnet.data.manifest import read_manifest
+
+    _, _, result, _ = trained
+    df = read_manifest(scenario.site_manifests["hospital"]).head(6)
+    df["label_cls"] = ""
+    df["t_score"] = float("nan")
+    ev = evaluate_bundle(load_bundle(result.bundle_dir), df, tmp_path / "unlabelled", cache=None, n_boot=10)
+    assert ev.metrics["n_labelled"] == 0 and "screening" not in ev.metrics
+    pred = pd.read_csv(tmp_path / "unlabelled" / "predictions.csv")
+    assert len(pred) == 6 and pred["prob_bone_loss"].between(0, 1).all()
+    assert "no labels" in (tmp_path / "unlabelled" / "report.md").read_text()
