@@ -156,22 +156,8 @@ def pooled_threshold(pooled: PooledStatistics, grid: Sequence[float] | np.ndarra
 
 
 def count_metrics(tp: float, fp: float, tn: float, fn: float) -> dict[str, float]:
-    """Threshold metrics from one confusion matrix; nan where a denominator is zero (never a silent 0)."""
-
-    def div(a: float, b: float) -> float:
-        return a / b if b else float("nan")
-
-    sens, spec = div(tp, tp + fn), div(tn, tn + fp)
-    return {
-        "accuracy": div(tp + tn, tp + fp + tn + fn),
-        "balanced_accuracy": (sens + spec) / 2.0,
-        "sensitivity": sens,
-        "specificity": spec,
-        "ppv": div(tp, tp + fp),
-        "npv": div(tn, tn + fn),
-        "f1": div(2 * tp, 2 * tp + fp + fn),
-        "youden_j": sens + spec - 1.0,
-    }
+    """Threshold metrics from one summed confusion matrix (strnet.metrics' own formulas; nan, never a silent 0)."""
+    return {k: float(v) for k, v in M.metrics_from_counts(tp, fp, tn, fn).items()}
 
 
 def pool_test_metrics(per_site: Mapping[str, Mapping[str, Any]], *, n_bins: int) -> tuple[dict[str, Any], list[str]]:

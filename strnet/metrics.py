@@ -223,7 +223,7 @@ def select_threshold(
 # point metrics
 
 
-def _count_metrics(tp: np.ndarray, fp: np.ndarray, tn: np.ndarray, fn: np.ndarray) -> dict[str, np.ndarray]:
+def metrics_from_counts(tp: np.ndarray, fp: np.ndarray, tn: np.ndarray, fn: np.ndarray) -> dict[str, np.ndarray]:
     """Threshold metrics from counts, vectorised over replicates; nan wherever a denominator is zero."""
     tp, fp, tn, fn = (np.asarray(a, dtype=np.float64) for a in (tp, fp, tn, fn))
     sens = _div(tp, tp + fn)
@@ -252,7 +252,7 @@ def classification_metrics(y_true: Any, y_prob: Any, threshold: float) -> dict[s
     pred = (p >= threshold).astype(np.int64)
     tn, fp, fn, tp = (int(v) for v in confusion_matrix(y, pred, labels=[0, 1]).ravel())
     n_pos, n_neg = tp + fn, tn + fp
-    out: dict[str, float | int] = {k: float(v) for k, v in _count_metrics(tp, fp, tn, fn).items()}
+    out: dict[str, float | int] = {k: float(v) for k, v in metrics_from_counts(tp, fp, tn, fn).items()}
     out["auroc"] = float(roc_auc_score(y, p)) if n_pos and n_neg else _NAN
     out["auprc"] = float(average_precision_score(y, p)) if n_pos else _NAN
     if not np.isnan(out["mcc"]):
@@ -319,7 +319,7 @@ def _replicate_metrics(y: np.ndarray, p: np.ndarray, threshold: float, idx: np.n
     fp = neg[:, flagged].sum(axis=1)
     n_pos = pos.sum(axis=1)
     n_neg = neg.sum(axis=1)
-    out = _count_metrics(tp, fp, n_neg - fp, n_pos - tp)
+    out = metrics_from_counts(tp, fp, n_neg - fp, n_pos - tp)
     out["auroc"], out["auprc"] = _auc_ap_from_counts(neg, pos)
     out["brier"] = ((p - y) ** 2)[idx].mean(axis=1)
     return out
