@@ -281,7 +281,13 @@ def train_centralized(
     seconds = time.perf_counter() - t0
     (out_dir / "summary.json").write_text(
         json.dumps(
-            {"threshold": threshold, "val": val_metrics, "test": test_metrics, "seconds": seconds},
+            {
+                "threshold": threshold,
+                "val": val_metrics,
+                "test": test_metrics,
+                "sites": site_metrics,
+                "seconds": seconds,
+            },
             indent=2,
             default=str,
         )

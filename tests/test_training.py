@@ -202,3 +202,22 @@ def test_evaluate_without_labels_gives_predictions_only(scenario, trained, tmp_p
     pred = pd.read_csv(tmp_path / "unlabelled" / "predictions.csv")
     assert len(pred) == 6 and pred["prob_bone_loss"].between(0, 1).all()
     assert "no labels" in (tmp_path / "unlabelled" / "report.md").read_text()
+
+
+def test_predict_uses_clinical_csv_and_rejects_a_bad_one(scenario, trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, _, result, _ = trained
+    bundle = load_bundle(result.bundle_dir)
+    files = sorted((scenario.site_dirs["hospital"] / "dicom").glob("*.dcm"))[:2]
+    clinical = tmp_path / "clinical.csv"
+    pd.DataFrame({"file": [f.name for f in files], "Age": [80, 30], "sex": ["female", "M"], "BMI": [18, 35]}).to_csv(
+        clinical, index=False
+    )
+    with_info = predict_files(bundle, files, clinical_csv=clinical)
+    without = predict_files(bundle, files)
+    # the T-score branch reads age/sex/BMI; the screening head does not
+    assert not np.allclose(with_info["t_score_estimate"], without["t_score_estimate"])
+    np.testing.assert_allclose(with_info["prob_bone_loss"], without["prob_bone_loss"])
+    bad = tmp_path / "bad.csv"
+    bad.write_text("name,age\nx,1\n")
+    with pytest.raises(DataError, match="needs a 'file' column"):
+        predict_files(bundle, files, clinical_csv=bad)
