@@ -80,7 +80,7 @@ def comparison_figure(table: pd.DataFrame, out: Path) -> Path:
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("value")
     ax.set_title("Centralized vs federated STR-Net (frozen τ*)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=max(1, data.shape[1]))
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
