@@ -136,7 +136,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         df = df[df["split"] == args.split].reset_index(drop=True)
         if df.empty:
             raise StrnetError(f"{args.manifest}: no rows with split={args.split!r} (use --split all)")
-    out = Path(args.out or Path(args.model) / f"eval_{Path(args.manifest).stem}_{args.split}")
+    out = Path(args.out or Path(args.model).parent / f"eval_{Path(args.manifest).stem}_{args.split}")
     cache = PreprocessCache(Path(args.cache_dir)) if args.cache_dir else None
     result = evaluate_bundle(bundle, df, out, cache=cache, n_boot=args.bootstrap)
     scr = result.metrics.get("screening")
