@@ -14,6 +14,7 @@ from typing import Any, Literal
 from configs.loader import apply_overrides, from_dict, read_yaml, to_dict
 from strnet.data.augment import AugmentParams
 from strnet.data.preprocess import PreprocessParams
+from strnet.engine import TrainParams
 from strnet.errors import ConfigError
 from strnet.losses import LossWeights
 
@@ -35,25 +36,6 @@ class ModelConfig:
     weights: str = "none"
     neck_dim: int = 128
     dropout: float = 0.3
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The paper's recipe by default: AdamW 1e-4/1e-4, plateau(0.5, 20), clip 1.0, early stop 30, batch 32."""
-
-    epochs: int = 100
-    batch_size: int = 32
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    plateau_factor: float = 0.5
-    plateau_patience: int = 20
-    grad_clip: float = 1.0
-    early_stop_patience: int = 30
-    monitor: Literal["auprc", "auroc"] = "auprc"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    channels_last: bool = True
-    max_steps_per_epoch: int | None = None
-    eval_batch_size: int = 64
 
 
 @dataclass(frozen=True)
@@ -113,7 +95,7 @@ class Config:
     augment: AugmentParams = field(default_factory=AugmentParams)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossWeights = field(default_factory=LossWeights)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainParams = field(default_factory=TrainParams)
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -34,22 +34,32 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 
 
 @dataclass(frozen=True)
-class EngineSettings:
-    """The subset of the run configuration the engine needs (kept framework- and YAML-free)."""
+class TrainParams:
+    """The paper's recipe by default: AdamW 1e-4/1e-4, plateau(0.5, 20), clip 1.0, early stop 30, batch 32.
+
+    Also the ``train:`` section of the YAML schema, so the engine and the configuration cannot drift apart.
+    """
 
     epochs: int = 100
     batch_size: int = 32
-    eval_batch_size: int = 64
     lr: float = 1e-4
     weight_decay: float = 1e-4
     plateau_factor: float = 0.5
     plateau_patience: int = 20
     grad_clip: float = 1.0
     early_stop_patience: int = 30
-    monitor: str = "auprc"
-    precision: str = "auto"
+    monitor: Literal["auprc", "auroc"] = "auprc"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: bool = True
     max_steps_per_epoch: int | None = None
+    eval_batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What the engine needs beyond the recipe: seed, loader workers and the τ* rule."""
+
+    train: TrainParams = field(default_factory=TrainParams)
     num_workers: int = 0
     seed: int = 42
     min_sensitivity: float = 0.86
@@ -270,7 +280,9 @@ def _monitor_value(metrics: dict[str, float], monitor: str) -> float:
 
 
 def build_optimizer(model: nn.Module, s: EngineSettings) -> torch.optim.Optimizer:
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.lr, weight_decay=s.weight_decay)
+    return torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=s.train.lr, weight_decay=s.train.weight_decay
+    )
 
 
 def fit(
@@ -296,22 +308,23 @@ def fit(
     state) after every epoch when ``checkpoint_path`` is given.
     """
     s = settings
+    t = s.train
     device = device or resolve_device()
     seed_everything(s.seed)
     model.to(device)
-    if s.channels_last:
+    if t.channels_last:
         model.to(memory_format=torch.channels_last)
-    amp_dtype = autocast_dtype(s.precision, device)
+    amp_dtype = autocast_dtype(t.precision, device)
     loss_fn = MultiTaskLoss(pos_weight=screening_pos_weight(train_df), weights=loss_weights).to(device)
     optimizer = build_optimizer(model, s)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="max", factor=s.plateau_factor, patience=s.plateau_patience
+        optimizer, mode="max", factor=t.plateau_factor, patience=t.plateau_patience
     )
     train_loader = make_loader(
         train_df,
         preprocess,
         cache,
-        batch_size=s.batch_size,
+        batch_size=t.batch_size,
         augment=augment,
         shuffle=True,
         seed=s.seed,
@@ -321,7 +334,7 @@ def fit(
         val_df,
         preprocess,
         cache,
-        batch_size=s.eval_batch_size,
+        batch_size=t.eval_batch_size,
         augment=None,
         shuffle=False,
         seed=s.seed,
@@ -343,7 +356,7 @@ def fit(
     t0 = time.perf_counter()
     stopped_early = False
     epoch = start_epoch - 1
-    for epoch in range(start_epoch, s.epochs):
+    for epoch in range(start_epoch, t.epochs):
         train_stats = train_one_epoch(
             model,
             train_loader,
@@ -352,14 +365,14 @@ def fit(
             epoch=epoch,
             device=device,
             amp_dtype=amp_dtype,
-            channels_last=s.channels_last,
-            grad_clip=s.grad_clip,
-            max_steps=s.max_steps_per_epoch,
+            channels_last=t.channels_last,
+            grad_clip=t.grad_clip,
+            max_steps=t.max_steps_per_epoch,
             progress=progress,
         )
-        preds = predict_loader(model, val_loader, device=device, amp_dtype=amp_dtype, channels_last=s.channels_last)
+        preds = predict_loader(model, val_loader, device=device, amp_dtype=amp_dtype, channels_last=t.channels_last)
         val = task_metrics(preds, threshold=0.5)
-        score = _monitor_value(val, s.monitor)
+        score = _monitor_value(val, t.monitor)
         scheduler.step(score if math.isfinite(score) else 0.0)
         improved = score > best_score
         if improved:
@@ -375,7 +388,7 @@ def fit(
         if progress:
             tqdm.write(
                 f"epoch {epoch}: loss {train_stats.get('loss_total', float('nan')):.4f} "
-                f"val {s.monitor} {score:.4f} ({train_stats['images_per_s']:.1f} img/s)" + (" *" if improved else "")
+                f"val {t.monitor} {score:.4f} ({train_stats['images_per_s']:.1f} img/s)" + (" *" if improved else "")
             )
         if checkpoint_path is not None:
             checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
@@ -398,7 +411,7 @@ def fit(
                 tmp,
             )
             tmp.replace(checkpoint_path)
-        if bad_epochs >= s.early_stop_patience:
+        if bad_epochs >= t.early_stop_patience:
             stopped_early = True
             break
     return FitResult(

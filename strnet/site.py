@@ -77,7 +77,7 @@ class SiteRunner:
         self.settings: EngineSettings = engine_settings(config)
         self.grid = threshold_grid(config)
         self.device = device or resolve_device()
-        self.amp_dtype = autocast_dtype(self.settings.precision, self.device)
+        self.amp_dtype = autocast_dtype(self.settings.train.precision, self.device)
         self.seed = site_seed(config.seed, site_name)
         df = read_manifest(self.manifest_path)
         self.cache = PreprocessCache(Path(config.data.cache_dir))
@@ -93,7 +93,7 @@ class SiteRunner:
             neck_dim=config.model.neck_dim,
             dropout=config.model.dropout,
         ).to(self.device)
-        if self.settings.channels_last:
+        if self.settings.train.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.model, self.settings)
         self.loss_fn = MultiTaskLoss(pos_weight=screening_pos_weight(self.splits["train"]), weights=config.loss).to(
@@ -139,7 +139,7 @@ class SiteRunner:
             df,
             self.cfg.preprocess,
             self.cache,
-            batch_size=self.settings.eval_batch_size,
+            batch_size=self.settings.train.eval_batch_size,
             augment=None,
             shuffle=False,
             seed=self.seed,
@@ -150,7 +150,7 @@ class SiteRunner:
             loader,
             device=self.device,
             amp_dtype=self.amp_dtype,
-            channels_last=self.settings.channels_last,
+            channels_last=self.settings.train.channels_last,
         )
 
     # ------------------------------------------------------------------------------------------------ tasks
@@ -172,7 +172,7 @@ class SiteRunner:
             self.splits["train"],
             self.cfg.preprocess,
             self.cache,
-            batch_size=self.settings.batch_size,
+            batch_size=self.settings.train.batch_size,
             augment=self.cfg.augment,
             shuffle=True,
             seed=self.seed + round,
@@ -190,9 +190,9 @@ class SiteRunner:
                 epoch=global_epoch,
                 device=self.device,
                 amp_dtype=self.amp_dtype,
-                channels_last=self.settings.channels_last,
-                grad_clip=self.settings.grad_clip,
-                max_steps=self.settings.max_steps_per_epoch,
+                channels_last=self.settings.train.channels_last,
+                grad_clip=self.settings.train.grad_clip,
+                max_steps=self.settings.train.max_steps_per_epoch,
                 progress=False,
                 desc=f"{self.site} train",
             )

@@ -51,19 +51,7 @@ def engine_settings(cfg: Config) -> EngineSettings:
     t, th = cfg.train, cfg.threshold
     grid = np.round(np.arange(th.grid_start, th.grid_stop + th.grid_step / 2, th.grid_step), 4)
     return EngineSettings(
-        epochs=t.epochs,
-        batch_size=t.batch_size,
-        eval_batch_size=t.eval_batch_size,
-        lr=t.lr,
-        weight_decay=t.weight_decay,
-        plateau_factor=t.plateau_factor,
-        plateau_patience=t.plateau_patience,
-        grad_clip=t.grad_clip,
-        early_stop_patience=t.early_stop_patience,
-        monitor=t.monitor,
-        precision=t.precision,
-        channels_last=t.channels_last,
-        max_steps_per_epoch=t.max_steps_per_epoch,
+        train=t,
         num_workers=cfg.data.num_workers,
         seed=cfg.seed,
         min_sensitivity=th.min_sensitivity,
@@ -201,7 +189,7 @@ def train_centralized(
         splits["val"],
         cfg.preprocess,
         cache,
-        batch_size=settings.eval_batch_size,
+        batch_size=settings.train.eval_batch_size,
         augment=None,
         shuffle=False,
         seed=cfg.seed,
@@ -210,8 +198,8 @@ def train_centralized(
         model,
         val_loader,
         device=device,
-        amp_dtype=autocast_dtype(settings.precision, device),
-        channels_last=settings.channels_last,
+        amp_dtype=autocast_dtype(settings.train.precision, device),
+        channels_last=settings.train.channels_last,
     )
     threshold = choose_threshold(val_preds, settings)
     threshold.update(
@@ -242,7 +230,7 @@ def train_centralized(
             "best_epoch": result.best_epoch,
             "epochs_run": result.epochs_run,
             "stopped_early": result.stopped_early,
-            "monitor": f"val {settings.monitor}",
+            "monitor": f"val {settings.train.monitor}",
             "best_score": result.best_score,
             "config": cfg.to_dict(),
             "skipped_images": problems,
@@ -260,7 +248,7 @@ def train_centralized(
             title=f"{cfg.name}: frozen test evaluation",
             n_boot=cfg.evaluate.bootstrap,
             seed=cfg.seed,
-            precision=settings.precision,
+            precision=settings.train.precision,
         )
         test_metrics = ev.metrics
         for site, part in ev.predictions.groupby("site"):
@@ -275,7 +263,7 @@ def train_centralized(
             title=f"{cfg.name}: frozen external evaluation at {site.name}",
             n_boot=cfg.evaluate.bootstrap,
             seed=cfg.seed,
-            precision=settings.precision,
+            precision=settings.train.precision,
         )
         site_metrics[site.name] = ev.metrics
     seconds = time.perf_counter() - t0
