@@ -34,7 +34,7 @@ from server.pooled import (
     pool_test_metrics,
     pooled_threshold,
 )
-from server.strategy import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SiteFedAvg
+from server.strategy import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SiteFedAvg, decode_reply
 from server.tracking import Tracker
 from strnet.bundle import save_bundle
 from strnet.engine import seed_everything
@@ -299,11 +299,7 @@ def frozen_evaluation(
         try:
             if node not in nodes:
                 raise SiteError(site, "reply from a node that never announced its site")
-            if msg.has_error():
-                raise SiteError(site, f"error reply (code {msg.error.code}): {msg.error.reason}")
-            if len(msg.content.metric_records) != 1:
-                raise SiteError(site, "malformed reply: expected exactly one MetricRecord")
-            out[site] = decode_statistics(next(iter(msg.content.metric_records.values())))
+            out[site] = decode_reply(msg, site)
         except SiteError as exc:
             _problem(problems, f"frozen evaluation: {exc}")
     return out

@@ -177,11 +177,7 @@ class SiteFedAvg(FedAvg):
         for msg in replies:
             site = self.site_of(msg.metadata.src_node_id)
             try:
-                if msg.has_error():
-                    raise SiteError(site, f"error reply (code {msg.error.code}): {msg.error.reason}")
-                if len(msg.content.metric_records) != 1:
-                    raise SiteError(site, "malformed reply: expected exactly one MetricRecord")
-                per_site[site] = decode_statistics(next(iter(msg.content.metric_records.values())))
+                per_site[site] = decode_reply(msg, site)
             except SiteError as exc:
                 self._problem(server_round, "validation statistics", exc)
         return per_site
@@ -224,6 +220,15 @@ class SiteFedAvg(FedAvg):
         self.history.setdefault(step, {}).update(row)
         if self.tracker is not None:
             self.tracker.log_metrics(row, step=step)
+
+
+def decode_reply(msg: Message, site: str) -> dict[str, Any]:
+    """A site's statistics reply, decoded; an error or malformed reply raises SiteError naming the site."""
+    if msg.has_error():
+        raise SiteError(site, f"error reply (code {msg.error.code}): {msg.error.reason}")
+    if len(msg.content.metric_records) != 1:
+        raise SiteError(site, "malformed reply: expected exactly one MetricRecord")
+    return decode_statistics(next(iter(msg.content.metric_records.values())))
 
 
 def weighted_average(
