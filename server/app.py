@@ -39,7 +39,7 @@ from server.tracking import Tracker
 from strnet.bundle import save_bundle
 from strnet.engine import seed_everything
 from strnet.errors import ConfigError
-from strnet.evaluation import flat_metrics
+from strnet.evaluation import flat_metrics, strict_json
 from strnet.model import build_strnet, count_params
 from strnet.site import decode_statistics, threshold_grid
 from strnet.training import Tracker as TrackerProtocol
@@ -250,7 +250,7 @@ def run_federation(grid: Grid, cfg: Config, *, tracker: TrackerProtocol | None =
         "problems": problems,
         "seconds": seconds,
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    (out_dir / "summary.json").write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False))
     if tracker is not None:
         tracker.log_metrics({f"val_at_tau_{k}": v for k, v in val_metrics.items()})
         tracker.log_metrics({"tau_star": tau, "wall_seconds": seconds, "rounds": fed.rounds})
@@ -307,12 +307,6 @@ def frozen_evaluation(
 
 def _scalars(m: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in m.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    raise TypeError(type(obj).__name__)
 
 
 def evaluation_table(

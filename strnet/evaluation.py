@@ -7,6 +7,7 @@ evaluated once at the operating point chosen on validation, as in the paper.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,16 +144,29 @@ def evaluate_bundle(
         dataset_summary=summary,
         notes=notes,
     )
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_nan_to_none))
+    (out / "metrics.json").write_text(json.dumps(strict_json(metrics), indent=2, allow_nan=False))
     return EvaluationResult(metrics=metrics, predictions=pred, out_dir=out, figures=figures, report=report)
 
 
-def _nan_to_none(obj: Any) -> Any:
+def strict_json(obj: Any) -> Any:
+    """Recursively make ``obj`` strict-JSON-able: NaN/inf -> null, numpy scalars/arrays -> Python, tuples -> lists.
+
+    Undefined metrics (AUROC with one class) are NaN in Python; ``json.dumps`` would write the non-standard
+    token ``NaN``, which browsers and most JSON parsers reject.
+    """
+    if isinstance(obj, dict):
+        return {str(k): strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [strict_json(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return strict_json(obj.tolist())
     if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, tuple):
-        return list(obj)
-    raise TypeError(type(obj).__name__)
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
 
 
 def flat_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:

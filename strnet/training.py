@@ -34,7 +34,7 @@ from strnet.engine import (
     seed_everything,
 )
 from strnet.errors import DataError
-from strnet.evaluation import compute_metrics, evaluate_bundle, flat_metrics
+from strnet.evaluation import compute_metrics, evaluate_bundle, flat_metrics, strict_json
 from strnet.model import build_strnet, count_params
 
 
@@ -269,15 +269,17 @@ def train_centralized(
     seconds = time.perf_counter() - t0
     (out_dir / "summary.json").write_text(
         json.dumps(
-            {
-                "threshold": threshold,
-                "val": val_metrics,
-                "test": test_metrics,
-                "sites": site_metrics,
-                "seconds": seconds,
-            },
+            strict_json(
+                {
+                    "threshold": threshold,
+                    "val": val_metrics,
+                    "test": test_metrics,
+                    "sites": site_metrics,
+                    "seconds": seconds,
+                }
+            ),
             indent=2,
-            default=str,
+            allow_nan=False,
         )
     )
     if tracker is not None:

@@ -221,3 +221,14 @@ def test_predict_uses_clinical_csv_and_rejects_a_bad_one(scenario, trained, tmp_
     bad.write_text("name,age\nx,1\n")
     with pytest.raises(DataError, match="needs a 'file' column"):
         predict_files(bundle, files, clinical_csv=bad)
+
+
+def test_reports_are_strict_json(trained) -> None:  # type: ignore[no-untyped-def]
+    """NaN metrics (undefined AUROC) must be null, not the non-standard NaN token browsers reject."""
+    root, _, _, _ = trained
+
+    def reject(token: str) -> None:
+        raise ValueError(f"non-standard JSON token {token}")
+
+    for path in [root / "run" / "summary.json", root / "run" / "test_report" / "metrics.json"]:
+        json.loads(path.read_text(), parse_constant=reject)
