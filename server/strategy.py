@@ -149,7 +149,10 @@ class SiteFedAvg(FedAvg):
                 f"({sorted(u[0] for u in usable)}), quorum is {self.quorum}; problems: "
                 + ("; ".join(p for p in self.problems if p.startswith(f"round {server_round} ")) or "no reply")
             )
-        task_weights = {"t_score": [u[2].get("n_train_tscore", u[3]) for u in usable]}
+        task_weights = {
+            "severity": [u[2].get("n_train_severity", u[3]) for u in usable],
+            "t_score": [u[2].get("n_train_tscore", u[3]) for u in usable],
+        }
         averaged = weighted_average([u[1] for u in usable], [u[3] for u in usable], self._reference, task_weights)
         total = sum(u[3] for u in usable)
         common = set.intersection(*(set(u[2]) for u in usable))

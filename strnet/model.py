@@ -378,17 +378,16 @@ def build_strnet(
     return STRNet(trunk, feat_dim, backbone, neck_dim=neck_dim, dropout=float(dropout))
 
 
-# Parameters that only one task's loss trains and that no other task's gradient reaches (the T-score branch
-# reads detached features). Federated averaging weights them by the sites' labelled counts for that task, so a
-# site without T-scores cannot dilute the branch. The severity route is left shared: its gradient reaches the
-# backbone, and every training site has bone-loss cases.
+# Parameters that only one task's loss trains (the rest are shared). Federated averaging weights each group by
+# the sites' labelled counts for that task, so a site without T-scores cannot dilute the T-score branch.
 TASK_PARAMETER_PREFIXES: dict[str, tuple[str, ...]] = {
+    "severity": ("severity_head.", "tarr.routes.severity."),
     "t_score": ("t_image.", "t_tabular.", "t_fusion."),
 }
 
 
 def parameter_task(name: str) -> str:
-    """'t_score' or 'shared' for a state-dict key."""
+    """'severity', 't_score' or 'shared' for a state-dict key."""
     for task, prefixes in TASK_PARAMETER_PREFIXES.items():
         if name.startswith(prefixes):
             return task
