@@ -28,7 +28,6 @@ from server.pooled import (
     pool_validation_statistics,
     pooled_threshold,
 )
-from strnet.model import parameter_task
 from strnet.site import decode_statistics
 
 ARRAYS_KEY = "arrays"
@@ -149,11 +148,7 @@ class SiteFedAvg(FedAvg):
                 f"({sorted(u[0] for u in usable)}), quorum is {self.quorum}; problems: "
                 + ("; ".join(p for p in self.problems if p.startswith(f"round {server_round} ")) or "no reply")
             )
-        task_weights = {
-            "severity": [u[2].get("n_train_severity", u[3]) for u in usable],
-            "t_score": [u[2].get("n_train_tscore", u[3]) for u in usable],
-        }
-        averaged = weighted_average([u[1] for u in usable], [u[3] for u in usable], self._reference, task_weights)
+        averaged = weighted_average([u[1] for u in usable], [u[3] for u in usable], self._reference)
         total = sum(u[3] for u in usable)
         common = set.intersection(*(set(u[2]) for u in usable))
         metrics = {k: sum(u[2][k] * u[3] for u in usable) / total for k in sorted(common)}
@@ -240,26 +235,16 @@ def weighted_average(
     states: list[dict[str, np.ndarray]],
     weights: list[float],
     reference: Mapping[str, tuple[tuple[int, ...], np.dtype]] | None = None,
-    task_weights: Mapping[str, list[float]] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Σ wᵢ·xᵢ / Σ wᵢ in float64, cast back to each tensor's dtype (integers rounded, never left as floats).
-
-    ``task_weights`` (task -> one weight per state) replaces ``weights`` for the parameters only that task
-    trains (:func:`strnet.model.parameter_task`), when the sites hold any labels for it at all.
-    """
+    """Σ wᵢ·xᵢ / Σ wᵢ in float64, cast back to each tensor's dtype (integers rounded, never left as floats)."""
     if not states or len(states) != len(weights):
         raise ValueError("need one weight per state and at least one state")
+    total = float(sum(weights))
     out: dict[str, np.ndarray] = {}
     for key in states[0]:
-        w = weights
-        if task_weights:
-            tw = task_weights.get(parameter_task(key))
-            if tw is not None and sum(tw) > 0:
-                w = tw
-        total = float(sum(w))
         acc = np.zeros(states[0][key].shape, np.float64)
-        for state, wi in zip(states, w, strict=True):
-            acc += state[key].astype(np.float64) * (wi / total)
+        for state, w in zip(states, weights, strict=True):
+            acc += state[key].astype(np.float64) * (w / total)
         dtype = reference[key][1] if reference and key in reference else states[0][key].dtype
         out[key] = np.asarray(np.rint(acc) if np.issubdtype(dtype, np.integer) else acc).astype(dtype)
     return out

@@ -378,22 +378,6 @@ def build_strnet(
     return STRNet(trunk, feat_dim, backbone, neck_dim=neck_dim, dropout=float(dropout))
 
 
-# Parameters that only one task's loss trains (the rest are shared). Federated averaging weights each group by
-# the sites' labelled counts for that task, so a site without T-scores cannot dilute the T-score branch.
-TASK_PARAMETER_PREFIXES: dict[str, tuple[str, ...]] = {
-    "severity": ("severity_head.", "tarr.routes.severity."),
-    "t_score": ("t_image.", "t_tabular.", "t_fusion."),
-}
-
-
-def parameter_task(name: str) -> str:
-    """'severity', 't_score' or 'shared' for a state-dict key."""
-    for task, prefixes in TASK_PARAMETER_PREFIXES.items():
-        if name.startswith(prefixes):
-            return task
-    return "shared"
-
-
 def count_params(model: nn.Module) -> dict[str, int]:
     return {
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),

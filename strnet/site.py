@@ -202,9 +202,6 @@ class SiteRunner:
             train_seconds=seconds,
             images_per_s=float(stats.get("images_per_s", 0.0)),
             last_global_epoch=float((round - 1) * epochs + epochs - 1),
-            # per-task labelled counts: the server weights each task's own parameters by these
-            n_train_severity=float(self.splits["train"]["label_cls"].isin(["osteopenia", "osteoporosis"]).sum()),
-            n_train_tscore=float(self.splits["train"]["t_score"].notna().sum()),
         )
         return self.state_dict(), metrics, len(self.splits["train"])
 

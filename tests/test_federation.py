@@ -186,18 +186,6 @@ def test_fedavg_is_weighted_by_examples_and_keeps_integer_buffers() -> None:
     assert len(strategy.problems) == 1 and "gamma" in strategy.problems[0] and "out of memory" in strategy.problems[0]
 
 
-def test_task_parameters_are_weighted_by_that_tasks_labelled_counts() -> None:
-    """A site without T-scores (weight 0 for the T-score branch) cannot pull that branch toward its stale copy."""
-    a = {"neck.weight": np.full(2, 1.0), "t_fusion.0.weight": np.full(2, 1.0), "severity_head.bias": np.full(1, 1.0)}
-    b = {"neck.weight": np.full(2, 3.0), "t_fusion.0.weight": np.full(2, 3.0), "severity_head.bias": np.full(1, 3.0)}
-    out = weighted_average([a, b], [30, 10], task_weights={"t_score": [0, 10], "severity": [10, 10]})
-    np.testing.assert_allclose(out["neck.weight"], 1.5)  # shared: by examples
-    np.testing.assert_allclose(out["t_fusion.0.weight"], 3.0)  # only b has T-scores
-    np.testing.assert_allclose(out["severity_head.bias"], 2.0)  # equal bone-loss counts
-    none = weighted_average([a, b], [30, 10], task_weights={"t_score": [0, 0]})
-    np.testing.assert_allclose(none["t_fusion.0.weight"], 1.5)  # no site has T-scores: plain FedAvg
-
-
 def test_malformed_train_reply_is_named_and_quorum_enforced() -> None:
     strategy = _strategy(quorum=3)
     reference = ArrayRecord({k: Array(v) for k, v in _state(0.0, 0).items()})
