@@ -21,8 +21,6 @@ from strnet.data.adapters import (
 from strnet.data.manifest import COLUMNS, read_manifest, validate, who_label, write_manifest
 from strnet.errors import DataError
 
-KNEE_DATA = Path(__file__).resolve().parents[2] / "shared/data/knee"
-
 
 def _knee(bilateral: bool, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
@@ -285,9 +283,8 @@ def test_dicom_csv_column_aliases_and_missing_columns(tmp_path: Path) -> None:
 
 
 @pytest.mark.realdata
-@pytest.mark.skipif(not KNEE_DATA.is_dir(), reason="real knee data not present")
-def test_real_mendeley_sheet_and_images() -> None:
-    src = KNEE_DATA / "knee-xray-osteoporosis-mendeley"
+def test_real_mendeley_sheet_and_images(real_data_dir: Path) -> None:
+    src = real_data_dir / "knee-xray-osteoporosis-mendeley"
     df, problems = prepare("mendeley", src, "mendeley")
     images = [p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in (".jpg", ".jpeg", ".png")]
     assert df["path"].nunique() == len(images)

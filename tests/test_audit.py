@@ -27,8 +27,6 @@ from strnet.data.audit import (
 )
 from strnet.data.manifest import normalize, read_manifest, write_manifest
 
-REAL_DATA = Path(__file__).resolve().parents[2] / "shared/data/knee"
-
 
 def smooth_image(seed: int, size: int = 64) -> np.ndarray:
     """A smooth random 8-bit 'radiograph': different seeds give unrelated perceptual hashes."""
@@ -317,12 +315,10 @@ def test_rejects_bad_distance() -> None:
 
 
 @pytest.mark.realdata
-def test_real_data_has_cross_source_copies_and_label_conflicts() -> None:
-    if not REAL_DATA.is_dir():
-        pytest.skip(f"{REAL_DATA} absent")
+def test_real_data_has_cross_source_copies_and_label_conflicts(real_data_dir: Path) -> None:
     rows = []
     for folder, source in (("os-collected-data-224", "os224"), ("knee-xray-osteoporosis-mendeley", "mendeley")):
-        for class_dir in sorted((REAL_DATA / folder).iterdir()):
+        for class_dir in sorted((real_data_dir / folder).iterdir()):
             if class_dir.is_dir():
                 rows += [
                     {"path": str(f), "source": source, "label_cls": class_dir.name.lower()}

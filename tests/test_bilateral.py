@@ -10,8 +10,6 @@ import pytest
 from strnet.data.bilateral import load_knee, split_bilateral
 from strnet.data.imageio import is_image_file, read_radiograph
 
-KNEE_DATA = Path(__file__).resolve().parents[2] / "shared/data/knee"
-
 
 def _legs(width: int, height: int, bands: list[tuple[float, float, float]], seed: int = 0) -> np.ndarray:
     """Dark background with vertical bright bands (start, stop as width fractions, level 0..255) and noise."""
@@ -98,11 +96,10 @@ def _detection_rate(folder: Path) -> float:
 
 
 @pytest.mark.realdata
-@pytest.mark.skipif(not KNEE_DATA.is_dir(), reason="real knee data not present")
-def test_detection_rates_on_real_data() -> None:
+def test_detection_rates_on_real_data(real_data_dir: Path) -> None:
     # Visual review: about 55 % of the Mendeley images are bilateral, the rest single knees; the 224-px set
     # is mostly single knees with the re-distributed Mendeley images among them.
-    mendeley = _detection_rate(KNEE_DATA / "knee-xray-osteoporosis-mendeley")
-    small = _detection_rate(KNEE_DATA / "os-collected-data-224")
+    mendeley = _detection_rate(real_data_dir / "knee-xray-osteoporosis-mendeley")
+    small = _detection_rate(real_data_dir / "os-collected-data-224")
     assert 0.5 <= mendeley <= 0.65
     assert 0.05 <= small <= 0.2
