@@ -176,13 +176,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="strnet", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, help="step of the data -> model -> report flow")
 
     data = sub.add_parser("data", help="prepare, audit, split and synthesize manifests").add_subparsers(
-        dest="data_command", required=True
+        dest="data_command", required=True, help="data step to run"
     )
     p = data.add_parser("prepare", help="turn a distributed layout into a canonical manifest")
-    p.add_argument("--layout", required=True, choices=["kaggle-folders", "mendeley", "dicom-csv"])
+    p.add_argument(
+        "--layout",
+        required=True,
+        choices=["kaggle-folders", "mendeley", "dicom-csv"],
+        help="how the source data set is organised on disk",
+    )
     p.add_argument("--src", required=True, help="the layout's root folder")
     p.add_argument("--site", required=True, help="site name written into the manifest")
     p.add_argument("--source", default=None, help="data-source name (default: the folder name)")
@@ -190,10 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_prepare)
 
     p = data.add_parser("split", help="assign train/val/test, stratified, patient- and duplicate-group-level")
-    p.add_argument("manifests", nargs="+")
-    p.add_argument("--out", required=True)
-    p.add_argument("--fractions", nargs=3, type=float, default=[0.7, 0.15, 0.15], metavar=("TRAIN", "VAL", "TEST"))
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("manifests", nargs="+", help="manifest CSV(s) to merge and split")
+    p.add_argument("--out", required=True, help="manifest CSV to write, with the split column filled")
+    p.add_argument(
+        "--fractions",
+        nargs=3,
+        type=float,
+        default=[0.7, 0.15, 0.15],
+        metavar=("TRAIN", "VAL", "TEST"),
+        help="train/val/test fractions (default 0.7 0.15 0.15)",
+    )
+    p.add_argument("--seed", type=int, default=42, help="random seed for the split (default 42)")
     p.add_argument(
         "--max-distance",
         type=int,
@@ -210,46 +222,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_split)
 
     p = data.add_parser("audit", help="exact/near duplicates, label conflicts, leakage, cross-source copies")
-    p.add_argument("manifests", nargs="+")
+    p.add_argument("manifests", nargs="+", help="manifest CSV(s) to audit together")
     p.add_argument("--json", default=None, help="write the full report as JSON")
     p.add_argument("--clean", default=None, help="write a manifest with conflicts dropped, one image per group")
     p.add_argument("--max-distance", type=int, default=4, help="perceptual-hash Hamming distance (default 4)")
     p.set_defaults(func=cmd_data_audit)
 
     p = data.add_parser("synth", help="write three synthetic sites in the three real layouts")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--out", required=True, help="folder to write the three synthetic sites into")
+    p.add_argument("--seed", type=int, default=42, help="random seed for the synthetic data (default 42)")
     p.add_argument("--patients", type=int, default=60, help="patients per site")
     p.add_argument("--size", type=int, default=256, help="image size in pixels")
     p.set_defaults(func=cmd_data_synth)
 
     p = sub.add_parser("model-info", help="parameter counts of an STR-Net configuration (JSON)")
-    p.add_argument("--backbone", default="resnet50")
-    p.add_argument("--weights", default="none")
+    p.add_argument("--backbone", default="resnet50", help="backbone name, e.g. resnet50, resnet18 (default resnet50)")
+    p.add_argument("--weights", default="none", help="backbone weights: none, imagenet or a state-dict file")
     p.set_defaults(func=cmd_model_info)
 
     p = sub.add_parser("train", help="centralized training: fit, choose tau* on val, bundle, frozen test report")
     p.add_argument("--config", default="demo", help="YAML file or preset name (demo, cpu, paper)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set train.epochs=3")
     p.add_argument("--manifest", action="append", help="manifest(s) to train on (overrides data.manifests)")
-    p.add_argument("--output-dir", default=None)
+    p.add_argument("--output-dir", default=None, help="folder for checkpoints and the bundle (overrides output_dir)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite ./mlflow.db)")
-    p.add_argument("--no-tracking", action="store_true")
+    p.add_argument("--no-tracking", action="store_true", help="do not log the run to MLflow")
     p.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint.pt")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="frozen evaluation of a bundle at its tau*")
     p.add_argument("--model", required=True, help="bundle folder")
-    p.add_argument("--manifest", required=True)
-    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
-    p.add_argument("--out", default=None)
-    p.add_argument("--bootstrap", type=int, default=2000)
-    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--manifest", required=True, help="manifest CSV with the images to evaluate")
+    p.add_argument(
+        "--split", default="test", choices=["train", "val", "test", "all"], help="manifest rows to use (default test)"
+    )
+    p.add_argument("--out", default=None, help="report folder (default: eval_<manifest>_<split> next to the bundle)")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for 95%% CIs (default 2000)")
+    p.add_argument("--cache-dir", default=None, help="folder to cache preprocessed images in (default: no cache)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="screen PNG/JPEG/DICOM files or folders with a bundle")
     p.add_argument("--model", required=True, help="bundle folder")
-    p.add_argument("inputs", nargs="+")
+    p.add_argument("inputs", nargs="+", help="image files or folders to screen")
     p.add_argument("--out", required=True, help="results CSV")
     p.add_argument("--gradcam", default=None, help="folder for Grad-CAM overlays")
     p.add_argument("--clinical", default=None, help="CSV with file, age, sex, bmi for the T-score branch")
@@ -257,9 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="centralized vs federated runs side by side, from MLflow")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite ./mlflow.db)")
-    p.add_argument("--experiment", default="strnet")
+    p.add_argument("--experiment", default="strnet", help="MLflow experiment name (default strnet)")
     p.add_argument("--run-id", action="append", help="compare these runs instead of the newest of each mode")
-    p.add_argument("--out", default="runs/compare")
+    p.add_argument("--out", default="runs/compare", help="folder for the comparison table and figure")
     p.set_defaults(func=cmd_compare)
     return parser
 

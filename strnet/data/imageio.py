@@ -1,7 +1,7 @@
 """Decode any radiograph we accept into one 2-D float32 array where brighter means denser.
 
 PNG/JPEG (8- or 16-bit, grayscale, RGB or RGBA) go through OpenCV with ``IMREAD_UNCHANGED`` so 16-bit
-data keeps its depth; DICOM goes through pydicom with the modality rescale applied and MONOCHROME1
+data keeps its depth; DICOM goes through pydicom with its modality LUT / rescale applied and MONOCHROME1
 inverted, so bone is bright in every array whatever the scanner wrote.
 """
 
@@ -15,7 +15,6 @@ import numpy as np
 from strnet.errors import DataError
 
 RASTER_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
-DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ""})
 IMAGE_SUFFIXES = RASTER_SUFFIXES | {".dcm", ".dicom"}
 
 
@@ -26,16 +25,17 @@ def is_image_file(path: str | Path) -> bool:
     if suffix in IMAGE_SUFFIXES:
         return True
     # DICOM files are often named by UID (``1.2.840.113619.2.55.3``): trust the preamble, not the suffix.
-    return p.is_file() and _has_dicom_preamble(p)
+    return p.is_file() and _is_dicom(p)
 
 
-def _has_dicom_preamble(path: Path) -> bool:
+def _is_dicom(path: Path) -> bool:
+    """pydicom's preamble check ('DICM' at byte 128); an unreadable file is simply not DICOM."""
+    from pydicom.misc import is_dicom
+
     try:
-        with path.open("rb") as fh:
-            head = fh.read(132)
+        return is_dicom(path)
     except OSError:
         return False
-    return len(head) == 132 and head[128:132] == b"DICM"
 
 
 def read_radiograph(path: str | Path) -> np.ndarray:
@@ -49,7 +49,7 @@ def read_radiograph(path: str | Path) -> np.ndarray:
     if p.stat().st_size == 0:
         raise DataError(p, "empty file")
     suffix = p.suffix.lower()
-    if suffix in (".dcm", ".dicom") or (suffix not in RASTER_SUFFIXES and _has_dicom_preamble(p)):
+    if suffix in (".dcm", ".dicom") or (suffix not in RASTER_SUFFIXES and _is_dicom(p)):
         img = _read_dicom(p)
     elif suffix in RASTER_SUFFIXES:
         img = _read_raster(p)
@@ -99,6 +99,7 @@ def _looks_truncated(p: Path, data: np.ndarray) -> bool:
 def _read_dicom(p: Path) -> np.ndarray:
     import pydicom
     from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_modality_lut
 
     try:
         ds = pydicom.dcmread(p)
@@ -111,12 +112,14 @@ def _read_dicom(p: Path) -> np.ndarray:
         if arr.shape[0] != 1:
             raise DataError(p, f"multi-frame DICOM ({arr.shape[0]} frames) is not a radiograph")
         arr = arr[0]
+    try:
+        # Modality LUT Sequence or RescaleSlope/RescaleIntercept, on the stored integers as the standard says.
+        arr = apply_modality_lut(arr, ds)
+    except Exception as exc:
+        raise DataError(p, f"invalid DICOM modality LUT/rescale ({type(exc).__name__}: {exc})") from exc
     if arr.ndim == 3:  # RGB secondary capture
         arr = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     img = arr.astype(np.float32)
-    slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-    intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
-    img = img * slope + intercept
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric == "MONOCHROME1":
         img = img.max() + img.min() - img
