@@ -1,14 +1,11 @@
-"""Which site a node plays (node config or simulation partition), and its replies as MetricRecords."""
+"""Which site a node plays: its node config (a deployed SuperNode) or its simulation partition."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from flwr.app import MetricRecord
-
 from configs.schema import Config
 from strnet.errors import ConfigError
-from strnet.site import encode_statistics
 
 
 def site_for_node(cfg: Config, node_config: dict[str, Any]) -> tuple[str, str, str]:
@@ -30,8 +27,3 @@ def site_for_node(cfg: Config, node_config: dict[str, Any]) -> tuple[str, str, s
         site = cfg.federation.sites[pid]
         return site.name, site.role, site.manifest
     raise ConfigError("node config has neither site-id (deployment) nor partition-id (simulation)")
-
-
-def to_metric_record(values: dict[str, Any]) -> MetricRecord:
-    """numpy scalars/arrays -> MetricRecord in the wire format of :func:`strnet.site.encode_statistics`."""
-    return MetricRecord(encode_statistics(values))

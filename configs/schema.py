@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from configs.loader import apply_overrides, from_dict, read_yaml, to_dict
 from strnet.data.augment import AugmentParams
 from strnet.data.preprocess import PreprocessParams
@@ -40,17 +42,22 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ThresholdConfig:
+    """The paper's τ* rule, and the score histogram every site shares (grid thresholds fall on its bin edges)."""
+
     min_sensitivity: float = 0.86
     grid_start: float = 0.20
     grid_stop: float = 0.80
     grid_step: float = 0.01
     histogram_bins: int = 1000
 
+    def grid(self) -> np.ndarray:
+        """The candidate thresholds, rounded so that 0.20 + k·0.01 is exactly the decimal on every machine."""
+        return np.round(np.arange(self.grid_start, self.grid_stop + self.grid_step / 2, self.grid_step), 6)
+
 
 @dataclass(frozen=True)
 class EvalConfig:
     bootstrap: int = 2000
-    alpha: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -77,11 +84,16 @@ class SiteConfig:
 
 @dataclass(frozen=True)
 class FederationConfig:
+    """FedAvg rounds. The server drives the training recipe's learning-rate plateau and early stopping per round
+    (``train.plateau_*``, ``train.early_stop_patience`` and ``train.min_epochs`` count rounds here)."""
+
     strategy: Literal["fedavg"] = "fedavg"
     rounds: int = 5
     local_epochs: int = 1
     quorum: int = 2
     round_timeout: float = 3600.0
+    # A site's AdamW moments survive between rounds (in its node state) or restart from zero every round.
+    keep_optimizer_state: bool = True
     sites: tuple[SiteConfig, ...] = ()
 
 
@@ -127,8 +139,17 @@ def _check(cfg: Config) -> None:
         raise ConfigError("train.epochs and train.batch_size must be >= 1")
     if not 0.0 < cfg.threshold.min_sensitivity <= 1.0:
         raise ConfigError(f"threshold.min_sensitivity={cfg.threshold.min_sensitivity} must be in (0, 1]")
-    if not 0.0 <= cfg.threshold.grid_start < cfg.threshold.grid_stop <= 1.0:
+    th = cfg.threshold
+    if not 0.0 <= th.grid_start < th.grid_stop <= 1.0:
         raise ConfigError("threshold grid must satisfy 0 <= grid_start < grid_stop <= 1")
+    edges = th.grid() * th.histogram_bins
+    if th.histogram_bins < 2 or not np.allclose(edges, np.round(edges), atol=1e-6):
+        raise ConfigError(
+            f"threshold.histogram_bins={th.histogram_bins}: every grid threshold must fall on a bin edge "
+            "(pooled counts at τ* and the pooled bootstrap read the histogram), e.g. 100 or 1000 bins for step 0.01"
+        )
+    if cfg.train.min_epochs < 0:
+        raise ConfigError(f"train.min_epochs={cfg.train.min_epochs} must be >= 0")
     fed = cfg.federation
     names = [site.name for site in fed.sites]
     if len(set(names)) != len(names):

@@ -1,7 +1,8 @@
 """Centralized vs federated, side by side, read back from MLflow (``strnet compare``).
 
-Both modes log the same metric names (pooled ``test_*``, ``tau_star``, per-site ``site.<name>.*``,
-``wall_seconds``), so the comparison is a join on names, not a translation table.
+Both modes log the same metric names (:mod:`strnet.scoring`: pooled ``test_*``/``val_*``, ``tau_star``,
+per-site ``site.<name>.test_*``, ``wall_seconds``), so the comparison is a join on names, not a translation
+table. Where the two runs' recipes differ (their ``recipe.*`` tags), the differences are listed too.
 """
 
 from __future__ import annotations
@@ -11,16 +12,28 @@ from pathlib import Path
 import pandas as pd
 
 from server.tracking import search_runs
+from strnet.plots import comparison_plot
 
 HEADLINE = (
     "test_screening_auroc",
+    "test_screening_auroc_ci_lo",
+    "test_screening_auroc_ci_hi",
     "test_screening_auprc",
-    "tau_star",
     "test_screening_sensitivity",
     "test_screening_specificity",
+    "test_t_score_mae",
+    "val_screening_auprc",
+    "tau_star",
+    "best_step",
     "wall_seconds",
 )
-SITE_KEYS = ("screening_auroc", "screening_auprc", "screening_sensitivity", "screening_specificity", "t_score_mae")
+SITE_KEYS = (
+    "test_screening_auroc",
+    "test_screening_auprc",
+    "test_screening_sensitivity",
+    "test_screening_specificity",
+    "test_t_score_mae",
+)
 
 
 def latest_runs(uri: str | None, experiment: str, run_ids: list[str] | None = None) -> pd.DataFrame:
@@ -45,7 +58,7 @@ def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Rows: metrics (headline, then per-site); columns: one per run, labelled by mode."""
     columns = {}
     for _, run in runs.iterrows():
-        label = f"{run.get('tags.mode', 'run')} ({str(run['run_id'])[:8]})"
+        label = _label(run)
         values = {}
         for key in HEADLINE:
             values[key] = run.get(f"metrics.{key}")
@@ -59,40 +72,31 @@ def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
     return table.dropna(how="all")
 
 
-def comparison_figure(table: pd.DataFrame, out: Path) -> Path:
-    """Grouped bars of AUROC/AUPRC (pooled and per site) and τ*, one colour per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in table.index if r.endswith(("screening_auroc", "screening_auprc")) or r == "tau_star"]
-    data = table.loc[rows].astype(float)
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows) + 2), 4))
-    width = 0.8 / max(1, data.shape[1])
-    for i, col in enumerate(data.columns):
-        xs = [j + i * width for j in range(len(rows))]
-        ax.bar(xs, data[col].fillna(0).to_numpy(), width=width, label=col)
-    ax.set_xticks([j + width * (data.shape[1] - 1) / 2 for j in range(len(rows))])
-    ax.set_xticklabels(
-        [r.replace("test_screening_", "pooled ").replace("site.", "") for r in rows], rotation=30, ha="right"
+def recipe_differences(runs: pd.DataFrame) -> pd.DataFrame:
+    """The ``recipe.*`` tags whose values differ between the compared runs (empty when the recipes agree)."""
+    cols = sorted(c for c in runs.columns if c.startswith("tags.recipe."))
+    table = pd.DataFrame(
+        {_label(run): {c[len("tags.") :]: run.get(c) for c in cols} for _, run in runs.iterrows()}, dtype=object
     )
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("value")
-    ax.set_title("Centralized vs federated STR-Net (frozen τ*)")
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=max(1, data.shape[1]))
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    if table.empty:
+        return table
+    return table[table.astype(str).nunique(axis=1) > 1]
+
+
+def _label(run: pd.Series) -> str:
+    return f"{run.get('tags.mode', 'run')} ({str(run['run_id'])[:8]})"
 
 
 def compare(
     uri: str | None, experiment: str, out_dir: Path, run_ids: list[str] | None = None
-) -> tuple[pd.DataFrame, Path]:
-    table = comparison_table(latest_runs(uri, experiment, run_ids))
+) -> tuple[pd.DataFrame, pd.DataFrame, Path]:
+    """The metrics table, the recipe differences and the figure, also written to ``out_dir``."""
+    runs = latest_runs(uri, experiment, run_ids)
+    table, recipes = comparison_table(runs), recipe_differences(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     table.to_csv(out_dir / "comparison.csv")
-    (out_dir / "comparison.txt").write_text(table.to_string(float_format=lambda v: f"{v:.3f}"))
-    return table, comparison_figure(table, out_dir / "comparison.png")
+    text = table.to_string(float_format=lambda v: f"{v:.3f}")
+    if not recipes.empty:
+        text += "\n\nrecipe differences:\n" + recipes.to_string()
+    (out_dir / "comparison.txt").write_text(text + "\n")
+    return table, recipes, comparison_plot(table, out_dir / "comparison.png")

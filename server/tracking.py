@@ -29,13 +29,13 @@ def resolve_uri(uri: str | None) -> str:
 
 
 def _clean_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """MLflow rejects NaN/inf and non-numbers; undefined metrics are simply not logged."""
+    """Numbers only. An undefined metric is logged as NaN (MLflow stores it as such), so every run of either mode
+    carries the same metric names; infinities, which no metric here produces legitimately, are dropped."""
     out: dict[str, float] = {}
     for k, v in metrics.items():
-        if isinstance(v, bool) or not isinstance(v, int | float):
+        if isinstance(v, bool) or not isinstance(v, int | float) or math.isinf(float(v)):
             continue
-        if math.isfinite(float(v)):
-            out[_safe_key(k)] = float(v)
+        out[_safe_key(k)] = float(v)
     return out
 
 
@@ -71,10 +71,10 @@ class Tracker:
             mlflow.log_params(dict(items[i : i + 100]))
         return self.run_id
 
-    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None, prefix: str = "") -> None:
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         if not self.enabled or self.run_id is None:
             return
-        mlflow.log_metrics(_clean_metrics({f"{prefix}{k}": v for k, v in metrics.items()}), step=step)
+        mlflow.log_metrics(_clean_metrics(metrics), step=step)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if self.enabled and self.run_id is not None:

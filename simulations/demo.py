@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -43,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     from server.compare import compare
     from server.tracking import Tracker
     from strnet.bundle import load_bundle
+    from strnet.centralized import run_centralized
     from strnet.predict import predict_files
-    from strnet.training import train_centralized
 
     t0 = time.perf_counter()
     out = Path(args.out)
@@ -69,12 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     cen = scenario_config(args, scenario.site_manifests, out, "centralized")
     print("[3/5] centralized training on the same sites and roles", flush=True)
     tracker = Tracker(uri=cen.tracking.uri, experiment=cen.tracking.experiment)
-    train_centralized(cen, tracker=tracker, extra_tags={"data": "synthetic"})
+    run_centralized(cen, tracker=tracker, tags={"data": "synthetic"}, progress=False)
 
     print("[4/5] comparison (from MLflow)", flush=True)
-    table, figure = compare(cen.tracking.uri, cen.tracking.experiment, out / "compare")
-    print(table.to_string(float_format=lambda v: f"{v:.3f}"))
-    print(f"      figure: {figure}")
+    _, _, figure = compare(cen.tracking.uri, cen.tracking.experiment, out / "compare")
+    print(f"      {out / 'compare' / 'comparison.txt'}, {figure}")
 
     print("[5/5] predict with Grad-CAM on the hospital's DICOM files (federated bundle)", flush=True)
     bundle = load_bundle(Path(fed.output_dir) / "bundle")
@@ -84,9 +84,31 @@ def main(argv: list[str] | None = None) -> int:
     pred_path = out / "predictions" / "hospital.csv"
     pred.to_csv(pred_path, index=False)
     print(f"      {len(pred)} knees -> {pred_path}")
-    print(f"reports: {out / 'centralized' / 'test_report' / 'report.html'}, {out / 'federated'}")
-    print(f"done in {time.perf_counter() - t0:.0f} s; MLflow store: {cen.tracking.uri}")
+    print(f"\ndone in {time.perf_counter() - t0:.0f} s\n")
+    print(summary_table({"centralized": out / "centralized", "federated": out / "federated"}))
+    print(f"\nreports: {out / 'centralized' / 'test_report' / 'report.html'}; figures: {out}/*/figures")
+    print(f"MLflow: .venv/bin/mlflow ui --backend-store-uri {cen.tracking.uri}")
     return 0
+
+
+def summary_table(runs: dict[str, Path]) -> str:
+    """The demo's last word: pooled test results of each mode at its frozen τ*, and each site's AUROC."""
+    rows, sites = [], {}
+    for mode, folder in runs.items():
+        summary = json.loads((folder / "summary.json").read_text())
+        m = {k: (math.nan if v is None else v) for k, v in summary["metrics"].items()}
+        lo, hi = m["test_screening_auroc_ci_lo"], m["test_screening_auroc_ci_hi"]
+        rows.append(
+            f"{mode:12s} {m['test_screening_auroc']:.3f} ({lo:.3f}-{hi:.3f})  {m['test_screening_sensitivity']:.3f}"
+            f"  {m['test_screening_specificity']:.3f}  {m['tau_star']:.2f}  {m['wall_seconds']:5.0f} s"
+        )
+        for site, values in summary["sites"].items():
+            auroc = values["test_screening_auroc"]
+            sites.setdefault(site, []).append(f"{mode} {math.nan if auroc is None else auroc:.3f}")
+    head = "pooled test   AUROC (95% CI)        sens   spec   tau*  wall"
+    lines = [head, *rows, "per-site AUROC (external sites: their whole cohort):"]
+    lines += [f"  {site:10s} " + ", ".join(values) for site, values in sorted(sites.items())]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

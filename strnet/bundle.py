@@ -56,11 +56,16 @@ def library_versions() -> dict[str, str]:
 class Bundle:
     model: STRNet
     metadata: dict[str, Any]
-    path: Path
+    path: Path | None = None  # None: a frozen model in memory, not yet written
 
     @property
     def threshold(self) -> float:
         return float(self.metadata["threshold"]["value"])
+
+    @property
+    def histogram_bins(self) -> int:
+        """The score histogram of the run that made the bundle (evaluations report the same binned statistics)."""
+        return int(self.metadata.get("training", {}).get("config", {}).get("threshold", {}).get("histogram_bins", 1000))
 
     @property
     def preprocess(self) -> PreprocessParams:

@@ -105,7 +105,7 @@ def _tracker(cfg, uri: str | None, enabled: bool = True):  # type: ignore[no-unt
 
 def cmd_train(args: argparse.Namespace) -> int:
     from configs import load_config
-    from strnet.training import train_centralized
+    from strnet.centralized import run_centralized
 
     overrides = list(args.set or [])
     if args.manifest:
@@ -113,14 +113,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.output_dir:
         overrides.append(f"output_dir={json.dumps(args.output_dir)}")
     cfg = load_config(args.config, overrides)
-    result = train_centralized(cfg, tracker=_tracker(cfg, args.tracking_uri, not args.no_tracking), resume=args.resume)
-    print(f"bundle: {result.bundle_dir}")
-    print(f"tau* = {result.threshold['value']:.2f} ({result.threshold['rule']})")
-    scr = result.test_metrics.get("screening", {})
-    if scr:
-        print("test: " + ", ".join(f"{k}={scr[k]:.3f}" for k in ("auroc", "auprc", "sensitivity", "specificity")))
-    if result.run_id:
-        print(f"mlflow run: {result.run_id}")
+    result = run_centralized(cfg, tracker=_tracker(cfg, args.tracking_uri, not args.no_tracking), resume=args.resume)
+    print(result.describe())
     return 0
 
 
@@ -138,14 +132,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise StrnetError(f"{args.manifest}: no rows with split={args.split!r} (use --split all)")
     out = Path(args.out or Path(args.model).parent / f"eval_{Path(args.manifest).stem}_{args.split}")
     cache = PreprocessCache(Path(args.cache_dir)) if args.cache_dir else None
-    result = evaluate_bundle(bundle, df, out, cache=cache, n_boot=args.bootstrap)
-    scr = result.metrics.get("screening")
-    if scr is None:
+    result = evaluate_bundle(
+        bundle, df, out, cache=cache, n_boot=args.bootstrap, seed=args.seed, n_bins=bundle.histogram_bins
+    )
+    m = result.metrics
+    if result.n_labelled == 0:
         print("no labels in the manifest: predictions only")
     else:
-        ci = result.metrics["screening_ci"]
         for k in ("auroc", "auprc", "sensitivity", "specificity"):
-            print(f"{k:12s} {scr[k]:.3f}  (95% CI {ci[k][0]:.3f}-{ci[k][1]:.3f})")
+            lo, hi = m[f"screening_{k}_ci_lo"], m[f"screening_{k}_ci_hi"]
+            print(f"{k:12s} {m[f'screening_{k}']:.3f}  (95% CI {lo:.3f}-{hi:.3f})")
     print(f"report: {result.report}")
     return 0
 
@@ -168,8 +164,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from server.compare import compare
 
-    table, figure = compare(args.tracking_uri, args.experiment, Path(args.out), run_ids=args.run_id)
-    print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+    _, _, figure = compare(args.tracking_uri, args.experiment, Path(args.out), run_ids=args.run_id)
+    print((Path(args.out) / "comparison.txt").read_text(), end="")
     print(f"figure: {figure}")
     return 0
 
@@ -258,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default=None, help="report folder (default: eval_<manifest>_<split> next to the bundle)")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for 95%% CIs (default 2000)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the bootstrap resampling (default 42)")
     p.add_argument("--cache-dir", default=None, help="folder to cache preprocessed images in (default: no cache)")
     p.set_defaults(func=cmd_evaluate)
 

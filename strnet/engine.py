@@ -11,8 +11,8 @@ import contextlib
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,12 +23,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from strnet import metrics as M
 from strnet.data.augment import AugmentParams
 from strnet.data.cache import PreprocessCache
 from strnet.data.dataset import KneeDataset, screening_pos_weight
 from strnet.data.preprocess import PreprocessParams
 from strnet.losses import LossWeights, MultiTaskLoss
+from strnet.sufficient import histogram_ranking, score_histogram, screening_cases
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -48,22 +48,12 @@ class TrainParams:
     plateau_patience: int = 20
     grad_clip: float = 1.0
     early_stop_patience: int = 30
+    min_epochs: int = 0  # early stopping may not stop before this many epochs (federated: rounds)
     monitor: Literal["auprc", "auroc"] = "auprc"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: bool = True
     max_steps_per_epoch: int | None = None
     eval_batch_size: int = 64
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    """What the engine needs beyond the recipe: seed, loader workers and the τ* rule."""
-
-    train: TrainParams = field(default_factory=TrainParams)
-    num_workers: int = 0
-    seed: int = 42
-    min_sensitivity: float = 0.86
-    threshold_grid: tuple[float, ...] = field(default_factory=lambda: tuple(M.THRESHOLD_GRID.tolist()))
 
 
 def seed_everything(seed: int) -> None:
@@ -72,14 +62,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A 32-bit seed per (run seed, global epoch); SeedSequence keeps neighbouring epochs uncorrelated."""
+    return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)[0])
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -162,11 +147,21 @@ def train_one_epoch(
     channels_last: bool = False,
     grad_clip: float | None = 1.0,
     max_steps: int | None = None,
+    seed: int,
     progress: bool = True,
     desc: str = "train",
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns mean loss components, examples seen and throughput."""
+    """One pass over ``loader``; returns mean loss components, examples seen and throughput.
+
+    Every random draw of the epoch (shuffle order, augmentation, dropout) is seeded from (``seed``, ``epoch``)
+    alone, so a federated site running global epoch *e* draws exactly what a centralized run draws in its
+    epoch *e*, and a resumed run continues exactly.
+    """
     model.train()
+    es = epoch_seed(seed, epoch)
+    seed_everything(es)
+    if loader.generator is not None:
+        loader.generator.manual_seed(es)
     if hasattr(loader.dataset, "set_epoch"):
         loader.dataset.set_epoch(epoch)
     sums: dict[str, float] = {}
@@ -230,37 +225,84 @@ def predict_loader(
     }
 
 
-def task_metrics(preds: dict[str, np.ndarray], threshold: float) -> dict[str, float]:
-    """Screening metrics at ``threshold``, severity AUROC on bone-loss cases, T-score agreement — flat dict."""
-    out: dict[str, float] = {}
-    ys = preds["y_screen"]
-    known = ~np.isnan(ys)
-    if known.any():
-        cm = M.classification_metrics(ys[known].astype(int), preds["prob_screen"][known], threshold)
-        out.update({f"screen_{k}": float(v) for k, v in cm.items()})
-    out["n_screen"] = float(known.sum())
-    sev = ~np.isnan(preds["y_severity"])
-    out["n_severity"] = float(sev.sum())
-    if sev.any():
-        cm = M.classification_metrics(preds["y_severity"][sev].astype(int), preds["prob_severity"][sev], 0.5)
-        out.update({f"severity_{k}": float(cm[k]) for k in ("auroc", "auprc", "balanced_accuracy")})
-    tmask = ~np.isnan(preds["t_true"])
-    out["n_tscore"] = float(tmask.sum())
-    if tmask.sum() >= 2:
-        rm = M.regression_metrics(preds["t_true"][tmask], preds["t_pred"][tmask])
-        out.update({f"tscore_{k}": float(rm[k]) for k in ("mae", "rmse", "pearson_r", "bland_altman_bias") if k in rm})
+def split_frames(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The manifest's train / val / test rows, each re-indexed from 0."""
+    return {name: df[df["split"] == name].reset_index(drop=True) for name in ("train", "val", "test")}
+
+
+def train_summary(stats: dict[str, float]) -> dict[str, float]:
+    """An epoch's (or a site's round's) training numbers under the names both modes log."""
+    out = {f"train_{k}": float(v) for k, v in stats.items() if k.startswith("loss_")}
+    out["train_images_per_s"] = float(stats.get("images_per_s", 0.0))
     return out
 
 
-def choose_threshold(preds: dict[str, np.ndarray], settings: EngineSettings) -> dict[str, Any]:
-    ys = preds["y_screen"]
-    known = ~np.isnan(ys)
-    return M.threshold_selection(
-        ys[known].astype(int),
-        preds["prob_screen"][known],
-        min_sensitivity=settings.min_sensitivity,
-        grid=np.asarray(settings.threshold_grid),
-    )
+def history_row(lr: float, train: dict[str, float], ranking: dict[str, float]) -> dict[str, float]:
+    """One epoch (centralized) or round (federated) of the learning curve, with the same names in both modes."""
+    return {"lr": float(lr), **train, **{f"val_screening_{k}": float(v) for k, v in ranking.items()}}
+
+
+class RecipeSchedule:
+    """The recipe's decisions from the monitored validation score, shared by ``strnet train`` and the server.
+
+    ReduceLROnPlateau (torch's own, on a stand-in parameter, so the server can run it without a model) gives
+    the learning rate; the best step and early stopping (``early_stop_patience`` steps without improvement,
+    never before ``min_epochs``) follow the same score. A step is an epoch centralized and a round federated.
+    """
+
+    def __init__(self, params: TrainParams) -> None:
+        self.patience = params.early_stop_patience
+        self.min_steps = params.min_epochs
+        self._optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=params.lr)
+        self._plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self._optimizer, mode="max", factor=params.plateau_factor, patience=params.plateau_patience
+        )
+        self.steps = 0
+        self.best_score = -math.inf
+        self.best_step = -1
+        self.bad_steps = 0
+
+    @property
+    def lr(self) -> float:
+        return float(self._optimizer.param_groups[0]["lr"])
+
+    def step(self, score: float) -> bool:
+        """Record one step's score (NaN counts as no improvement); True when it is the best so far."""
+        finite = score if math.isfinite(score) else -math.inf
+        self._plateau.step(finite if math.isfinite(finite) else 0.0)
+        self.steps += 1
+        improved = finite > self.best_score
+        if improved:
+            self.best_score, self.best_step, self.bad_steps = finite, self.steps, 0
+        else:
+            self.bad_steps += 1
+        return improved
+
+    @property
+    def should_stop(self) -> bool:
+        return self.steps >= self.min_steps and self.bad_steps >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "plateau": self._plateau.state_dict(),
+            "lr": self.lr,
+            "counters": [self.steps, self.best_score, self.best_step, self.bad_steps],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._plateau.load_state_dict(state["plateau"])
+        set_learning_rate(self._optimizer, state["lr"])
+        self.steps, self.best_score, self.best_step, self.bad_steps = state["counters"]
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = float(lr)
+
+
+def validation_ranking(preds: dict[str, np.ndarray], n_bins: int) -> dict[str, float]:
+    """The monitored score, from the score histogram in both modes (a federation knows nothing finer)."""
+    return histogram_ranking(score_histogram(*screening_cases(preds), n_bins))
 
 
 @dataclass
@@ -274,14 +316,9 @@ class FitResult:
     seconds: float
 
 
-def _monitor_value(metrics: dict[str, float], monitor: str) -> float:
-    value = metrics.get(f"screen_{monitor}", float("nan"))
-    return -math.inf if value is None or math.isnan(value) else float(value)
-
-
-def build_optimizer(model: nn.Module, s: EngineSettings) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, params: TrainParams) -> torch.optim.Optimizer:
     return torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=s.train.lr, weight_decay=s.train.weight_decay
+        [p for p in model.parameters() if p.requires_grad], lr=params.lr, weight_decay=params.weight_decay
     )
 
 
@@ -290,11 +327,14 @@ def fit(
     train_df: pd.DataFrame,
     val_df: pd.DataFrame,
     *,
-    settings: EngineSettings,
+    params: TrainParams,
+    seed: int,
     preprocess: PreprocessParams,
     augment: AugmentParams | None,
     loss_weights: LossWeights,
     cache: PreprocessCache | None,
+    n_bins: int,
+    num_workers: int = 0,
     device: torch.device | None = None,
     checkpoint_path: Path | None = None,
     resume: bool = False,
@@ -302,67 +342,54 @@ def fit(
     on_epoch_end: EpochCallback | None = None,
     progress: bool = True,
 ) -> FitResult:
-    """The paper's recipe: AdamW, ReduceLROnPlateau and early stopping on val AUPRC, clipping, warm-up.
+    """The paper's recipe: AdamW, plateau and early stopping on validation AUPRC (:class:`RecipeSchedule`),
+    clipping, warm-up.
 
-    Writes a resumable checkpoint (model, optimizer, scheduler, epoch, config, RNG states, early-stopping
-    state) after every epoch when ``checkpoint_path`` is given.
+    Writes a resumable checkpoint (model, optimizer, schedule, epoch, config, best state, history) after every
+    epoch when ``checkpoint_path`` is given; epochs are seeded by (seed, epoch), so no RNG state is needed.
     """
-    s = settings
-    t = s.train
+    t = params
     device = device or resolve_device()
-    seed_everything(s.seed)
+    seed_everything(seed)
     model.to(device)
     if t.channels_last:
         model.to(memory_format=torch.channels_last)
     amp_dtype = autocast_dtype(t.precision, device)
     loss_fn = MultiTaskLoss(pos_weight=screening_pos_weight(train_df), weights=loss_weights).to(device)
-    optimizer = build_optimizer(model, s)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="max", factor=t.plateau_factor, patience=t.plateau_patience
-    )
+    optimizer = build_optimizer(model, t)
+    schedule = RecipeSchedule(t)
+    loader_args = {"num_workers": num_workers, "seed": seed}
     train_loader = make_loader(
-        train_df,
-        preprocess,
-        cache,
-        batch_size=t.batch_size,
-        augment=augment,
-        shuffle=True,
-        seed=s.seed,
-        num_workers=s.num_workers,
+        train_df, preprocess, cache, batch_size=t.batch_size, augment=augment, shuffle=True, **loader_args
     )
     val_loader = make_loader(
-        val_df,
-        preprocess,
-        cache,
-        batch_size=t.eval_batch_size,
-        augment=None,
-        shuffle=False,
-        seed=s.seed,
-        num_workers=s.num_workers,
+        val_df, preprocess, cache, batch_size=t.eval_batch_size, augment=None, shuffle=False, **loader_args
     )
-    start_epoch, best_score, best_epoch, bad_epochs = 0, -math.inf, -1, 0
+    start_epoch = 0
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     history: list[dict[str, float]] = []
     if resume and checkpoint_path is not None and checkpoint_path.exists():
         ckpt = torch.load(checkpoint_path, map_location=device, weights_only=False)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["lr_scheduler"])
+        schedule.load_state_dict(ckpt["schedule"])
         start_epoch = ckpt["epoch"] + 1
-        best_score, best_epoch, bad_epochs = ckpt["best_score"], ckpt["best_epoch"], ckpt["bad_epochs"]
         best_state, history = ckpt["best_state"], ckpt["history"]
-        train_loader.generator.set_state(ckpt["loader_rng"])
-        set_rng_state(ckpt["rng"])
+        for i, row in enumerate(history):  # the resumed run's record holds the whole curve
+            if on_epoch_end is not None:
+                on_epoch_end(i + 1, row)
     t0 = time.perf_counter()
-    stopped_early = False
     epoch = start_epoch - 1
     for epoch in range(start_epoch, t.epochs):
+        lr = schedule.lr
+        set_learning_rate(optimizer, lr)
         train_stats = train_one_epoch(
             model,
             train_loader,
             loss_fn,
             optimizer,
             epoch=epoch,
+            seed=seed,
             device=device,
             amp_dtype=amp_dtype,
             channels_last=t.channels_last,
@@ -371,24 +398,19 @@ def fit(
             progress=progress,
         )
         preds = predict_loader(model, val_loader, device=device, amp_dtype=amp_dtype, channels_last=t.channels_last)
-        val = task_metrics(preds, threshold=0.5)
-        score = _monitor_value(val, t.monitor)
-        scheduler.step(score if math.isfinite(score) else 0.0)
-        improved = score > best_score
+        ranking = validation_ranking(preds, n_bins)
+        improved = schedule.step(ranking[t.monitor])
         if improved:
-            best_score, best_epoch, bad_epochs = score, epoch, 0
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        else:
-            bad_epochs += 1
-        row = {"epoch": float(epoch), "lr": optimizer.param_groups[0]["lr"], **train_stats}
-        row.update({f"val_{k}": v for k, v in val.items()})
+        row = history_row(lr, train_summary(train_stats), ranking)
         history.append(row)
         if on_epoch_end is not None:
-            on_epoch_end(epoch, row)
+            on_epoch_end(epoch + 1, row)
         if progress:
             tqdm.write(
-                f"epoch {epoch}: loss {train_stats.get('loss_total', float('nan')):.4f} "
-                f"val {t.monitor} {score:.4f} ({train_stats['images_per_s']:.1f} img/s)" + (" *" if improved else "")
+                f"epoch {epoch + 1}/{t.epochs}: loss {row.get('train_loss_total', float('nan')):.4f} "
+                f"val {t.monitor} {ranking[t.monitor]:.4f} lr {lr:.2g} ({row['train_images_per_s']:.1f} img/s)"
+                + (" *" if improved else "")
             )
         if checkpoint_path is not None:
             checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
@@ -397,34 +419,23 @@ def fit(
                 {
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
-                    "lr_scheduler": scheduler.state_dict(),
+                    "schedule": schedule.state_dict(),
                     "epoch": epoch,
                     "config": config_dict or {},
-                    "rng": rng_state(),
-                    "loader_rng": train_loader.generator.get_state(),
-                    "best_score": best_score,
-                    "best_epoch": best_epoch,
-                    "bad_epochs": bad_epochs,
                     "best_state": best_state,
                     "history": history,
                 },
                 tmp,
             )
             tmp.replace(checkpoint_path)
-        if bad_epochs >= t.early_stop_patience:
-            stopped_early = True
+        if schedule.should_stop:
             break
     return FitResult(
         best_state=best_state,
-        best_epoch=best_epoch,
-        best_score=best_score,
+        best_epoch=schedule.best_step,
+        best_score=schedule.best_score,
         epochs_run=epoch + 1,
         history=history,
-        stopped_early=stopped_early,
+        stopped_early=epoch + 1 < t.epochs,
         seconds=time.perf_counter() - t0,
     )
-
-
-def iter_splits(df: pd.DataFrame) -> Iterator[tuple[str, pd.DataFrame]]:
-    for name in ("train", "val", "test"):
-        yield name, df[df["split"] == name].reset_index(drop=True)

@@ -20,3 +20,12 @@ class DataError(StrnetError, ValueError):
 
 class ConfigError(StrnetError, ValueError):
     """A configuration file or override that does not fit the schema."""
+
+
+class SiteError(StrnetError):
+    """A federation site's reply that cannot be used, with the site's name and the reason."""
+
+    def __init__(self, site: str, problem: str) -> None:
+        self.site = site
+        self.problem = problem
+        super().__init__(f"site {site!r}: {problem}")

@@ -16,17 +16,20 @@ import numpy as np
 import pandas as pd
 import torch
 
-from strnet import metrics as M
 from strnet import plots
 from strnet.bundle import Bundle
 from strnet.data.cache import PreprocessCache
 from strnet.engine import autocast_dtype, make_loader, predict_loader, resolve_device
 from strnet.report import write_report
+from strnet.scoring import TASKS, evaluation_metrics
+from strnet.sufficient import EvaluationCounts, Predictions
 
 
 @dataclass
 class EvaluationResult:
-    metrics: dict[str, Any]
+    metrics: dict[str, float]  # strnet.scoring names
+    counts: EvaluationCounts
+    n_labelled: int
     predictions: pd.DataFrame
     out_dir: Path
     figures: dict[str, Path]
@@ -57,28 +60,27 @@ def predict_frame(
     return out
 
 
-def compute_metrics(pred: pd.DataFrame, threshold: float, *, n_boot: int = 2000, seed: int = 42) -> dict[str, Any]:
-    """Screening metrics with stratified-bootstrap CIs, severity on bone-loss cases, T-score agreement."""
-    result: dict[str, Any] = {"threshold": threshold, "n": len(pred)}
-    labelled = pred[pred["label_cls"] != ""]
-    result["n_labelled"] = len(labelled)
-    if len(labelled):
-        y = (labelled["label_cls"] != "normal").to_numpy(int)
-        p = labelled["prob_bone_loss"].to_numpy(float)
-        result["screening"] = M.classification_metrics(y, p, threshold)
-        if n_boot > 0:
-            cis = M.bootstrap_ci(y, p, threshold, n_boot=n_boot, seed=seed)
-            result["screening_ci"] = {k: list(v) for k, v in cis.items()}
-        result["prevalence"] = float(y.mean())
-        bl = labelled[labelled["label_cls"] != "normal"]
-        if len(bl):
-            ys = (bl["label_cls"] == "osteoporosis").to_numpy(int)
-            result["severity"] = M.classification_metrics(ys, bl["prob_osteoporosis_given_bone_loss"].to_numpy(), 0.5)
-            result["severity"]["n"] = len(bl)
-    t = pred.dropna(subset=["t_score"])
-    if len(t) >= 2:
-        result["t_score"] = M.regression_metrics(t["t_score"].to_numpy(), t["t_score_estimate"].to_numpy())
-    return result
+def predictions_from_frame(pred: pd.DataFrame) -> Predictions:
+    """A :func:`predict_frame` table as the arrays :mod:`strnet.scoring` reads (NaN where a label is unknown)."""
+    label = pred["label_cls"].astype(str)
+    known = label != ""
+    y_screen = np.where(known, (label != "normal").astype(float), np.nan)
+    y_severity = np.where(label == "osteoporosis", 1.0, np.where(label == "osteopenia", 0.0, np.nan))
+    return {
+        "y_screen": y_screen,
+        "prob_screen": pred["prob_bone_loss"].to_numpy(float),
+        "y_severity": y_severity,
+        "prob_severity": pred["prob_osteoporosis_given_bone_loss"].to_numpy(float),
+        "t_true": pd.to_numeric(pred["t_score"], errors="coerce").to_numpy(float),
+        "t_pred": pred["t_score_estimate"].to_numpy(float),
+    }
+
+
+def frame_metrics(
+    pred: pd.DataFrame, threshold: float, *, n_bins: int, n_boot: int, seed: int
+) -> tuple[dict[str, float], EvaluationCounts]:
+    """:func:`strnet.scoring.task_metrics` of a prediction table, with the counts behind them."""
+    return evaluation_metrics(predictions_from_frame(pred), threshold, n_bins=n_bins, n_boot=n_boot, seed=seed)
 
 
 def make_figures(pred: pd.DataFrame, threshold: float, out_dir: Path) -> dict[str, Path]:
@@ -108,8 +110,9 @@ def evaluate_bundle(
     *,
     cache: PreprocessCache | None,
     title: str = "STR-Net frozen evaluation",
-    n_boot: int = 2000,
-    seed: int = 42,
+    n_boot: int,
+    seed: int,
+    n_bins: int,
     precision: str = "auto",
 ) -> EvaluationResult:
     """Predict, score at the bundle's τ*, draw figures and write predictions.csv, metrics.json and the report."""
@@ -118,34 +121,63 @@ def evaluate_bundle(
     pred = predict_frame(bundle, df, cache=cache, precision=precision)
     pred.to_csv(out / "predictions.csv", index=False)
     threshold = bundle.threshold
-    metrics = compute_metrics(pred, threshold, n_boot=n_boot, seed=seed)
+    metrics, counts = frame_metrics(pred, threshold, n_bins=n_bins, n_boot=n_boot, seed=seed)
+    n_labelled = int((pred["label_cls"] != "").sum())
     figures = make_figures(pred, threshold, out / "figures")
     notes = []
-    if metrics["n_labelled"] == 0:
+    if n_labelled == 0:
         notes.append("The manifest carries no labels: predictions only, no metrics.")
     if (pred["source"].str.contains("mendeley", case=False)).any():
         notes.append("Mendeley T-scores are calcaneal QUS, not DXA: T-score agreement there is indicative only.")
     summary = {
         "cases": len(pred),
-        "labelled": metrics["n_labelled"],
+        "labelled": n_labelled,
         "sites": ", ".join(sorted(set(pred["site"]))),
         "sources": ", ".join(sorted(set(pred["source"]))),
         "labels": pred["label_cls"].replace("", "unlabelled").value_counts().to_dict(),
     }
+    sections = report_sections(metrics) if n_labelled else {}
     report = write_report(
         out,
         title=title,
-        metrics=metrics.get("screening", {}),
-        cis={k: tuple(v) for k, v in metrics.get("screening_ci", {}).items()},
+        metrics=sections.get("screening", {}),
+        cis=sections.get("cis", {}),
         threshold_info=bundle.metadata.get("threshold", {"value": threshold}),
         figures=figures,
-        severity=metrics.get("severity"),
-        regression=metrics.get("t_score"),
+        severity=sections.get("severity") if metrics["severity_n"] else None,
+        regression=sections.get("t_score") if metrics["t_score_n"] >= 2 else None,
         dataset_summary=summary,
         notes=notes,
     )
-    (out / "metrics.json").write_text(json.dumps(strict_json(metrics), indent=2, allow_nan=False))
-    return EvaluationResult(metrics=metrics, predictions=pred, out_dir=out, figures=figures, report=report)
+    record = {"threshold": threshold, "n": len(pred), "n_labelled": n_labelled, **metrics}
+    (out / "metrics.json").write_text(json.dumps(strict_json(record), indent=2, allow_nan=False))
+    return EvaluationResult(
+        metrics=metrics,
+        counts=counts,
+        n_labelled=n_labelled,
+        predictions=pred,
+        out_dir=out,
+        figures=figures,
+        report=report,
+    )
+
+
+def report_sections(metrics: dict[str, float]) -> dict[str, Any]:
+    """Flat ``{task}_{metric}`` names -> the report's per-task tables, intervals beside their metric."""
+    out: dict[str, Any] = {"screening": {}, "severity": {}, "t_score": {}, "cis": {}}
+    for key, value in metrics.items():
+        task = next(t for t in TASKS if key.startswith(f"{t}_"))
+        name = key[len(task) + 1 :]
+        if name.endswith(("_ci_lo", "_ci_hi")):
+            if task == "screening":
+                base = name[: -len("_ci_lo")]
+                lo, hi = out["cis"].get(base, (math.nan, math.nan))
+                out["cis"][base] = (value, hi) if name.endswith("_lo") else (lo, value)
+            elif task == "t_score":
+                out["t_score"].setdefault("pearson_ci", [math.nan, math.nan])[name.endswith("_hi")] = value
+            continue
+        out[task][name] = value
+    return out
 
 
 def strict_json(obj: Any) -> Any:
@@ -167,16 +199,3 @@ def strict_json(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
-
-
-def flat_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """``{'screening': {'auroc': .9}}`` -> ``{'screening_auroc': .9}`` for tracking (CIs as _lo/_hi)."""
-    out: dict[str, float] = {}
-    for section in ("screening", "severity", "t_score"):
-        for k, v in (metrics.get(section) or {}).items():
-            if isinstance(v, int | float) and not isinstance(v, bool):
-                out[f"{prefix}{section}_{k}"] = float(v)
-    for k, (lo, hi) in (metrics.get("screening_ci") or {}).items():
-        out[f"{prefix}screening_{k}_ci_lo"] = float(lo)
-        out[f"{prefix}screening_{k}_ci_hi"] = float(hi)
-    return out

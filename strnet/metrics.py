@@ -25,10 +25,10 @@ from sklearn.metrics import (
     brier_score_loss,
     confusion_matrix,
     matthews_corrcoef,
+    precision_recall_curve,
     roc_auc_score,
+    roc_curve,
 )
-
-THRESHOLD_GRID: np.ndarray = np.round(np.arange(0.20, 0.80 + 1e-9, 0.01), 2)
 
 RULE_CONSTRAINED = "sensitivity-constrained"
 RULE_FALLBACK = "fallback-balanced-accuracy"
@@ -80,8 +80,8 @@ def _binary_inputs(y_true: Any, y_prob: Any) -> tuple[np.ndarray, np.ndarray]:
     return yf.astype(np.int64), p
 
 
-def _grid(grid: Sequence[float] | np.ndarray | None) -> np.ndarray:
-    g = THRESHOLD_GRID if grid is None else np.asarray(grid, dtype=np.float64)
+def _grid(grid: Sequence[float] | np.ndarray) -> np.ndarray:
+    g = np.asarray(grid, dtype=np.float64)
     if g.ndim != 1 or len(g) == 0:
         raise ValueError(f"threshold grid must be a non-empty 1-D sequence, got shape {g.shape}")
     if not np.isfinite(g).all():
@@ -102,9 +102,7 @@ def _div(num: np.ndarray | float, den: np.ndarray | float) -> np.ndarray:
 # confusion counts and the sensitivity-constrained threshold
 
 
-def confusion_at_thresholds(
-    y_true: Any, y_prob: Any, grid: Sequence[float] | np.ndarray | None = None
-) -> dict[str, np.ndarray]:
+def confusion_at_thresholds(y_true: Any, y_prob: Any, grid: Sequence[float] | np.ndarray) -> dict[str, np.ndarray]:
     """Exact tp/fp/tn/fn (int64 arrays, one entry per grid threshold) with the rule positive ⇔ prob >= threshold.
 
     These are what a site sends to the server: additive, and enough to reproduce τ* exactly.
@@ -129,8 +127,8 @@ def threshold_selection_from_counts(
     fp: Any,
     tn: Any,
     fn: Any,
-    grid: Sequence[float] | np.ndarray | None = None,
-    min_sensitivity: float = 0.86,
+    grid: Sequence[float] | np.ndarray,
+    min_sensitivity: float,
 ) -> dict[str, Any]:
     """τ* and why it was chosen, from (possibly site-summed) confusion counts.
 
@@ -173,8 +171,7 @@ def threshold_selection_from_counts(
     spec = tn_[best] / n_neg
     value = round(float(g[best]), 2)
     return {
-        "threshold": value,
-        "value": value,  # the key bundles and the CLI read
+        "value": value,
         "rule": rule,
         "min_sensitivity": float(min_sensitivity),
         "sensitivity": sens,
@@ -190,18 +187,18 @@ def select_threshold_from_counts(
     fp: Any,
     tn: Any,
     fn: Any,
-    grid: Sequence[float] | np.ndarray | None = None,
-    min_sensitivity: float = 0.86,
+    grid: Sequence[float] | np.ndarray,
+    min_sensitivity: float,
 ) -> float:
     """τ* from confusion counts; what the server calls on counts summed over sites."""
-    return threshold_selection_from_counts(tp, fp, tn, fn, grid, min_sensitivity)["threshold"]
+    return threshold_selection_from_counts(tp, fp, tn, fn, grid, min_sensitivity)["value"]
 
 
 def threshold_selection(
     y_true: Any,
     y_prob: Any,
-    min_sensitivity: float = 0.86,
-    grid: Sequence[float] | np.ndarray | None = None,
+    min_sensitivity: float,
+    grid: Sequence[float] | np.ndarray,
 ) -> dict[str, Any]:
     """τ* with its rule, sensitivity/specificity at τ* and class counts (see threshold_selection_from_counts)."""
     g = _grid(grid)
@@ -212,11 +209,11 @@ def threshold_selection(
 def select_threshold(
     y_true: Any,
     y_prob: Any,
-    min_sensitivity: float = 0.86,
-    grid: Sequence[float] | np.ndarray | None = None,
+    min_sensitivity: float,
+    grid: Sequence[float] | np.ndarray,
 ) -> float:
     """Highest-specificity grid threshold with sensitivity >= min_sensitivity (else best balanced accuracy)."""
-    return threshold_selection(y_true, y_prob, min_sensitivity, grid)["threshold"]
+    return threshold_selection(y_true, y_prob, min_sensitivity, grid)["value"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -242,6 +239,16 @@ def metrics_from_counts(tp: np.ndarray, fp: np.ndarray, tn: np.ndarray, fn: np.n
     }
 
 
+def ranking_metrics(y_true: Any, y_prob: Any) -> dict[str, float]:
+    """AUROC (nan without both classes) and AUPRC (average precision; nan without a positive), by scikit-learn."""
+    y, p = _binary_inputs(y_true, y_prob)
+    n_pos = int(y.sum())
+    return {
+        "auroc": float(roc_auc_score(y, p)) if 0 < n_pos < len(y) else _NAN,
+        "auprc": float(average_precision_score(y, p)) if n_pos else _NAN,
+    }
+
+
 def classification_metrics(y_true: Any, y_prob: Any, threshold: float) -> dict[str, float | int]:
     """Screening metrics at ``threshold`` (positive ⇔ prob >= threshold) plus the confusion counts.
 
@@ -253,8 +260,7 @@ def classification_metrics(y_true: Any, y_prob: Any, threshold: float) -> dict[s
     tn, fp, fn, tp = (int(v) for v in confusion_matrix(y, pred, labels=[0, 1]).ravel())
     n_pos, n_neg = tp + fn, tn + fp
     out: dict[str, float | int] = {k: float(v) for k, v in metrics_from_counts(tp, fp, tn, fn).items()}
-    out["auroc"] = float(roc_auc_score(y, p)) if n_pos and n_neg else _NAN
-    out["auprc"] = float(average_precision_score(y, p)) if n_pos else _NAN
+    out.update(ranking_metrics(y, p))
     if not np.isnan(out["mcc"]):
         out["mcc"] = float(matthews_corrcoef(y, pred))
     out["brier"] = float(brier_score_loss(y, p, labels=[0, 1]))
@@ -358,16 +364,7 @@ def bootstrap_ci(
         reps = _replicate_metrics(y, p, threshold, idx)
         for k in names:
             collected[k].append(reps[k])
-    out: dict[str, tuple[float, float]] = {}
-    for k in names:
-        vals = np.concatenate(collected[k])
-        vals = vals[~np.isnan(vals)]
-        if len(vals) == 0:
-            out[k] = (_NAN, _NAN)
-        else:
-            lo, hi = np.quantile(vals, [alpha / 2.0, 1.0 - alpha / 2.0])
-            out[k] = (float(lo), float(hi))
-    return out
+    return {k: _percentile_interval(np.concatenate(collected[k]), alpha) for k in names}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -431,14 +428,14 @@ def regression_metrics(y_true: Any, y_pred: Any, alpha: float = 0.05) -> dict[st
 # pooled (histogram) ranking metrics for the federation
 
 
-def histogram_edges(n_bins: int = 1000) -> np.ndarray:
+def histogram_edges(n_bins: int) -> np.ndarray:
     """Fixed bin edges on [0, 1]; every site must use the same ones for the histograms to be summable."""
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
     return np.linspace(0.0, 1.0, n_bins + 1)
 
 
-def score_histogram(y_true: Any, y_prob: Any, n_bins: int = 1000) -> np.ndarray:
+def score_histogram(y_true: Any, y_prob: Any, n_bins: int) -> np.ndarray:
     """(2, n_bins) int64 counts — row 0 negatives, row 1 positives — on fixed [0, 1] bins, [lo, hi) except the
     last bin which also holds prob == 1.0. Additive across sites and free of individual scores."""
     y, p = _binary_inputs(y_true, y_prob)
@@ -477,20 +474,134 @@ def metrics_from_histogram(hist: Any) -> dict[str, float | int]:
     return out
 
 
+def bootstrap_ci_from_histogram(
+    hist: Any, threshold: float, *, n_boot: int, seed: int, alpha: float = 0.05
+) -> dict[str, tuple[float, float]]:
+    """Percentile intervals for a pooled cohort known only by its per-class score histogram.
+
+    The stratified bootstrap of :func:`bootstrap_ci` redraws each class's cases with replacement; for cases known
+    only by their bin, that is a multinomial draw of the class's count over its own bins. A bin is flagged when its
+    lower edge is at or above ``threshold`` (grid thresholds fall on bin edges). Brier needs the scores and has no
+    interval here.
+    """
+    h = np.asarray(hist)
+    if h.ndim != 2 or h.shape[0] != 2 or (h < 0).any():
+        raise ValueError(f"histogram must be non-negative counts of shape (2, n_bins), got {h.shape}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    names = tuple(k for k in METRIC_NAMES if k != "brier")
+    n_neg, n_pos = int(h[0].sum()), int(h[1].sum())
+    if n_neg + n_pos == 0:
+        return {k: (_NAN, _NAN) for k in names}
+    flagged = histogram_edges(h.shape[1])[:-1] >= threshold - 1e-9
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _BOOT_CELLS // h.shape[1])
+    collected: dict[str, list[np.ndarray]] = {k: [] for k in names}
+    for start in range(0, n_boot, chunk):
+        size = min(chunk, n_boot - start)
+        neg, pos = (
+            rng.multinomial(n, row / n, size=size).astype(np.float64) if n else np.zeros((size, h.shape[1]))
+            for n, row in ((n_neg, h[0].astype(np.float64)), (n_pos, h[1].astype(np.float64)))
+        )
+        tp, fp = pos[:, flagged].sum(axis=1), neg[:, flagged].sum(axis=1)
+        reps = metrics_from_counts(tp, fp, n_neg - fp, n_pos - tp)
+        reps["auroc"], reps["auprc"] = _auc_ap_from_counts(neg, pos)
+        for k in names:
+            collected[k].append(reps[k])
+    return {k: _percentile_interval(np.concatenate(collected[k]), alpha) for k in names}
+
+
+def _percentile_interval(values: np.ndarray, alpha: float) -> tuple[float, float]:
+    values = values[~np.isnan(values)]
+    if len(values) == 0:
+        return (_NAN, _NAN)
+    lo, hi = np.quantile(values, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return (float(lo), float(hi))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# T-score agreement from additive sums (what a site can share instead of its cases)
+
+TSCORE_SUM_KEYS = ("n", "sum_x", "sum_y", "sum_xx", "sum_yy", "sum_xy", "sum_abs_err", "sum_sq_err")
+
+
+def tscore_sums(t_true: Any, t_pred: Any) -> np.ndarray:
+    """The sufficient statistics of :data:`TSCORE_SUM_KEYS` over the pairs where both values are known."""
+    x = np.asarray(t_true, dtype=np.float64)
+    y = np.asarray(t_pred, dtype=np.float64)
+    keep = ~(np.isnan(x) | np.isnan(y))
+    x, y = x[keep], y[keep]
+    d = y - x
+    return np.array(
+        [len(x), x.sum(), y.sum(), (x * x).sum(), (y * y).sum(), (x * y).sum(), np.abs(d).sum(), (d * d).sum()],
+        dtype=np.float64,
+    )
+
+
+def regression_from_sums(sums: Any, alpha: float = 0.05) -> dict[str, float]:
+    """MAE, RMSE, Pearson r with its Fisher-z interval and Bland–Altman bias and limits, from :func:`tscore_sums`.
+
+    Summed over sites these give exactly the agreement of the concatenated cohort (up to float rounding), so one
+    formula serves a single evaluation and a federation. Differences are estimate − reference; limits are
+    bias ± 1.96 SD (ddof=1).
+    """
+    n, sx, sy, sxx, syy, sxy, sabs, ssq = (float(v) for v in np.asarray(sums, dtype=np.float64))
+    out = dict.fromkeys(
+        ("mae", "rmse", "pearson_r", "pearson_r_ci_lo", "pearson_r_ci_hi", "bland_altman_bias"), _NAN
+    ) | {"n": n, "bland_altman_loa_low": _NAN, "bland_altman_loa_high": _NAN}
+    if n <= 0:
+        return out
+    out["mae"] = sabs / n
+    out["rmse"] = float(np.sqrt(ssq / n))
+    out["bland_altman_bias"] = bias = (sy - sx) / n
+    if n >= 2:
+        sd = float(np.sqrt(max(ssq - n * bias * bias, 0.0) / (n - 1)))
+        out["bland_altman_loa_low"], out["bland_altman_loa_high"] = bias - 1.96 * sd, bias + 1.96 * sd
+    vx, vy = n * sxx - sx * sx, n * syy - sy * sy
+    scale = max(abs(n * sxx), abs(n * syy), 1.0)
+    if n >= 2 and vx > 1e-12 * scale and vy > 1e-12 * scale:
+        r = float(np.clip((n * sxy - sx * sy) / np.sqrt(vx * vy), -1.0, 1.0))
+        out["pearson_r"] = r
+        if n >= 4:
+            z = np.arctanh(np.clip(r, -1 + 1e-15, 1 - 1e-15))
+            half = stats.norm.ppf(1.0 - alpha / 2.0) / np.sqrt(n - 3)
+            out["pearson_r_ci_lo"], out["pearson_r_ci_hi"] = float(np.tanh(z - half)), float(np.tanh(z + half))
+    return out
+
+
+def curves_from_histogram(hist: Any) -> dict[str, np.ndarray]:
+    """ROC and PR curve points of a cohort known by its histogram (bin centres as tied scores, weighted)."""
+    h = np.asarray(hist, dtype=np.float64)
+    edges = histogram_edges(h.shape[1])
+    centres = (edges[:-1] + edges[1:]) / 2.0
+    keep_neg, keep_pos = h[0] > 0, h[1] > 0
+    scores = np.concatenate([centres[keep_neg], centres[keep_pos]])
+    labels = np.concatenate([np.zeros(keep_neg.sum()), np.ones(keep_pos.sum())])
+    weights = np.concatenate([h[0][keep_neg], h[1][keep_pos]])
+    fpr, tpr, _ = roc_curve(labels, scores, sample_weight=weights)
+    precision, recall, _ = precision_recall_curve(labels, scores, sample_weight=weights)
+    return {"fpr": fpr, "tpr": tpr, "precision": precision, "recall": recall}
+
+
 __all__ = [
     "METRIC_NAMES",
     "RULE_CONSTRAINED",
     "RULE_FALLBACK",
-    "THRESHOLD_GRID",
+    "TSCORE_SUM_KEYS",
     "bootstrap_ci",
+    "bootstrap_ci_from_histogram",
     "classification_metrics",
     "confusion_at_thresholds",
+    "curves_from_histogram",
     "histogram_edges",
     "metrics_from_histogram",
+    "ranking_metrics",
+    "regression_from_sums",
     "regression_metrics",
     "score_histogram",
     "select_threshold",
     "select_threshold_from_counts",
     "threshold_selection",
     "threshold_selection_from_counts",
+    "tscore_sums",
 ]

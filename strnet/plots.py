@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -289,3 +290,101 @@ def bland_altman_plot(t_true: Sequence | np.ndarray, t_pred: Sequence | np.ndarr
         ax.grid(alpha=0.3)
 
     return _save(out, "Bland–Altman agreement", draw)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a finished run (either mode) and the comparison of runs
+
+
+def histogram_cases(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and bin-centre scores of a cohort known only by its (pooled) histogram, one entry per case.
+
+    Grid thresholds fall on bin edges, so flagging these centres at τ* gives exactly the cohort's counts.
+    """
+    h = np.asarray(hist, dtype=np.int64)
+    edges = np.linspace(0.0, 1.0, h.shape[1] + 1)
+    centres = (edges[:-1] + edges[1:]) / 2.0
+    y = np.concatenate([np.zeros(int(h[0].sum()), np.int64), np.ones(int(h[1].sum()), np.int64)])
+    return y, np.concatenate([np.repeat(centres, h[0]), np.repeat(centres, h[1])])
+
+
+def learning_curve_plot(history: Sequence[dict[str, float]], out: str | Path) -> Path:
+    """Validation AUROC/AUPRC (pooled, and per site when federated) and the learning rate per epoch or round."""
+
+    def draw(ax: Axes) -> None:
+        if not history:
+            raise NotComputable("no epochs or rounds")
+        steps = [r["step"] for r in history]
+        for key, label in (("val_screening_auroc", "AUROC"), ("val_screening_auprc", "AUPRC")):
+            ax.plot(steps, [r.get(key, np.nan) for r in history], marker="o", label=f"validation {label}")
+        sites = sorted({k.split(".")[1] for r in history for k in r if k.startswith("site.")})
+        for site in sites:
+            key = f"site.{site}.val_screening_auroc"
+            ax.plot(steps, [r.get(key, np.nan) for r in history], ls="--", label=f"{site} AUROC")
+        ax.set(xlabel="epoch / round", ylabel="validation score", ylim=(0, 1.02), title="Learning curve")
+        ax.legend(fontsize=7, loc="lower right")
+        lr = ax.twinx()
+        lr.plot(steps, [r.get("lr", np.nan) for r in history], color="grey", lw=1, drawstyle="steps-post")
+        lr.set_yscale("log")
+        lr.set_ylabel("learning rate", color="grey")
+
+    return _save(out, "Learning curve", draw)
+
+
+def site_metrics_plot(table: pd.DataFrame, threshold: float, out: str | Path) -> Path:
+    """AUROC, sensitivity and specificity at τ* per site and pooled (the evaluation table)."""
+
+    def draw(ax: Axes) -> None:
+        keys = ("screening_auroc", "screening_sensitivity", "screening_specificity")
+        x = np.arange(len(table))
+        for j, key in enumerate(keys):
+            values = table[key].astype(float).to_numpy()
+            ax.bar(x + (j - 1) * 0.27, np.nan_to_num(values), width=0.27, label=key.split("_", 1)[1])
+        ax.set_xticks(x, [str(s)[:18] for s in table["site"]], fontsize=7)
+        ax.set(ylim=(0, 1.05), title=f"Frozen evaluation per site at τ* = {threshold:.2f}")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3)
+
+    return _save(out, "Frozen evaluation per site", draw)
+
+
+def run_figures(
+    out: Path,
+    history: Sequence[dict[str, float]],
+    table: pd.DataFrame,
+    val_hist: np.ndarray | None,
+    test_hist: np.ndarray | None,
+    threshold: float,
+) -> dict[str, Path]:
+    """The figures every finished run writes, from statistics both modes have (never from raw scores)."""
+    figs = {
+        "learning_curve": learning_curve_plot(history, out / "learning_curve.png"),
+        "sites": site_metrics_plot(table, threshold, out / "sites.png"),
+    }
+    for split, hist in (("val", val_hist), ("test", test_hist)):
+        if hist is not None and np.asarray(hist).sum():
+            y, p = histogram_cases(np.asarray(hist))
+            figs[f"{split}_roc"] = roc_curve_plot(y, p, threshold, out / f"{split}_roc.png")
+            figs[f"{split}_pr"] = pr_curve_plot(y, p, threshold, out / f"{split}_pr.png")
+    return figs
+
+
+def comparison_plot(table: pd.DataFrame, out: str | Path) -> Path:
+    """Pooled and per-site AUROC/AUPRC of the compared runs, one colour per run."""
+
+    def draw(ax: Axes) -> None:
+        rows = [r for r in table.index if str(r).endswith(("screening_auroc", "screening_auprc"))]
+        if not rows:
+            raise NotComputable("no AUROC/AUPRC in the compared runs")
+        data = table.loc[rows].astype(float)
+        width = 0.8 / max(1, data.shape[1])
+        for i, col in enumerate(data.columns):
+            ax.barh([j + i * width for j in range(len(rows))], data[col].fillna(0).to_numpy(), height=width, label=col)
+        ax.set_yticks(
+            [j + width * (data.shape[1] - 1) / 2 for j in range(len(rows))],
+            [str(r).replace("test_screening_", "pooled ").replace("site.", "") for r in rows],
+            fontsize=7,
+        )
+        ax.set(xlim=(0, 1.05), xlabel="frozen test value", title="Centralized vs federated STR-Net")
+        ax.legend(fontsize=7, loc="lower left")
+
+    return _save(out, "Centralized vs federated STR-Net", draw)

@@ -2,62 +2,60 @@
 
 The Flower ClientApp only translates Messages into these calls, so everything a hospital node computes is
 testable without Flower and runs the same engine as ``strnet train``. What leaves a site is deliberately
-narrow: weights, a few scalars, and additive count arrays (score histograms, confusion counts on the τ
-grid, T-score sums). No per-image score, path or id is ever returned.
+narrow: weights, a few scalars, and the additive counts of :mod:`strnet.sufficient`. No per-image score, path
+or id is ever returned.
+
+Nothing here outlives a call except the warmed cases (:func:`site_cases`, cached per manifest and
+preprocessing): the optimizer state and the round travel in and out explicitly, so the node keeps them in
+its own run state.
 """
 
 from __future__ import annotations
 
+import functools
 import io
-import zlib
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 
 from configs.schema import Config
-from strnet import metrics as M
+from strnet.cases import warm_cache
 from strnet.data.cache import PreprocessCache
 from strnet.data.dataset import screening_pos_weight
 from strnet.data.manifest import read_manifest
+from strnet.data.preprocess import PreprocessParams
 from strnet.engine import (
-    EngineSettings,
     autocast_dtype,
     build_optimizer,
     make_loader,
     predict_loader,
     resolve_device,
-    seed_everything,
-    task_metrics,
+    set_learning_rate,
+    split_frames,
     train_one_epoch,
+    train_summary,
 )
 from strnet.errors import DataError
 from strnet.losses import MultiTaskLoss
 from strnet.model import build_strnet
-from strnet.training import engine_settings, warm_cache
+from strnet.sufficient import EvaluationCounts, ValidationCounts
 
 ROLES = ("train", "external")
-TSCORE_SUM_KEYS = ("t_n", "t_sum_x", "t_sum_y", "t_sum_xx", "t_sum_yy", "t_sum_xy", "t_sum_abs_err", "t_sum_sq_err")
-# task_metrics() prefixes -> the names the centralized run logs (strnet.evaluation.flat_metrics), so that
-# ``strnet compare`` lines the two modes up by name.
-_PREFIXES = {"screen_": "screening_", "severity_": "severity_", "tscore_": "t_score_"}
 
 
-def threshold_grid(cfg: Config) -> np.ndarray:
-    """The τ grid every site and the server share (built exactly as the centralized run builds it)."""
-    return np.asarray(engine_settings(cfg).threshold_grid, dtype=np.float64)
-
-
-def site_seed(seed: int, site: str) -> int:
-    """A stable per-site seed (crc32, not hash(): Python salts str hashes per process)."""
-    return int(seed) + zlib.crc32(site.encode()) % 100_003
+@functools.lru_cache(maxsize=4)
+def site_cases(
+    manifest: str, preprocess: PreprocessParams, cache_dir: str, workers: int
+) -> tuple[pd.DataFrame, tuple[str, ...]]:
+    """The manifest's usable cases, preprocessed into the cache once per process (a node serves many rounds)."""
+    df, problems = warm_cache(read_manifest(manifest), preprocess, PreprocessCache(Path(cache_dir)), workers=workers)
+    return df, tuple(problems)
 
 
 class SiteRunner:
-    """A site's data and model; keeps its optimizer across rounds (AdamW moments are local state, not shared)."""
+    """A site's cases and a model to load the global weights into."""
 
     def __init__(
         self,
@@ -74,42 +72,36 @@ class SiteRunner:
         self.site = site_name
         self.role = role
         self.manifest_path = Path(manifest_path)
-        self.settings: EngineSettings = engine_settings(config)
-        self.grid = threshold_grid(config)
         self.device = device or resolve_device()
-        self.amp_dtype = autocast_dtype(self.settings.train.precision, self.device)
-        self.seed = site_seed(config.seed, site_name)
-        df = read_manifest(self.manifest_path)
+        self.amp_dtype = autocast_dtype(config.train.precision, self.device)
         self.cache = PreprocessCache(Path(config.data.cache_dir))
-        self.df, self.problems = warm_cache(df, config, self.cache)
-        self.splits = {
-            name: self.df[self.df["split"] == name].reset_index(drop=True) for name in ("train", "val", "test")
-        }
+        self.df, self.problems = site_cases(
+            str(self.manifest_path), config.preprocess, config.data.cache_dir, max(1, config.data.num_workers)
+        )
+        self.splits = split_frames(self.df)
         if role == "train" and self.splits["train"].empty:
             raise DataError(self.manifest_path, f"site {site_name}: no usable train rows (run `strnet data split`)")
-        self.model = build_strnet(
-            backbone=config.model.backbone,
-            weights="none",  # the server's weights overwrite every parameter; never touch the disk or network here
-            neck_dim=config.model.neck_dim,
-            dropout=config.model.dropout,
-        ).to(self.device)
-        if self.settings.train.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        self.optimizer = build_optimizer(self.model, self.settings)
-        self.loss_fn = MultiTaskLoss(pos_weight=screening_pos_weight(self.splits["train"]), weights=config.loss).to(
-            self.device
-        )
+        self._model: torch.nn.Module | None = None
 
     # ------------------------------------------------------------------------------------------------ helpers
 
-    def info(self) -> dict[str, Any]:
+    @property
+    def model(self) -> torch.nn.Module:
+        if self._model is None:
+            m = self.cfg.model
+            # the server's weights overwrite every parameter: never touch the disk or network for weights here
+            model = build_strnet(backbone=m.backbone, weights="none", neck_dim=m.neck_dim, dropout=m.dropout)
+            model.to(self.device)
+            if self.cfg.train.channels_last:
+                model.to(memory_format=torch.channels_last)
+            self._model = model
+        return self._model
+
+    def info(self) -> dict[str, int]:
         """Counts only (the server's node -> site map and the data summary)."""
-        labelled = self.df["label_cls"] != ""
         return {
-            "site": self.site,
-            "role": self.role,
             "n_rows": len(self.df),
-            "n_labelled": int(labelled.sum()),
+            "n_labelled": int((self.df["label_cls"] != "").sum()),
             "n_train": len(self.splits["train"]),
             "n_val": len(self.splits["val"]),
             "n_test": len(self.splits["test"]),
@@ -120,196 +112,103 @@ class SiteRunner:
         """Test split for a training site; the whole cohort for an external one (it never trained on it)."""
         return self.df.reset_index(drop=True) if self.role == "external" else self.splits["test"]
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(state_dict)
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
 
-    def optimizer_state(self) -> bytes:
-        buf = io.BytesIO()
-        torch.save(self.optimizer.state_dict(), buf)
-        return buf.getvalue()
-
-    def load_optimizer_state(self, blob: bytes) -> None:
-        self.optimizer.load_state_dict(torch.load(io.BytesIO(blob), map_location=self.device, weights_only=True))
-
-    def _predict(self, df: pd.DataFrame) -> dict[str, np.ndarray]:
+    def _predict(self, df: pd.DataFrame) -> dict[str, Any]:
+        t = self.cfg.train
         loader = make_loader(
             df,
             self.cfg.preprocess,
             self.cache,
-            batch_size=self.settings.train.eval_batch_size,
+            batch_size=t.eval_batch_size,
             augment=None,
             shuffle=False,
-            seed=self.seed,
-            num_workers=self.settings.num_workers,
+            seed=self.cfg.seed,
+            num_workers=self.cfg.data.num_workers,
         )
         return predict_loader(
-            self.model,
-            loader,
-            device=self.device,
-            amp_dtype=self.amp_dtype,
-            channels_last=self.settings.train.channels_last,
+            self.model, loader, device=self.device, amp_dtype=self.amp_dtype, channels_last=t.channels_last
         )
 
     # ------------------------------------------------------------------------------------------------ tasks
 
     def train(
-        self, state_dict: dict[str, torch.Tensor], epochs: int, round: int
-    ) -> tuple[dict[str, torch.Tensor], dict[str, float], int]:
-        """``epochs`` local epochs from the global weights; warm-up counts global epochs (round-1)*epochs + e.
+        self,
+        state_dict: dict[str, torch.Tensor],
+        *,
+        lr: float,
+        server_round: int,
+        optimizer_state: bytes | None,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float], int, bytes]:
+        """``federation.local_epochs`` epochs from the global weights at the server's learning rate.
 
-        Returns the new weights, the last epoch's mean losses and the FedAvg weight (train-split size).
+        Global epoch numbers ((round − 1) · local_epochs + e) drive the warm-up and seed every draw, exactly as
+        the centralized run's epochs do. Returns the new weights, the last epoch's training numbers, the FedAvg
+        weight (train-split size) and the optimizer state to keep for the next round.
         """
         if self.role != "train":
             raise ValueError(f"site {self.site} is an external site: it evaluates only, it does not train")
-        if epochs < 1 or round < 1:
-            raise ValueError(f"site {self.site}: epochs ({epochs}) and round ({round}) must be >= 1")
-        self.load_weights(state_dict)
-        seed_everything(self.seed + round)
+        epochs = self.cfg.federation.local_epochs
+        if server_round < 1:
+            raise ValueError(f"site {self.site}: server round {server_round} must be >= 1")
+        self.model.load_state_dict(state_dict)
+        t = self.cfg.train
+        optimizer = build_optimizer(self.model, t)
+        if optimizer_state is not None:
+            optimizer.load_state_dict(torch.load(io.BytesIO(optimizer_state), map_location=self.device))
+        set_learning_rate(optimizer, lr)
+        train = self.splits["train"]
+        loss_fn = MultiTaskLoss(pos_weight=screening_pos_weight(train), weights=self.cfg.loss).to(self.device)
         loader = make_loader(
-            self.splits["train"],
+            train,
             self.cfg.preprocess,
             self.cache,
-            batch_size=self.settings.train.batch_size,
+            batch_size=t.batch_size,
             augment=self.cfg.augment,
             shuffle=True,
-            seed=self.seed + round,
-            num_workers=self.settings.num_workers,
+            seed=self.cfg.seed,
+            num_workers=self.cfg.data.num_workers,
         )
         stats: dict[str, float] = {}
-        seconds = 0.0
         for e in range(epochs):
-            global_epoch = (round - 1) * epochs + e
             stats = train_one_epoch(
                 self.model,
                 loader,
-                self.loss_fn,
-                self.optimizer,
-                epoch=global_epoch,
+                loss_fn,
+                optimizer,
+                epoch=(server_round - 1) * epochs + e,
+                seed=self.cfg.seed,
                 device=self.device,
                 amp_dtype=self.amp_dtype,
-                channels_last=self.settings.train.channels_last,
-                grad_clip=self.settings.train.grad_clip,
-                max_steps=self.settings.train.max_steps_per_epoch,
+                channels_last=t.channels_last,
+                grad_clip=t.grad_clip,
+                max_steps=t.max_steps_per_epoch,
                 progress=False,
                 desc=f"{self.site} train",
             )
-            seconds += stats["seconds"]
-        metrics = {k: float(v) for k, v in stats.items() if k.startswith("loss_")}
-        metrics.update(
-            train_seconds=seconds,
-            images_per_s=float(stats.get("images_per_s", 0.0)),
-            last_global_epoch=float((round - 1) * epochs + epochs - 1),
-        )
-        return self.state_dict(), metrics, len(self.splits["train"])
+        buf = io.BytesIO()
+        torch.save(optimizer.state_dict(), buf)
+        return self.state_dict(), train_summary(stats), len(train), buf.getvalue()
 
-    def validation_statistics(self, state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """Additive statistics of the validation split for the pooled τ* and pooled AUROC/AUPRC.
-
-        ``hist`` (2, histogram_bins) score counts per class and ``tp/fp/tn/fn`` at every grid threshold, plus
-        this site's own AUROC/AUPRC (reported beside the pooled values, never averaged into them).
-        """
-        self.load_weights(state_dict)
+    def validation_counts(self, state_dict: dict[str, torch.Tensor]) -> ValidationCounts:
+        """Additive statistics of the validation split for the pooled τ* and the monitored pooled AUPRC."""
+        self.model.load_state_dict(state_dict)
+        th = self.cfg.threshold
         preds = self._predict(self.splits["val"])
-        y, p = _labelled(preds)
-        hist = histogram(y, p, self.cfg.threshold.histogram_bins)
-        counts = confusion(y, p, self.grid)
-        own: dict[str, Any] = {"auroc": float("nan"), "auprc": float("nan")}
-        if len(y):
-            own = M.classification_metrics(y, p, 0.5)  # nan where a class is absent
+        return ValidationCounts.from_predictions(preds, grid=th.grid(), n_bins=th.histogram_bins)
+
+    def evaluate_frozen(self, state_dict: dict[str, torch.Tensor], threshold: float) -> dict[str, EvaluationCounts]:
+        """Frozen evaluation at the pooled τ*: counts of the evaluation cohort (``test``) and, for a training
+        site, of its validation split (``val``), so the server reports pooled validation metrics at τ* too."""
+        self.model.load_state_dict(state_dict)
+        n_bins = self.cfg.threshold.histogram_bins
+        frames = {"test": self.evaluation_frame()}
+        if self.role == "train":
+            frames["val"] = self.splits["val"]
         return {
-            "hist": hist,
-            **{k: counts[k] for k in ("tp", "fp", "tn", "fn")},
-            "n_val": len(y),
-            "site_auroc": float(own["auroc"]),
-            "site_auprc": float(own["auprc"]),
+            split: EvaluationCounts.from_predictions(self._predict(df), threshold=threshold, n_bins=n_bins)
+            if len(df)
+            else EvaluationCounts.empty(n_bins)
+            for split, df in frames.items()
         }
-
-    def evaluate_frozen(self, state_dict: dict[str, torch.Tensor], threshold: float) -> dict[str, Any]:
-        """Frozen evaluation at the pooled τ*: no update, aggregate metrics plus additive counts for pooling."""
-        self.load_weights(state_dict)
-        df = self.evaluation_frame()
-        preds = self._predict(df)
-        out: dict[str, Any] = {"n_eval": len(df), "threshold": float(threshold)}
-        for key, value in task_metrics(preds, threshold).items():
-            for old, new in _PREFIXES.items():
-                if key.startswith(old):
-                    key = new + key[len(old) :]
-                    break
-            out[key] = float(value)
-        y, p = _labelled(preds)
-        bins = self.cfg.threshold.histogram_bins
-        out["hist"] = histogram(y, p, bins)
-        at_tau = confusion(y, p, [threshold])
-        out.update({k: int(at_tau[k][0]) for k in ("tp", "fp", "tn", "fn")})
-        sev = ~np.isnan(preds["y_severity"])
-        out["severity_hist"] = histogram(preds["y_severity"][sev].astype(int), preds["prob_severity"][sev], bins)
-        out.update(tscore_sums(preds["t_true"], preds["t_pred"]))
-        return out
-
-
-def _labelled(preds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    known = ~np.isnan(preds["y_screen"])
-    return preds["y_screen"][known].astype(np.int64), preds["prob_screen"][known]
-
-
-def histogram(y: np.ndarray, p: np.ndarray, n_bins: int) -> np.ndarray:
-    """Score histogram; all zeros for an empty split (a site may have no validation or test cases)."""
-    return M.score_histogram(y, p, n_bins=n_bins) if len(y) else np.zeros((2, n_bins), np.int64)
-
-
-def confusion(y: np.ndarray, p: np.ndarray, grid: Any) -> dict[str, np.ndarray]:
-    """Confusion counts on the grid; all zeros for an empty split, so it still sums correctly."""
-    if len(y):
-        return M.confusion_at_thresholds(y, p, grid)
-    zeros = np.zeros(len(np.asarray(grid)), np.int64)
-    return {k: zeros.copy() for k in ("tp", "fp", "tn", "fn")}
-
-
-def tscore_sums(t_true: np.ndarray, t_pred: np.ndarray) -> dict[str, float]:
-    """Sufficient statistics for pooled MAE, RMSE and Pearson r (sums over cases with a reference T-score)."""
-    x = np.asarray(t_true, dtype=np.float64)
-    y = np.asarray(t_pred, dtype=np.float64)
-    keep = ~(np.isnan(x) | np.isnan(y))
-    x, y = x[keep], y[keep]
-    d = y - x
-    values = (len(x), x.sum(), y.sum(), (x * x).sum(), (y * y).sum(), (x * y).sum(), np.abs(d).sum(), (d * d).sum())
-    return {k: float(v) for k, v in zip(TSCORE_SUM_KEYS, values, strict=True)}
-
-
-def encode_statistics(values: dict[str, Any]) -> dict[str, Any]:
-    """numpy scalars/arrays -> plain ints/floats/lists (a Flower MetricRecord's value types).
-
-    The one wire format between sites and server: a (2, n) histogram travels as ``<name>_neg`` /
-    ``<name>_pos`` lists. Framework-free so the client can encode and the server decode without either
-    importing the other.
-    """
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, np.ndarray) and value.ndim == 2:
-            out[f"{key}_neg"] = _plain(value[0])
-            out[f"{key}_pos"] = _plain(value[1])
-        else:
-            out[key] = _plain(value)
-    return out
-
-
-def decode_statistics(record: Mapping[str, Any]) -> dict[str, Any]:
-    """The inverse of :func:`encode_statistics` (histograms re-stacked; lists become arrays)."""
-    out: dict[str, Any] = {k: (np.asarray(v) if isinstance(v, list) else v) for k, v in record.items()}
-    for key in [k[: -len("_neg")] for k in list(out) if k.endswith("_neg")]:
-        if f"{key}_pos" in out:
-            neg, pos = out.pop(f"{key}_neg"), out.pop(f"{key}_pos")
-            out[key] = [neg, pos] if np.shape(neg) != np.shape(pos) else np.stack([neg, pos])
-    return out
-
-
-def _plain(value: Any) -> int | float | list[int] | list[float]:
-    arr = np.asarray(value)
-    if arr.ndim == 0:
-        return int(arr) if np.issubdtype(arr.dtype, np.integer) else float(arr)
-    if np.issubdtype(arr.dtype, np.integer):
-        return [int(v) for v in arr.ravel()]
-    return [float(v) for v in arr.ravel()]

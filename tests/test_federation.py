@@ -1,46 +1,39 @@
-"""The federation in-process (no Ray): pooled statistics, the strategy's aggregation, and a whole federated run
-driven through a Grid stand-in that delivers Messages to the real ClientApp."""
+"""The federation in-process (no Ray): the strategy's aggregation and recipe, the wire protocol, and whole
+federated runs driven through a Grid stand-in that delivers Messages to the real ClientApp."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from mlflow.tracking import MlflowClient
-from scipy import stats
-from sklearn.metrics import average_precision_score, recall_score, roc_auc_score
+from sklearn.metrics import roc_auc_score
 
-from client.app import app as client_app
-from client.site import to_metric_record
-from configs.schema import load_config
-from server.app import config_from_run_config, run_federation
-from server.pooled import (
-    QuorumError,
-    SiteError,
-    check_validation_statistics,
-    pool_test_metrics,
-    pool_validation_statistics,
-    pooled_threshold,
-)
-from server.strategy import SiteFedAvg, weighted_average
+from configs.schema import ThresholdConfig, load_config
+from server.app import config_from_run_config
+from server.federation import run_federated
+from server.pooled import QuorumError, weighted_average
+from server.strategy import SiteFedAvg
 from server.tracking import Tracker
 from simulations.scenario import build_synthetic_scenario
 from strnet import metrics as M
 from strnet.bundle import load_bundle
 from strnet.data.cache import PreprocessCache
 from strnet.data.manifest import read_manifest
+from strnet.engine import RecipeSchedule, TrainParams
 from strnet.evaluation import predict_frame
-from strnet.site import confusion, decode_statistics, histogram, tscore_sums
+from strnet.protocol import PROTOCOL_VERSION, Field, Key, MessageKind, encode
+from strnet.sufficient import ValidationCounts
+from tests.local_grid import LocalGrid
 
-GRID = M.THRESHOLD_GRID
-BINS = 1000
+TH = ThresholdConfig()
+GRID, BINS = TH.grid(), TH.histogram_bins
 
 
 @pytest.fixture(autouse=True)
@@ -55,121 +48,61 @@ def task_identity():
 def site_scores(seed: int, n: int, shift: float) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 2, n)
-    p = np.clip(rng.beta(2, 3, n) + shift * y, 0, 1)
-    return y, p
-
-
-def val_stats(y: np.ndarray, p: np.ndarray) -> dict:
-    return {"hist": histogram(y, p, BINS), **confusion(y, p, GRID), "site_auroc": roc_auc_score(y, p)}
-
-
-# ------------------------------------------------------------------------------------------------ pooled
-
-
-def test_pooled_tau_and_ranking_equal_the_concatenated_cohort() -> None:
-    sites = {f"s{i}": site_scores(i, n, shift) for i, (n, shift) in enumerate([(120, 0.3), (60, 0.1), (90, 0.2)])}
-    # round-trip through the wire format the ClientApp uses
-    per_site = {s: decode_statistics(to_metric_record(val_stats(*yp))) for s, yp in sites.items()}
-    pooled = pool_validation_statistics(per_site, n_bins=BINS, n_grid=len(GRID), quorum=3)
-    y = np.concatenate([yp[0] for yp in sites.values()])
-    p = np.concatenate([yp[1] for yp in sites.values()])
-    for min_sens in (0.86, 0.6, 0.99):
-        tau = pooled_threshold(pooled, GRID, min_sens)
-        assert tau["value"] == M.select_threshold(y, p, min_sensitivity=min_sens, grid=GRID)
-        assert tau["sites"] == ["s0", "s1", "s2"] and tau["n_cases"] == len(y)
-    ranking = pooled.ranking()
-    assert abs(ranking["auroc"] - roc_auc_score(y, p)) < 1e-3
-    assert abs(ranking["auprc"] - average_precision_score(y, p)) < 1e-3
-    # the pooled value is not the mean of the site AUROCs (which is what must never be reported as pooled)
-    assert pooled.per_site["s1"]["site_auroc"] == pytest.approx(roc_auc_score(*sites["s1"]))
-
-
-@pytest.mark.parametrize(
-    ("corrupt", "message"),
-    [
-        (lambda s: s.update(hist=s["hist"][:, :10]), "shape"),
-        (lambda s: s.update(tp=-s["tp"]), "negative"),
-        (lambda s: s.pop("fn"), "missing key.s. fn"),
-        (lambda s: s.update(tp=s["tp"] + 1), "inconsistent"),
-    ],
-)
-def test_malformed_statistics_name_the_site_and_the_rest_still_pool(corrupt: Callable, message: str) -> None:
-    sites = {f"s{i}": site_scores(10 + i, 50, 0.3) for i in range(3)}
-    per_site = {s: val_stats(*yp) for s, yp in sites.items()}
-    corrupt(per_site["s1"])
-    with pytest.raises(SiteError, match=f"site 's1'.*{message}"):
-        check_validation_statistics("s1", per_site["s1"], n_bins=BINS, n_grid=len(GRID))
-    pooled = pool_validation_statistics(per_site, n_bins=BINS, n_grid=len(GRID), quorum=2)
-    assert pooled.sites == ["s0", "s2"]
-    assert len(pooled.problems) == 1 and "s1" in pooled.problems[0]
-    np.testing.assert_array_equal(pooled.hist, per_site["s0"]["hist"] + per_site["s2"]["hist"])
-    with pytest.raises(QuorumError, match="s1"):
-        pool_validation_statistics(per_site, n_bins=BINS, n_grid=len(GRID), quorum=3)
-
-
-def test_pooled_test_metrics_match_scikit_learn_and_scipy() -> None:
-    tau = 0.45
-    per_site, ys, ps, tt, tp_ = {}, [], [], [], []
-    rng = np.random.default_rng(3)
-    for i in range(3):
-        y, p = site_scores(20 + i, 40 + 10 * i, 0.25)
-        t_true = rng.normal(-1.5, 1.0, len(y))
-        t_pred = t_true + rng.normal(0.2, 0.5, len(y))
-        c = confusion(y, p, [tau])
-        per_site[f"s{i}"] = {
-            "hist": histogram(y, p, BINS),
-            **{k: int(v[0]) for k, v in c.items()},
-            "severity_hist": histogram(y[::-1], p, BINS),
-            **tscore_sums(t_true, t_pred),
-        }
-        ys.append(y), ps.append(p), tt.append(t_true), tp_.append(t_pred)
-    per_site["bad"] = {"hist": [[1]]}
-    result, problems = pool_test_metrics(per_site, n_bins=BINS)
-    y, p, t, e = (np.concatenate(a) for a in (ys, ps, tt, tp_))
-    sc = result["screening"]
-    assert sc["sensitivity"] == pytest.approx(recall_score(y, p >= tau))
-    assert sc["specificity"] == pytest.approx(recall_score(1 - y, p < tau))
-    assert abs(sc["auroc"] - roc_auc_score(y, p)) < 1e-3
-    assert result["t_score"]["mae"] == pytest.approx(np.mean(np.abs(e - t)))
-    assert result["t_score"]["rmse"] == pytest.approx(np.sqrt(np.mean((e - t) ** 2)))
-    assert result["t_score"]["pearson_r"] == pytest.approx(stats.pearsonr(t, e).statistic)
-    assert result["sites"] == ["s0", "s1", "s2"]
-    assert len(problems) == 1 and "'bad'" in problems[0]
+    return y, np.clip(rng.beta(2, 3, n) + shift * y, 0, 1)
 
 
 # ------------------------------------------------------------------------------------------------ strategy
 
 
-def _instruction(node: int, message_type: str = "train") -> Message:
-    return Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node, message_type=message_type)
+def _instruction(node: int, message_type: str = MessageKind.TRAIN) -> Message:
+    return Message(RecordDict({Key.CONFIG: ConfigRecord()}), dst_node_id=node, message_type=message_type)
+
+
+def _info(site: str, version: int = PROTOCOL_VERSION) -> ConfigRecord:
+    return ConfigRecord({Field.SITE: site, Field.ROLE: "train", Field.VERSION: version})
 
 
 def _train_reply(node: int, state: dict[str, np.ndarray], n: int) -> Message:
     record = RecordDict(
-        {"arrays": ArrayRecord({k: Array(v) for k, v in state.items()}), "metrics": MetricRecord({"num-examples": n})}
+        {
+            Key.INFO: _info(str(node)),
+            Key.ARRAYS: ArrayRecord({k: Array(v) for k, v in state.items()}),
+            Key.METRICS: MetricRecord({"num-examples": n, "train_loss_total": float(n)}),
+        }
     )
     return Message(record, reply_to=_instruction(node))
 
 
+def _val_reply(node: int, counts: ValidationCounts, version: int = PROTOCOL_VERSION) -> Message:
+    arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in encode(counts).items()})
+    record = RecordDict({Key.INFO: _info(str(node), version), Key.STATS: arrays})
+    return Message(record, reply_to=_instruction(node, MessageKind.VAL_STATS))
+
+
 def _state(value: float, tracked: int) -> dict[str, np.ndarray]:
-    return {
-        "w": np.full((2, 3), value, np.float32),
-        "bn.num_batches_tracked": np.array(tracked, np.int64),
-    }
+    return {"w": np.full((2, 3), value, np.float32), "bn.num_batches_tracked": np.array(tracked, np.int64)}
 
 
-def _strategy(quorum: int) -> SiteFedAvg:
+def _strategy(quorum: int, **train: float) -> SiteFedAvg:
     return SiteFedAvg(
-        train_nodes={11: "alpha", 22: "beta", 33: "gamma"}, quorum=quorum, n_bins=BINS, grid=GRID, min_sensitivity=0.86
+        train_nodes={11: "alpha", 22: "beta", 33: "gamma"},
+        quorum=quorum,
+        threshold=TH,
+        schedule=RecipeSchedule(TrainParams(**train)),  # type: ignore[arg-type]
+        monitor="auprc",
+        config_digest="d1",
     )
 
 
 def test_fedavg_is_weighted_by_examples_and_keeps_integer_buffers() -> None:
-    strategy = _strategy(quorum=2)
+    strategy = _strategy(quorum=2, lr=0.01)
     reference = ArrayRecord({k: Array(v) for k, v in _state(0.0, 0).items()})
     messages = list(strategy.configure_train(1, reference, ConfigRecord(), grid=None))  # type: ignore[arg-type]
     assert sorted(m.metadata.dst_node_id for m in messages) == [11, 22, 33]
     assert {m.metadata.message_type for m in messages} == {"train"}
+    sent = messages[0].content[Key.CONFIG]
+    assert sent[Field.LEARNING_RATE] == 0.01 and sent[Field.VERSION] == PROTOCOL_VERSION
+    assert Field.CONFIG_JSON not in sent and sent[Field.CONFIG_DIGEST] == "d1"  # the config travelled once, before
     replies = [
         _train_reply(11, _state(1.0, 10), n=10),
         _train_reply(22, _state(5.0, 21), n=30),
@@ -183,6 +116,7 @@ def test_fedavg_is_weighted_by_examples_and_keeps_integer_buffers() -> None:
     np.testing.assert_array_equal(out["w"], expected["w"])
     assert out["bn.num_batches_tracked"].dtype == np.int64
     assert int(out["bn.num_batches_tracked"]) == round(np.average([10, 21], weights=[10, 30]))
+    assert metrics["train_loss_total"] == pytest.approx(np.average([10, 30], weights=[10, 30]))
     assert len(strategy.problems) == 1 and "gamma" in strategy.problems[0] and "out of memory" in strategy.problems[0]
 
 
@@ -199,55 +133,31 @@ def test_malformed_train_reply_is_named_and_quorum_enforced() -> None:
     assert "gamma" in str(info.value) and "num-examples" in str(info.value)
 
 
-def test_round_validation_statistics_are_pooled_not_averaged() -> None:
-    strategy = _strategy(quorum=2)
+def test_round_validation_counts_are_pooled_and_drive_the_recipe() -> None:
+    strategy = _strategy(quorum=2, lr=0.01, plateau_patience=0, plateau_factor=0.5)
+    reference = ArrayRecord({k: Array(v) for k, v in _state(0.0, 0).items()})
     ys = {11: site_scores(1, 80, 0.3), 22: site_scores(2, 40, 0.2)}
-    replies = [
-        Message(RecordDict({"metrics": to_metric_record(val_stats(*yp))}), reply_to=_instruction(n, "query.val_stats"))
-        for n, yp in ys.items()
-    ]
-    replies.append(Message(RecordDict({"metrics": MetricRecord({"x": 1})}), reply_to=_instruction(33, "query")))
+    counts = {n: ValidationCounts.from_scores(y, p, grid=GRID, n_bins=BINS) for n, (y, p) in ys.items()}
+    replies = [_val_reply(n, c) for n, c in counts.items()]
+    replies.append(_val_reply(33, counts[11], version=PROTOCOL_VERSION + 1))  # a site running another release
+    list(strategy.configure_evaluate(1, reference, ConfigRecord(), grid=None))  # type: ignore[arg-type]
     record = strategy.aggregate_evaluate(1, replies)
     assert record is not None
     y = np.concatenate([v[0] for v in ys.values()])
     p = np.concatenate([v[1] for v in ys.values()])
-    assert abs(record["val_screen_auroc"] - roc_auc_score(y, p)) < 1e-3
-    assert record["val_tau_star"] == M.select_threshold(y, p, grid=GRID)
-    assert any("gamma" in text and "missing" in text for text in strategy.problems)
+    assert abs(record["val_screening_auroc"] - roc_auc_score(y, p)) < 1e-3
+    assert record["site.beta.val_screening_auroc"] == pytest.approx(counts[22].ranking()["auroc"])
+    assert any("gamma" in t and "protocol version" in t for t in strategy.problems)
+    assert strategy.best_round == 1 and strategy.best_arrays is reference
+    # a second round with the same score is no improvement: the plateau (patience 0) halves the next lr
+    list(strategy.configure_evaluate(2, reference, ConfigRecord(), grid=None))  # type: ignore[arg-type]
+    strategy.aggregate_evaluate(2, replies[:2])
+    assert strategy.best_round == 1 and strategy.schedule.lr == pytest.approx(0.005)
+    sent = list(strategy.configure_train(3, reference, ConfigRecord(), grid=None))  # type: ignore[arg-type]
+    assert sent[0].content[Key.CONFIG][Field.LEARNING_RATE] == pytest.approx(0.005)
 
 
 # ------------------------------------------------------------------------------------------------ whole run
-
-
-class LocalGrid:
-    """Delivers Messages to the ClientApp in this process; node i plays partition i, with persistent state."""
-
-    def __init__(self, n_nodes: int, fail: Callable[[Message, int], bool] | None = None) -> None:
-        self.contexts = {
-            100 + i: Context(
-                run_id=1, node_id=100 + i, node_config={"partition-id": i}, state=RecordDict(), run_config={}
-            )
-            for i in range(n_nodes)
-        }
-        self.fail = fail
-        self.sent: list[tuple[int, str]] = []
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        replies = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            self.sent.append((node, msg.metadata.message_type))
-            if self.fail is not None and self.fail(msg, node):
-                replies.append(Message(Error(code=1, reason="injected failure"), reply_to=msg))
-                continue
-            try:
-                replies.append(client_app(msg, self.contexts[node]))
-            except Exception as exc:  # what a SuperNode does: an error reply, not a crash
-                replies.append(Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
-        return replies
 
 
 @pytest.fixture(scope="module")
@@ -268,6 +178,7 @@ def _overrides(scenario, out: Path) -> list[str]:
         "train.batch_size=8",
         "train.precision=fp32",
         "train.channels_last=false",
+        "evaluate.bootstrap=50",
         "federation.rounds=2",
         "federation.local_epochs=1",
         "federation.quorum=2",
@@ -283,61 +194,88 @@ def test_federated_run_in_process(scenario, tmp_path: Path) -> None:
     cfg = config_from_run_config({"config": "demo", "overrides": " ".join(f"'{o}'" for o in overrides)})
     assert cfg == load_config("demo", overrides)
     grid = LocalGrid(3)
-    tracker = Tracker(uri=cfg.tracking.uri, experiment="fed-test")
-    result = run_federation(grid, cfg, tracker=tracker)  # type: ignore[arg-type]
+    result = run_federated(grid, cfg, tracker=Tracker(uri=cfg.tracking.uri, experiment="fed-test"))  # type: ignore[arg-type]
 
     # external sites never train; every training site trains in every round
-    trains = [node for node, kind in grid.sent if kind == "train"]
-    assert sorted(trains) == [100, 100, 101, 101]
-    assert sum(kind == "evaluate.frozen" for _, kind in grid.sent) == 3
+    kinds = grid.kinds()
+    assert sorted(node for node, kind in kinds if kind == "train") == [100, 100, 101, 101]
+    assert sum(kind == "evaluate.frozen" for _, kind in kinds) == 3
+    # the configuration travels once per node (site-info); later messages carry only its digest
+    carrying = [
+        kind
+        for _, msg in grid.sent
+        for kind in [msg.metadata.message_type]
+        if Field.CONFIG_JSON in msg.content[Key.CONFIG]
+    ]
+    assert carrying == ["query.site_info"] * 3
     # each training site keeps its own AdamW state across rounds, in its node's context
-    assert int(grid.contexts[100].state["optimizer"]["round"]) == 2
-    assert "optimizer" not in grid.contexts[102].state
+    assert int(grid.contexts[100].state["strnet.optimizer"][Field.SERVER_ROUND]) == 2
+    assert "strnet.optimizer" not in grid.contexts[102].state
 
-    # τ* from pooled counts == τ* on the concatenated raw validation scores of the final model
+    # τ* from pooled counts == τ* on the concatenated raw validation scores of the kept model
     bundle = load_bundle(result.bundle_dir)
     assert bundle.threshold == result.threshold["value"]
     assert bundle.metadata["threshold"]["sites"] == ["hospital", "stage1"]
     assert bundle.metadata["training"]["mode"] == "federated"
+    assert bundle.metadata["training"]["recipe"]["step"].startswith("round of 1 local epoch")
     cache = PreprocessCache(Path(cfg.data.cache_dir))
     frames = [read_manifest(scenario.site_manifests[s]) for s in ("stage1", "hospital")]
     val = pd.concat([f[f["split"] == "val"] for f in frames], ignore_index=True)
     pred = predict_frame(bundle, val, cache=cache, precision="fp32")
     y = (pred["label_cls"] != "normal").to_numpy(int)
     p = pred["prob_bone_loss"].to_numpy()
-    assert bundle.threshold == M.select_threshold(y, p, min_sensitivity=0.86, grid=GRID)
+    assert bundle.threshold == M.select_threshold(y, p, 0.86, GRID)
     assert bundle.metadata["threshold"]["n_cases"] == len(val)
+    assert result.metrics["val_screening_n"] == len(val)
+    assert result.metrics["val_screening_sensitivity"] == pytest.approx(np.mean(p[y == 1] >= bundle.threshold))
 
     # frozen evaluation: the external site evaluates its whole cohort, training sites their test split
-    assert result.site_metrics["stage2"]["n_eval"] == len(read_manifest(scenario.site_manifests["stage2"]))
+    assert result.sites["stage2"].metrics["screening_n"] == len(read_manifest(scenario.site_manifests["stage2"]))
     test = pd.concat([f[f["split"] == "test"] for f in frames], ignore_index=True)
-    assert result.test_metrics["screening"]["n"] == (test["label_cls"] != "").sum()
+    assert result.metrics["test_screening_n"] == (test["label_cls"] != "").sum()
+    lo, hi = result.metrics["test_screening_auroc_ci_lo"], result.metrics["test_screening_auroc_ci_hi"]
+    assert lo <= result.metrics["test_screening_auroc"] <= hi  # pooled intervals from the histogram bootstrap
     assert list(result.table["site"])[-1].startswith("pooled")
 
-    # MLflow: one federated run with the centralized run's metric names
+    # MLflow: one federated run with the shared metric names
     mlflow.set_tracking_uri(cfg.tracking.uri)
     run = MlflowClient().get_run(result.run_id)
+    assert run.info.status == "FINISHED"
     assert run.data.tags["mode"] == "federated" and run.data.tags["strategy"] == "fedavg"
     assert run.data.metrics["tau_star"] == bundle.threshold
     assert "test_screening_sensitivity" in run.data.metrics
-    assert "site.stage2.screening_specificity" in run.data.metrics
-    history = MlflowClient().get_metric_history(result.run_id, "val_screen_auprc")
+    assert "site.stage2.test_screening_specificity" in run.data.metrics
+    history = MlflowClient().get_metric_history(result.run_id, "history/val_screening_auprc")
     assert sorted(m.step for m in history) == [1, 2]
     best = max(history, key=lambda m: (m.value, -m.step))  # the kept model: best pooled val AUPRC, earliest on ties
-    assert bundle.metadata["training"]["best_round"] == best.step
-    assert (Path(cfg.output_dir) / "figures" / "rounds.png").is_file()
+    assert bundle.metadata["training"]["best_step"] == best.step
+    assert (Path(cfg.output_dir) / "figures" / "learning_curve.png").is_file()
 
 
 def test_federated_run_survives_one_failed_site_and_names_it(scenario, tmp_path: Path) -> None:
     overrides = [*_overrides(scenario, tmp_path), "federation.quorum=1", "federation.rounds=1"]
     cfg = load_config("demo", [*overrides, "tracking.enabled=false"])
     grid = LocalGrid(3, fail=lambda msg, node: node == 101 and msg.metadata.message_type == "query.val_stats")
-    result = run_federation(grid, cfg)  # type: ignore[arg-type]
+    result = run_federated(grid, cfg)  # type: ignore[arg-type]
     assert result.threshold["sites"] == ["stage1"]
     assert any("hospital" in text and "injected failure" in text for text in result.problems)
 
     cfg_strict = load_config("demo", [*overrides, "federation.quorum=2", "tracking.enabled=false"])
     with pytest.raises(QuorumError, match="hospital"):
-        run_federation(
+        run_federated(
             LocalGrid(3, fail=lambda msg, node: node == 101 and msg.metadata.message_type == "train"), cfg_strict
         )  # type: ignore[arg-type]
+
+
+def test_a_site_on_another_protocol_version_is_named(scenario, tmp_path: Path) -> None:
+    """A node whose ClientApp speaks another protocol version is left out with a message that names it."""
+
+    def old_release(reply: Message, node: int) -> Message:
+        if node == 102 and not reply.has_error():
+            reply.content[Key.INFO][Field.VERSION] = PROTOCOL_VERSION - 1
+        return reply
+
+    overrides = [*_overrides(scenario, tmp_path), "federation.rounds=1", "tracking.enabled=false"]
+    result = run_federated(LocalGrid(3, tamper=old_release), load_config("demo", overrides))  # type: ignore[arg-type]
+    assert "stage2" not in result.sites
+    assert any("protocol version" in t and str(PROTOCOL_VERSION - 1) in t for t in result.problems)

@@ -69,8 +69,8 @@ def test_flwr_run_end_to_end(tmp_path: Path) -> None:
     assert row["metrics.tau_star"] == pytest.approx(meta["threshold"]["value"])
     for key in (
         "metrics.test_screening_auroc",
-        "metrics.val_screen_auprc",
-        "metrics.site.stage2.screening_sensitivity",
+        "metrics.history/val_screening_auprc",
+        "metrics.site.stage2.test_screening_sensitivity",
     ):
         assert key in runs.columns, key
     with pytest.raises(ProcessLookupError):  # the SuperLink's whole process group is gone

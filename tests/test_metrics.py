@@ -22,7 +22,12 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from configs.schema import ThresholdConfig
 from strnet import metrics as M
+
+GRID = ThresholdConfig().grid()
+SENS = ThresholdConfig().min_sensitivity
+BINS = ThresholdConfig().histogram_bins
 
 
 def _random_case(seed: int, n: int = 120, decimals: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -59,17 +64,18 @@ def _reference_threshold(rows: list[tuple[float, Fraction, Fraction, Fraction]],
 
 
 def test_grid_is_the_papers_61_thresholds() -> None:
-    assert len(M.THRESHOLD_GRID) == 61
-    assert M.THRESHOLD_GRID[0] == 0.20 and M.THRESHOLD_GRID[-1] == 0.80
-    assert np.allclose(np.diff(M.THRESHOLD_GRID), 0.01)
+    assert len(GRID) == 61 and SENS == 0.86
+    assert GRID[0] == 0.20 and GRID[-1] == 0.80
+    assert np.allclose(np.diff(GRID), 0.01)
+    assert GRID.tolist() == [round(0.20 + 0.01 * k, 2) for k in range(61)]  # exact decimals, no float drift
 
 
 @pytest.mark.parametrize("decimals", [None, 2])
 def test_confusion_counts_match_sklearn_with_ge_rule(decimals: int | None) -> None:
     y, p = _random_case(1, decimals=decimals)
-    c = M.confusion_at_thresholds(y, p)
+    c = M.confusion_at_thresholds(y, p, GRID)
     assert set(c) == {"tp", "fp", "tn", "fn"}
-    for i, t in enumerate(M.THRESHOLD_GRID):
+    for i, t in enumerate(GRID):
         tn, fp, fn, tp = confusion_matrix(y, (p >= t).astype(int), labels=[0, 1]).ravel()
         assert (c["tp"][i], c["fp"][i], c["tn"][i], c["fn"][i]) == (tp, fp, tn, fn)
 
@@ -86,13 +92,13 @@ def test_score_equal_to_threshold_counts_as_positive() -> None:
 @pytest.mark.parametrize("seed", range(6))
 def test_select_threshold_matches_reference_oracle(seed: int) -> None:
     y, p = _random_case(seed, decimals=2 if seed % 2 else None)
-    rows = _reference_rows(y, p, M.THRESHOLD_GRID)
+    rows = _reference_rows(y, p, GRID)
     for min_sens in (0.86, 0.5, 0.99):
-        sel = M.threshold_selection(y, p, min_sensitivity=min_sens)
-        assert (sel["threshold"], sel["rule"]) == _reference_threshold(rows, min_sens)
-        assert sel["value"] == sel["threshold"] == M.select_threshold(y, p, min_sens)
-        assert isinstance(sel["threshold"], float)
-        at = M.classification_metrics(y, p, sel["threshold"])
+        sel = M.threshold_selection(y, p, min_sensitivity=min_sens, grid=GRID)
+        assert (sel["value"], sel["rule"]) == _reference_threshold(rows, min_sens)
+        assert sel["value"] == M.select_threshold(y, p, min_sens, GRID)
+        assert isinstance(sel["value"], float) and "threshold" not in sel
+        at = M.classification_metrics(y, p, sel["value"])
         assert sel["sensitivity"] == pytest.approx(at["sensitivity"])
         assert sel["specificity"] == pytest.approx(at["specificity"])
         assert (sel["n_pos"], sel["n_neg"]) == (int(y.sum()), int((1 - y).sum()))
@@ -106,7 +112,7 @@ def test_specificity_tie_broken_by_balanced_accuracy() -> None:
     sel = M.threshold_selection(y, p, min_sensitivity=0.5, grid=grid)
     assert sel["rule"] == M.RULE_CONSTRAINED
     assert sel["specificity"] == 0.0
-    assert sel["threshold"] == 0.2  # sens 1.0 beats 0.75 at 0.3/0.4 on balanced accuracy
+    assert sel["value"] == 0.2  # sens 1.0 beats 0.75 at 0.3/0.4 on balanced accuracy
     assert _reference_threshold(_reference_rows(y, p, np.array(grid)), 0.5)[0] == 0.2
 
 
@@ -114,17 +120,17 @@ def test_full_tie_goes_to_lower_threshold() -> None:
     y = np.array([1, 1, 0, 0])
     p = np.array([0.7, 0.8, 0.1, 0.2])
     # every grid threshold in (0.2, 0.7] gives sens 1, spec 1
-    assert M.select_threshold(y, p, grid=[0.5, 0.3, 0.6, 0.25]) == 0.25
-    assert M.select_threshold(y, p) == 0.21
+    assert M.select_threshold(y, p, SENS, grid=[0.5, 0.3, 0.6, 0.25]) == 0.25
+    assert M.select_threshold(y, p, SENS, GRID) == 0.21
 
 
 def test_fallback_to_balanced_accuracy_when_sensitivity_unreachable() -> None:
     y = np.array([1, 1, 1, 0, 0])
     p = np.array([0.1, 0.1, 0.5, 0.3, 0.6])
-    sel = M.threshold_selection(y, p)
+    sel = M.threshold_selection(y, p, SENS, GRID)
     # best sensitivity on the grid is 1/3 < 0.86; balanced accuracy peaks at 0.5 for every t > 0.6 -> lowest, 0.61
     assert sel["rule"] == M.RULE_FALLBACK
-    assert sel["threshold"] == 0.61
+    assert sel["value"] == 0.61
     assert sel["balanced_accuracy"] == pytest.approx(0.5)
 
 
@@ -132,26 +138,26 @@ def test_pooled_site_counts_give_exactly_the_concatenated_threshold() -> None:
     for seed in range(10):
         y, p = _random_case(100 + seed, n=150, decimals=2 if seed % 2 else None)
         sites = np.array_split(np.random.default_rng(seed).permutation(len(y)), 3)
-        summed = {k: np.zeros(len(M.THRESHOLD_GRID), np.int64) for k in ("tp", "fp", "tn", "fn")}
+        summed = {k: np.zeros(len(GRID), np.int64) for k in ("tp", "fp", "tn", "fn")}
         for idx in sites:
-            for k, v in M.confusion_at_thresholds(y[idx], p[idx]).items():
+            for k, v in M.confusion_at_thresholds(y[idx], p[idx], GRID).items():
                 summed[k] += v
         for min_sens in (0.86, 0.95):
-            pooled = M.select_threshold_from_counts(**summed, grid=M.THRESHOLD_GRID, min_sensitivity=min_sens)
-            assert pooled == M.select_threshold(y, p, min_sensitivity=min_sens)
+            pooled = M.select_threshold_from_counts(**summed, grid=GRID, min_sensitivity=min_sens)
+            assert pooled == M.select_threshold(y, p, min_sensitivity=min_sens, grid=GRID)
 
 
 def test_counts_checks() -> None:
-    c = M.confusion_at_thresholds([0, 1, 1], [0.1, 0.5, 0.9])
+    c = M.confusion_at_thresholds([0, 1, 1], [0.1, 0.5, 0.9], GRID)
     tp = c["tp"].copy()
     tp[5] += 1
     bad = dict(c, tp=tp)
     with pytest.raises(ValueError, match="inconsistent"):
-        M.select_threshold_from_counts(**bad)
+        M.select_threshold_from_counts(**bad, grid=GRID, min_sensitivity=SENS)
     with pytest.raises(ValueError, match="both classes"):
-        M.select_threshold([1, 1, 1], [0.2, 0.5, 0.9])
+        M.select_threshold([1, 1, 1], [0.2, 0.5, 0.9], SENS, GRID)
     with pytest.raises(ValueError, match="shape"):
-        M.select_threshold_from_counts(c["tp"][:3], c["fp"][:3], c["tn"][:3], c["fn"][:3])
+        M.select_threshold_from_counts(c["tp"][:3], c["fp"][:3], c["tn"][:3], c["fn"][:3], GRID, SENS)
 
 
 # ---------------------------------------------------------------------------------------------- point metrics
@@ -200,7 +206,7 @@ def test_one_class_and_degenerate_inputs_give_nan_without_warnings() -> None:
     assert np.isnan(pos_only["auroc"]) and pos_only["auprc"] == 1.0 and np.isnan(pos_only["specificity"])
     assert np.isnan(no_flags["ppv"]) and np.isnan(no_flags["mcc"]) and no_flags["npv"] == pytest.approx(2 / 3)
     assert equal["auroc"] == 0.5 and equal["sensitivity"] == 1.0 and equal["specificity"] == 0.0
-    assert M.threshold_selection([0, 1, 0, 1], [0.4] * 4)["threshold"] == 0.2  # all tie: sens 1 up to 0.40
+    assert M.threshold_selection([0, 1, 0, 1], [0.4] * 4, SENS, GRID)["value"] == 0.2  # all tie: sens 1 up to 0.40
 
 
 @pytest.mark.parametrize(
@@ -327,8 +333,8 @@ def test_score_histogram_bins_and_edges() -> None:
 def test_histograms_are_additive_across_sites() -> None:
     y, p = _random_case(4, n=150)
     parts = np.array_split(np.arange(150), 3)
-    summed = sum(M.score_histogram(y[i], p[i]) for i in parts)
-    assert np.array_equal(summed, M.score_histogram(y, p))
+    summed = sum(M.score_histogram(y[i], p[i], BINS) for i in parts)
+    assert np.array_equal(summed, M.score_histogram(y, p, BINS))
 
 
 def test_histogram_metrics_exact_on_bin_centres() -> None:
@@ -339,7 +345,7 @@ def test_histogram_metrics_exact_on_bin_centres() -> None:
         y = rng.integers(0, 2, 300)
         y[:2] = (0, 1)
         p = centres[np.clip((rng.beta(2 + 2 * y, 3) * 1000).astype(int), 0, 999)]
-        m = M.metrics_from_histogram(M.score_histogram(y, p))
+        m = M.metrics_from_histogram(M.score_histogram(y, p, BINS))
         assert m["auroc"] == roc_auc_score(y, p)
         assert m["auprc"] == average_precision_score(y, p)
 
@@ -352,7 +358,7 @@ def test_histogram_metrics_close_to_sklearn_on_raw_scores() -> None:
         for n, key, tol in ((500, "auroc", 1e-3), (5000, "auroc", 1e-3), (5000, "auprc", 1e-3)):
             y = rng.integers(0, 2, n)
             p = np.where(y == 1, rng.beta(3, 2, n), rng.beta(2, 3, n))
-            m = M.metrics_from_histogram(M.score_histogram(y, p))
+            m = M.metrics_from_histogram(M.score_histogram(y, p, BINS))
             ref = roc_auc_score(y, p) if key == "auroc" else average_precision_score(y, p)
             assert abs(m[key] - ref) < tol, (seed, n, key)
 
@@ -360,8 +366,8 @@ def test_histogram_metrics_close_to_sklearn_on_raw_scores() -> None:
 def test_histogram_metrics_degenerate_and_bad() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        only_neg = M.metrics_from_histogram(M.score_histogram([0, 0], [0.2, 0.3]))
-        only_pos = M.metrics_from_histogram(M.score_histogram([1, 1], [0.2, 0.3]))
+        only_neg = M.metrics_from_histogram(M.score_histogram([0, 0], [0.2, 0.3], BINS))
+        only_pos = M.metrics_from_histogram(M.score_histogram([1, 1], [0.2, 0.3], BINS))
     assert np.isnan(only_neg["auroc"]) and np.isnan(only_neg["auprc"])
     assert np.isnan(only_pos["auroc"]) and only_pos["auprc"] == 1.0
     with pytest.raises(ValueError, match="shape"):

@@ -17,11 +17,11 @@ from server.tracking import Tracker, search_runs
 from simulations.scenario import build_synthetic_scenario
 from strnet import metrics as M
 from strnet.bundle import load_bundle
+from strnet.centralized import run_centralized
 from strnet.cli import main as cli_main
 from strnet.errors import DataError
 from strnet.evaluation import evaluate_bundle
 from strnet.predict import predict_files
-from strnet.training import train_centralized
 
 
 def tiny_config(root: Path, manifest: Path, **extra: str):  # type: ignore[no-untyped-def]
@@ -52,7 +52,7 @@ def trained(scenario, tmp_path_factory: pytest.TempPathFactory):  # type: ignore
     root = tmp_path_factory.mktemp("train")
     cfg = tiny_config(root, scenario.manifest)
     tracker = Tracker(uri=f"sqlite:///{root / 'mlflow.db'}", experiment="test")
-    result = train_centralized(cfg, tracker=tracker, progress=False)
+    result = run_centralized(cfg, tracker=tracker, progress=False)
     return root, cfg, result, tracker
 
 
@@ -74,22 +74,22 @@ def test_training_writes_bundle_with_frozen_threshold(trained) -> None:  # type:
 def test_same_seed_gives_same_metrics(scenario, trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     _, _, first, _ = trained
     cfg = tiny_config(tmp_path, scenario.manifest)
-    again = train_centralized(cfg, tracker=None, progress=False)
-    a = [h["loss_total"] for h in first.history]
-    b = [h["loss_total"] for h in again.history]
+    again = run_centralized(cfg, tracker=None, progress=False)
+    a = [h["train_loss_total"] for h in first.history]
+    b = [h["train_loss_total"] for h in again.history]
     assert a == pytest.approx(b, rel=1e-6)
     assert again.threshold["value"] == first.threshold["value"]
 
 
 def test_resume_continues_from_checkpoint(scenario, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    full = train_centralized(tiny_config(tmp_path / "full", scenario.manifest, **{"train.epochs": "3"}), progress=False)
+    full = run_centralized(tiny_config(tmp_path / "full", scenario.manifest, **{"train.epochs": "3"}), progress=False)
     part = tiny_config(tmp_path / "part", scenario.manifest, **{"train.epochs": "2"})
-    train_centralized(part, progress=False)
-    resumed = train_centralized(
+    run_centralized(part, progress=False)
+    resumed = run_centralized(
         tiny_config(tmp_path / "part", scenario.manifest, **{"train.epochs": "3"}), resume=True, progress=False
     )
     assert len(resumed.history) == 3
-    assert resumed.history[-1]["loss_total"] == pytest.approx(full.history[-1]["loss_total"], rel=1e-5)
+    assert resumed.history[-1]["train_loss_total"] == pytest.approx(full.history[-1]["train_loss_total"], rel=1e-5)
 
 
 def test_evaluate_matches_sklearn_on_same_predictions(scenario, trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -100,11 +100,11 @@ def test_evaluate_matches_sklearn_on_same_predictions(scenario, trained, tmp_pat
 
     test = read_manifest(scenario.manifest)
     test = test[test["split"] == "test"].reset_index(drop=True)
-    ev = evaluate_bundle(bundle, test, tmp_path / "eval", cache=None, n_boot=50)
+    ev = evaluate_bundle(bundle, test, tmp_path / "eval", cache=None, n_boot=50, seed=1, n_bins=1000)
     pred = pd.read_csv(tmp_path / "eval" / "predictions.csv", keep_default_na=False)
     y = (pred["label_cls"] != "normal").astype(int).to_numpy()
     p = pred["prob_bone_loss"].astype(float).to_numpy()
-    scr = ev.metrics["screening"]
+    scr = {k[len("screening_") :]: v for k, v in ev.metrics.items() if k.startswith("screening_")}
     assert scr["auroc"] == pytest.approx(roc_auc_score(y, p))
     assert scr["auprc"] == pytest.approx(average_precision_score(y, p))
     flag = p >= bundle.threshold
@@ -197,8 +197,10 @@ def test_evaluate_without_labels_gives_predictions_only(scenario, trained, tmp_p
     df = read_manifest(scenario.site_manifests["hospital"]).head(6)
     df["label_cls"] = ""
     df["t_score"] = float("nan")
-    ev = evaluate_bundle(load_bundle(result.bundle_dir), df, tmp_path / "unlabelled", cache=None, n_boot=10)
-    assert ev.metrics["n_labelled"] == 0 and "screening" not in ev.metrics
+    ev = evaluate_bundle(
+        load_bundle(result.bundle_dir), df, tmp_path / "unlabelled", cache=None, n_boot=10, seed=1, n_bins=1000
+    )
+    assert ev.n_labelled == 0 and ev.metrics["screening_n"] == 0 and np.isnan(ev.metrics["screening_auroc"])
     pred = pd.read_csv(tmp_path / "unlabelled" / "predictions.csv")
     assert len(pred) == 6 and pred["prob_bone_loss"].between(0, 1).all()
     assert "no labels" in (tmp_path / "unlabelled" / "report.md").read_text()

@@ -1,0 +1,103 @@
+"""A federated run: discover the sites, FedAvg rounds under the recipe, pooled τ*, frozen evaluation, finish.
+
+Everything after the Grid is plain Python, testable in-process with a Grid stand-in; the finish (bundle,
+``summary.json``, table, figures, tracking) is :meth:`strnet.run.Run.finish`, the same as ``strnet train``'s.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord
+from flwr.serverapp import Grid
+
+from configs.schema import Config
+from server.discovery import discover_sites
+from server.frozen import frozen_evaluation
+from server.pooled import QuorumError, pool, pooled_threshold
+from server.strategy import SiteFedAvg
+from strnet.engine import RecipeSchedule, seed_everything
+from strnet.model import build_strnet
+from strnet.protocol import config_digest
+from strnet.run import Run, RunResult, SiteResult, Tracker, recipe
+from strnet.scoring import task_metrics
+from strnet.sufficient import EvaluationCounts
+
+
+def initial_state(cfg: Config) -> dict[str, torch.Tensor]:
+    """The global model's starting weights, built as ``strnet train`` builds its model (same seed, same init);
+    pretrained weights load here, on the server, from a path."""
+    seed_everything(cfg.seed)
+    m = cfg.model
+    model = build_strnet(backbone=m.backbone, weights=m.weights, neck_dim=m.neck_dim, dropout=m.dropout)
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def run_federated(grid: Grid, cfg: Config, *, tracker: Tracker | None = None) -> RunResult:
+    fed, th = cfg.federation, cfg.threshold
+    with Run(cfg, mode="federated", tracker=tracker, tags={"strategy": fed.strategy}) as run:
+        config_json = json.dumps(cfg.to_dict())
+        digest = config_digest(config_json)
+        nodes = discover_sites(grid, cfg, config_json, run.problem)
+        roles = {e.site: e.role for e in nodes.values()}
+        site_table = {e.site: {"role": e.role, "node_id": n, **e.counts} for n, e in nodes.items()}
+        train_nodes = {n: e.site for n, e in nodes.items() if e.role == "train"}
+        run.log_data(
+            {"sites": site_table}, sites=",".join(sorted(roles)), train_sites=",".join(sorted(train_nodes.values()))
+        )
+        strategy = SiteFedAvg(
+            train_nodes=train_nodes,
+            quorum=fed.quorum,
+            threshold=th,
+            schedule=RecipeSchedule(cfg.train),
+            monitor=cfg.train.monitor,
+            config_digest=digest,
+            on_round=run.log_step,
+            problem=run.problem,
+        )
+        strategy.start(
+            grid=grid, initial_arrays=ArrayRecord(initial_state(cfg)), num_rounds=fed.rounds, timeout=fed.round_timeout
+        )
+        if strategy.best_round is None or strategy.best_arrays is None:
+            raise QuorumError(
+                f"no round produced pooled validation statistics (quorum {fed.quorum}): " + "; ".join(strategy.problems)
+            )
+        # τ* from the kept round's pooled validation counts, as centralized training chooses it on its best epoch
+        best_val = strategy.round_pooled[strategy.best_round]
+        pooled_sites = strategy.round_sites[strategy.best_round]
+        threshold = pooled_threshold(best_val, th, sites=pooled_sites, excluded=strategy.problems)
+        tau = float(threshold["value"])
+        frozen = frozen_evaluation(grid, cfg, nodes, strategy.best_arrays, tau, digest, run.problem)
+
+        def pooled(split: str) -> EvaluationCounts:
+            parts = {s: c[split] for s, c in frozen.items() if roles[s] == "train" and split in c}
+            if not parts:
+                run.problem(f"frozen evaluation: no training site returned its {split} counts")
+                return EvaluationCounts.empty(th.histogram_bins)
+            return pool(parts, quorum=1, what=f"pooled {split}")
+
+        def score(counts: EvaluationCounts) -> dict[str, float]:
+            return task_metrics(counts, tau, n_boot=cfg.evaluate.bootstrap, seed=cfg.seed)
+
+        val_counts, test_counts = pooled("val"), pooled("test")
+        training: dict[str, Any] = {
+            "rounds_run": strategy.rounds_run,
+            "stopped_early": strategy.rounds_run < fed.rounds,
+            "best_score": strategy.schedule.best_score,
+            "quorum": fed.quorum,
+            "sites": site_table,
+        }
+        return run.finish(
+            state_dict=strategy.best_arrays.to_torch_state_dict(),
+            threshold=threshold,
+            val=score(val_counts),
+            test=score(test_counts),
+            sites={s: SiteResult(roles[s], score(c["test"])) for s, c in frozen.items()},
+            training=training,
+            recipe=recipe(cfg, "federated"),
+            val_hist=val_counts.hist,
+            test_hist=test_counts.hist,
+            best_step=strategy.best_round,
+        )

@@ -1,0 +1,44 @@
+"""Frozen evaluation: the kept model and τ* go to every site (external ones included); no site updates it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from configs.schema import Config
+from server.discovery import SiteNode
+from server.replies import reply_content, stats_arrays
+from strnet.errors import SiteError
+from strnet.protocol import PROTOCOL_VERSION, Field, Key, MessageKind, decode_splits
+from strnet.sufficient import EvaluationCounts
+
+
+def frozen_evaluation(
+    grid: Grid,
+    cfg: Config,
+    nodes: dict[int, SiteNode],
+    arrays: ArrayRecord,
+    tau: float,
+    config_digest: str,
+    problem: Callable[[str], None],
+) -> dict[str, dict[str, EvaluationCounts]]:
+    """site -> split (``test``: its evaluation cohort; ``val``: a training site's validation split) -> counts."""
+    instruction = ConfigRecord(
+        {Field.VERSION: PROTOCOL_VERSION, Field.CONFIG_DIGEST: config_digest, Field.THRESHOLD: float(tau)}
+    )
+    record = RecordDict({Key.ARRAYS: arrays, Key.CONFIG: instruction})
+    messages = [Message(content=record, message_type=MessageKind.FROZEN, dst_node_id=n) for n in sorted(nodes)]
+    out: dict[str, dict[str, EvaluationCounts]] = {}
+    for msg in grid.send_and_receive(messages, timeout=cfg.federation.round_timeout):
+        node = msg.metadata.src_node_id
+        site = nodes[node].site if node in nodes else f"<unknown node {node}>"
+        try:
+            if node not in nodes:
+                raise SiteError(site, "reply from a node that never announced its site")
+            arrays_in = stats_arrays(reply_content(msg, site), site)
+            out[site] = decode_splits(site, arrays_in, n_bins=cfg.threshold.histogram_bins)
+        except SiteError as exc:
+            problem(f"frozen evaluation: {exc}")
+    return out

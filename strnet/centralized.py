@@ -1,0 +1,169 @@
+"""Centralized training (``strnet train``): the pooled training sites' cases on one machine.
+
+Fit with the recipe, choose τ* on validation, evaluate the frozen model on the test split and every external
+site, then hand everything to :meth:`strnet.run.Run.finish` — the same finish the federation uses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from configs.schema import Config
+from strnet.bundle import Bundle
+from strnet.cases import (
+    audit_summary,
+    data_summary,
+    external_sites,
+    load_cases,
+    training_manifests,
+    warm_cache,
+)
+from strnet.data.cache import PreprocessCache
+from strnet.data.manifest import read_manifest
+from strnet.engine import (
+    autocast_dtype,
+    fit,
+    make_loader,
+    predict_loader,
+    resolve_device,
+    seed_everything,
+    split_frames,
+)
+from strnet.errors import DataError
+from strnet.evaluation import EvaluationResult, evaluate_bundle, frame_metrics
+from strnet.model import build_strnet
+from strnet.run import Run, RunResult, SiteResult, Tracker, recipe
+from strnet.scoring import evaluation_metrics
+from strnet.sufficient import ValidationCounts
+
+
+def run_centralized(
+    cfg: Config,
+    *,
+    tracker: Tracker | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    tags: dict[str, str] | None = None,
+) -> RunResult:
+    with Run(cfg, mode="centralized", tracker=tracker, tags=tags or {}) as run:
+        out_dir = Path(cfg.output_dir)
+        seed_everything(cfg.seed)
+        cache = PreprocessCache(Path(cfg.data.cache_dir))
+        df, skipped = warm_cache(
+            load_cases(training_manifests(cfg)), cfg.preprocess, cache, workers=cfg.data.num_workers
+        )
+        for line in skipped:
+            run.problem(f"skipped: {line}")
+        splits = split_frames(df)
+        for name in ("train", "val"):
+            if splits[name].empty or (splits[name]["label_cls"] == "").all():
+                where = ", ".join(training_manifests(cfg))
+                raise DataError(where, f"no labelled {name} cases: run `strnet data split` first")
+        summary = data_summary(df)
+        audit = audit_summary(df, cfg.data.audit_max_distance)
+        if audit["cross_split_groups"]:
+            run.problem(
+                f"{audit['cross_split_groups']} duplicate group(s) span two splits (leakage): "
+                "re-split with `strnet data split`, which keeps duplicate groups together"
+            )
+        run.log_data({"data": summary, "audit": audit}, data_fingerprint=summary["fingerprint"])
+
+        device = resolve_device()
+        m = cfg.model
+        model = build_strnet(backbone=m.backbone, weights=m.weights, neck_dim=m.neck_dim, dropout=m.dropout)
+        result = fit(
+            model,
+            splits["train"],
+            splits["val"],
+            params=cfg.train,
+            seed=cfg.seed,
+            preprocess=cfg.preprocess,
+            augment=cfg.augment,
+            loss_weights=cfg.loss,
+            cache=cache,
+            n_bins=cfg.threshold.histogram_bins,
+            num_workers=cfg.data.num_workers,
+            device=device,
+            checkpoint_path=out_dir / "checkpoint.pt",
+            resume=resume,
+            config_dict=cfg.to_dict(),
+            on_epoch_end=run.log_step,
+            progress=progress,
+        )
+        model.load_state_dict(result.best_state)
+        val_preds = _predict(model, splits["val"], cfg, cache, device)
+        th = cfg.threshold
+        val_counts = ValidationCounts.from_predictions(val_preds, grid=th.grid(), n_bins=th.histogram_bins)
+        threshold = val_counts.threshold(th.grid(), th.min_sensitivity) | {
+            "chosen_on": "validation split, all training sites' cases (centralized)",
+            "sites": summary["sites"],
+            "n_cases": val_counts.n_cases,
+            "grid": [th.grid_start, th.grid_stop, th.grid_step],
+        }
+        tau = float(threshold["value"])
+        n_boot, n_bins = cfg.evaluate.bootstrap, th.histogram_bins
+        val_metrics, _ = evaluation_metrics(val_preds, tau, n_bins=n_bins, n_boot=n_boot, seed=cfg.seed)
+        frozen = Bundle(model.cpu().eval(), {"threshold": threshold, "preprocess": cfg.preprocess.to_dict()})
+        reports: dict[str, Path] = {}
+        sites: dict[str, SiteResult] = {}
+        test_metrics: dict[str, float] = {}
+        test_hist = None
+        if not splits["test"].empty:
+            ev = _evaluate(frozen, splits["test"], out_dir / "test_report", f"{cfg.name}: frozen test evaluation", cfg)
+            test_metrics, test_hist, reports["test_report"] = ev.metrics, ev.counts.hist, ev.out_dir
+            for site, part in ev.predictions.groupby("site"):
+                own, _ = frame_metrics(part, tau, n_bins=n_bins, n_boot=n_boot, seed=cfg.seed)
+                sites[str(site)] = SiteResult("train", own)
+        for site in external_sites(cfg):
+            title = f"{cfg.name}: frozen external evaluation at {site.name}"
+            ev = _evaluate(frozen, read_manifest(site.manifest), out_dir / f"external_{site.name}", title, cfg)
+            sites[site.name] = SiteResult("external", ev.metrics)
+            reports[f"external_{site.name}"] = ev.out_dir
+        return run.finish(
+            state_dict=result.best_state,
+            threshold=threshold,
+            val=val_metrics,
+            test=test_metrics,
+            sites=sites,
+            training={
+                "data": summary,
+                "audit": audit,
+                "epochs_run": result.epochs_run,
+                "stopped_early": result.stopped_early,
+                "best_score": result.best_score,
+            },
+            recipe=recipe(cfg, "centralized"),
+            val_hist=val_counts.hist,
+            test_hist=test_hist,
+            best_step=result.best_epoch,
+            artifacts=reports,
+        )
+
+
+def _predict(
+    model: torch.nn.Module, df: pd.DataFrame, cfg: Config, cache: PreprocessCache, device: torch.device
+) -> dict[str, Any]:
+    t = cfg.train
+    loader = make_loader(
+        df, cfg.preprocess, cache, batch_size=t.eval_batch_size, augment=None, shuffle=False, seed=cfg.seed
+    )
+    amp = autocast_dtype(t.precision, device)
+    return predict_loader(model, loader, device=device, amp_dtype=amp, channels_last=t.channels_last)
+
+
+def _evaluate(bundle: Bundle, df: pd.DataFrame, out: Path, title: str, cfg: Config) -> EvaluationResult:
+    return evaluate_bundle(
+        bundle,
+        df,
+        out,
+        cache=PreprocessCache(Path(cfg.data.cache_dir)),
+        title=title,
+        n_boot=cfg.evaluate.bootstrap,
+        seed=cfg.seed,
+        n_bins=cfg.threshold.histogram_bins,
+        precision=cfg.train.precision,
+    )

@@ -1,0 +1,130 @@
+"""The wire protocol between the ServerApp and the ClientApps: message kinds, record keys, payload types.
+
+Flower-free, so ``client/`` and ``server/`` import the same names from here and never keep keys in step by
+convention (MONAI ``fl/utils/constants.py`` style). Statistics travel as typed arrays (dtype and shape kept) in
+an ``ArrayRecord`` under :attr:`Key.STATS`; every message and every reply carries :data:`PROTOCOL_VERSION`, and
+a peer speaking another version is refused with an error that names it.
+
+A run's resolved configuration travels once, in the site-info query; later messages carry its digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from strnet.errors import SiteError
+from strnet.sufficient import EvaluationCounts, ValidationCounts
+
+PROTOCOL_VERSION = 2
+
+
+class MessageKind:
+    """Flower message types (``<type>.<action>``; the ClientApp registers the action part).
+
+    Plain ``str`` constants (not an Enum) so they go into Flower records and protobuf maps unchanged.
+    """
+
+    SITE_INFO = "query.site_info"  # who are you, how many cases; carries the run's configuration
+    TRAIN = "train"  # local epochs from the global weights at the round's learning rate
+    VAL_STATS = "query.val_stats"  # ValidationCounts of the global model
+    FROZEN = "evaluate.frozen"  # EvaluationCounts of the final model at τ*
+
+    @staticmethod
+    def action(kind: str) -> str:
+        return kind.partition(".")[2]
+
+
+class Key:
+    """Records inside a message's RecordDict."""
+
+    ARRAYS = "arrays"  # ArrayRecord: model weights
+    STATS = "stats"  # ArrayRecord: ValidationCounts / EvaluationCounts fields
+    CONFIG = "config"  # ConfigRecord: the instruction's settings (Field below)
+    METRICS = "metrics"  # MetricRecord: scalars (losses, counts, the FedAvg weight)
+    INFO = "info"  # ConfigRecord on every reply: site, role, protocol version
+
+
+class Field:
+    """Entries of the CONFIG and INFO records."""
+
+    VERSION = "protocol-version"
+    CONFIG_JSON = "config-json"
+    CONFIG_DIGEST = "config-digest"
+    SERVER_ROUND = "server-round"
+    LEARNING_RATE = "lr"
+    THRESHOLD = "threshold"
+    SITE = "site"
+    ROLE = "role"
+
+
+WEIGHT = "num-examples"  # FedAvg's weight in a train reply's MetricRecord (Flower's own key)
+
+
+class ProtocolError(SiteError):
+    """A peer that speaks another protocol version or sends a message this version does not know."""
+
+
+def config_digest(config_json: str) -> str:
+    return hashlib.sha256(config_json.encode()).hexdigest()[:16]
+
+
+def check_version(value: Any, site: str) -> None:
+    if value != PROTOCOL_VERSION:
+        raise ProtocolError(
+            site,
+            f"speaks protocol version {value!r}, this side speaks {PROTOCOL_VERSION}: "
+            "install the same strnet version on the server and every site",
+        )
+
+
+def encode(stats: ValidationCounts | EvaluationCounts) -> dict[str, np.ndarray]:
+    """Field name -> array, dtype and shape as computed (int64 counts, float64 sums)."""
+    return stats.arrays()
+
+
+def encode_splits(counts: Mapping[str, EvaluationCounts]) -> dict[str, np.ndarray]:
+    """A frozen evaluation's counts per split (``test``, ``val``) as ``<split>.<field>`` arrays."""
+    return {f"{split}.{k}": v for split, c in counts.items() for k, v in encode(c).items()}
+
+
+def decode_splits(site: str, arrays: Mapping[str, np.ndarray], *, n_bins: int) -> dict[str, EvaluationCounts]:
+    """The inverse of :func:`encode_splits`, each split checked by :func:`decode_evaluation`."""
+    by_split: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in arrays.items():
+        split, _, name = key.partition(".")
+        by_split.setdefault(split, {})[name] = value
+    if "test" not in by_split or set(by_split) - {"test", "val"}:
+        raise SiteError(site, f"malformed evaluation statistics: splits {sorted(by_split)}, expected test [and val]")
+    return {split: decode_evaluation(site, values, n_bins=n_bins) for split, values in by_split.items()}
+
+
+def _arrays(site: str, arrays: Mapping[str, np.ndarray], names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    missing = [n for n in names if n not in arrays]
+    extra = sorted(set(arrays) - set(names))
+    if missing or extra:
+        raise SiteError(site, f"malformed statistics: missing {missing}, unexpected {extra}")
+    return {n: np.asarray(arrays[n]) for n in names}
+
+
+def decode_validation(site: str, arrays: Mapping[str, np.ndarray], *, n_bins: int, n_grid: int) -> ValidationCounts:
+    """Validation counts from a reply, checked (shape, dtype, consistency) with errors naming the site."""
+    stats = ValidationCounts(**_arrays(site, arrays, ("hist", "tp", "fp", "tn", "fn")))
+    try:
+        stats.check(n_bins=n_bins, n_grid=n_grid)
+    except ValueError as exc:
+        raise SiteError(site, f"validation statistics: {exc}") from exc
+    return stats
+
+
+def decode_evaluation(site: str, arrays: Mapping[str, np.ndarray], *, n_bins: int) -> EvaluationCounts:
+    names = ("hist", "at_threshold", "brier_sum", "severity_hist", "tscore_sums")
+    stats = EvaluationCounts(**_arrays(site, arrays, names))
+    try:
+        stats.check(n_bins=n_bins)
+    except ValueError as exc:
+        raise SiteError(site, f"evaluation statistics: {exc}") from exc
+    return stats

@@ -1,0 +1,275 @@
+"""One way a run ends, for both modes: bundle, ``summary.json``, evaluation table, figures, tracking, status.
+
+``strnet train`` and the federation's ServerApp both do their own training and evaluation, then hand the
+results to :meth:`Run.finish`; neither writes an output file or a tracked metric by hand. ``with Run(...)``
+marks the tracked run FAILED on any exception (MLflow's ``with start_run()`` idiom), in both modes.
+
+The tracker is any object with the small interface of :class:`Tracker` (``server.tracking.Tracker``
+implements it with MLflow), so this module stays free of MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+
+from configs.loader import flatten
+from configs.schema import Config
+from strnet import plots
+from strnet.bundle import save_bundle
+from strnet.evaluation import strict_json
+from strnet.model import build_strnet, count_params
+from strnet.scoring import prefixed
+
+Mode = Literal["centralized", "federated"]
+TABLE_METRICS = (
+    "screening_auroc",
+    "screening_auprc",
+    "screening_sensitivity",
+    "screening_specificity",
+    "screening_ppv",
+    "screening_npv",
+    "severity_auroc",
+    "t_score_mae",
+    "t_score_rmse",
+    "t_score_pearson_r",
+)
+
+
+class Tracker(Protocol):
+    def start(self, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> str | None: ...
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def log_dict(self, data: dict[str, Any], name: str) -> None: ...
+    def set_tags(self, tags: dict[str, Any]) -> None: ...
+    def end(self, status: str = "FINISHED") -> None: ...
+
+
+@dataclass
+class SiteResult:
+    """One site's frozen evaluation: its role and its own ``{task}_{metric}`` values (test split / cohort)."""
+
+    role: str
+    metrics: dict[str, float]
+
+
+@dataclass
+class RunResult:
+    bundle_dir: Path
+    threshold: dict[str, Any]
+    metrics: dict[str, float]  # pooled: val_*, test_*, tau_star, best_step, wall_seconds
+    sites: dict[str, SiteResult]
+    table: pd.DataFrame
+    history: list[dict[str, float]]
+    problems: list[str]
+    seconds: float
+    run_id: str | None
+
+    def describe(self) -> str:
+        """A few readable lines for the console: where the model is, τ*, pooled and per-site results."""
+        m, th = self.metrics, self.threshold
+        lines = [
+            f"bundle: {self.bundle_dir}",
+            f"tau* = {th['value']:.2f} ({th['rule']}, chosen on {th['n_cases']} validation cases), "
+            f"kept step {m['best_step']:.0f}, {self.seconds:.0f} s",
+        ]
+        keys = ("auroc", "auprc", "sensitivity", "specificity")
+        for split in ("val", "test"):
+            values = ", ".join(f"{k} {m.get(f'{split}_screening_{k}', math.nan):.3f}" for k in keys)
+            lines.append(f"  pooled {split:4s} {values}")
+        for name, s in sorted(self.sites.items()):
+            lines.append(
+                f"  {name} ({s.role}, n={s.metrics['screening_n']:.0f}): AUROC {s.metrics['screening_auroc']:.3f}, "
+                f"sensitivity {s.metrics['screening_sensitivity']:.3f}, specificity "
+                f"{s.metrics['screening_specificity']:.3f}"
+            )
+        if self.problems:
+            lines.append(f"  {len(self.problems)} problem(s), listed in summary.json")
+        if self.run_id:
+            lines.append(f"  MLflow run {self.run_id}")
+        return "\n".join(lines)
+
+
+@dataclass
+class Run:
+    """A run of either mode, from its start (tracked parameters, tags) to its finished outputs."""
+
+    cfg: Config
+    mode: Mode
+    tracker: Tracker | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    run_id: str | None = None
+
+    def __post_init__(self) -> None:
+        self.out_dir = Path(self.cfg.output_dir)
+        self._t0 = time.perf_counter()
+
+    def __enter__(self) -> Run:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._t0 = time.perf_counter()
+        if self.tracker is not None:
+            tags = {"mode": self.mode, **self.tags}
+            self.run_id = self.tracker.start(self.cfg.name, tags=tags, params=flatten(self.cfg.to_dict()))
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if exc_type is not None and self.tracker is not None:
+            self.tracker.end(status="FAILED")
+
+    def log_data(self, summary: dict[str, Any], **tags: str) -> None:
+        """What the run saw (counts and fingerprints only), as an artifact and tags."""
+        if self.tracker is not None:
+            self.tracker.log_dict(strict_json(summary), "data_summary.json")
+            if tags:
+                self.tracker.set_tags(tags)
+
+    def log_step(self, step: int, row: dict[str, float]) -> None:
+        """One epoch (centralized) or round (federated) of the learning curve, under ``history/``."""
+        self.history.append({"step": float(step), **row})
+        if self.tracker is not None:
+            self.tracker.log_metrics({history_name(k): v for k, v in row.items()}, step=step)
+
+    def problem(self, text: str) -> None:
+        self.problems.append(text)
+        print(f"warning: {text}", file=sys.stderr)
+
+    def finish(
+        self,
+        *,
+        state_dict: dict[str, torch.Tensor],
+        threshold: dict[str, Any],
+        val: dict[str, float],
+        test: dict[str, float],
+        sites: dict[str, SiteResult],
+        training: dict[str, Any],
+        recipe: dict[str, Any],
+        val_hist: np.ndarray | None,
+        test_hist: np.ndarray | None,
+        best_step: int,
+        artifacts: dict[str, Path] | None = None,
+    ) -> RunResult:
+        """Write every output of a finished run, log it, and end the tracked run as FINISHED."""
+        bundle_dir = save_bundle(
+            self.out_dir / "bundle",
+            state_dict=state_dict,
+            model_config=model_config(self.cfg),
+            preprocess=self.cfg.preprocess,
+            threshold=threshold,
+            training={
+                "mode": self.mode,
+                "recipe": recipe,
+                "best_step": best_step,
+                **training,
+                "config": self.cfg.to_dict(),
+                "problems": self.problems,
+            },
+        )
+        seconds = time.perf_counter() - self._t0
+        metrics = {
+            **prefixed(val, "val"),
+            **prefixed(test, "test"),
+            "tau_star": float(threshold["value"]),
+            "best_step": float(best_step),
+            "wall_seconds": seconds,
+        }
+        table = evaluation_table(sites, test)
+        table.to_csv(self.out_dir / "evaluation.csv", index=False)
+        figures = plots.run_figures(
+            self.out_dir / "figures", self.history, table, val_hist, test_hist, float(threshold["value"])
+        )
+        summary = {
+            "mode": self.mode,
+            "threshold": threshold,
+            "recipe": recipe,
+            "metrics": metrics,
+            "sites": {name: {"role": s.role, **prefixed(s.metrics, "test")} for name, s in sorted(sites.items())},
+            "problems": self.problems,
+        }
+        summary_path = self.out_dir / "summary.json"
+        summary_path.write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False))
+        if self.tracker is not None:
+            self.tracker.set_tags({f"recipe.{k}": v for k, v in recipe.items()})
+            self.tracker.log_metrics(metrics)
+            for name, s in sites.items():
+                self.tracker.log_metrics(prefixed(s.metrics, "test", site=name))
+            for path in (summary_path, self.out_dir / "evaluation.csv"):
+                self.tracker.log_artifact(path)
+            for path in figures.values():
+                self.tracker.log_artifact(path, "figures")
+            self.tracker.log_artifact(bundle_dir, "bundle")
+            for name, path in (artifacts or {}).items():
+                self.tracker.log_artifact(path, name)
+            if self.problems:
+                self.tracker.log_dict({"problems": self.problems}, "problems.json")
+            self.tracker.end()
+        return RunResult(
+            bundle_dir=bundle_dir,
+            threshold=threshold,
+            metrics=metrics,
+            sites=sites,
+            table=table,
+            history=self.history,
+            problems=self.problems,
+            seconds=seconds,
+            run_id=self.run_id,
+        )
+
+
+def history_name(key: str) -> str:
+    """``val_screening_auroc`` -> ``history/val_screening_auroc``; a site's own value keeps ``site.<name>.`` in
+    front (``site.a.history/val_screening_auroc``), so MLflow groups the curves by site."""
+    if key.startswith("site."):
+        site, _, rest = key[len("site.") :].partition(".")
+        return f"site.{site}.history/{rest}"
+    return f"history/{key}"
+
+
+def recipe(cfg: Config, mode: Mode) -> dict[str, Any]:
+    """The training recipe as run, in words both modes share; ``strnet compare`` prints where they differ."""
+    t, fed = cfg.train, cfg.federation
+    out: dict[str, Any] = {
+        "optimizer": f"AdamW lr {t.lr:g}, weight decay {t.weight_decay:g}, clip {t.grad_clip:g}, batch {t.batch_size}",
+        "schedule": f"plateau x{t.plateau_factor:g} after {t.plateau_patience}, early stop after "
+        f"{t.early_stop_patience} (not before {t.min_epochs})",
+        "monitor": f"validation {t.monitor} from the score histogram over all training sites' cases",
+        "warmup_epochs": cfg.loss.warmup_epochs,
+    }
+    if mode == "centralized":
+        return out | {"step": "epoch", "max_epochs": t.epochs, "optimizer_state": "continuous"}
+    kept = "kept at each site between rounds" if fed.keep_optimizer_state else "reset every round"
+    return out | {
+        "step": f"round of {fed.local_epochs} local epoch(s), FedAvg weighted by training cases",
+        "max_epochs": fed.rounds * fed.local_epochs,
+        "optimizer_state": kept,
+    }
+
+
+def model_config(cfg: Config) -> dict[str, Any]:
+    """The bundle's model section: the config's model, weights loaded from the bundle, parameter counts."""
+    model = build_strnet(backbone=cfg.model.backbone, weights="none", neck_dim=cfg.model.neck_dim)
+    return {**cfg.model.__dict__, "weights": "none", "init_weights": cfg.model.weights, **count_params(model)}
+
+
+def evaluation_table(sites: dict[str, SiteResult], pooled_test: dict[str, float]) -> pd.DataFrame:
+    """One row per site (its own frozen metrics at τ*) plus the pooled row over the training sites' test splits."""
+    rows = [
+        {"site": name, "role": s.role, "n": s.metrics.get("screening_n", math.nan)}
+        | {k: s.metrics.get(k, math.nan) for k in TABLE_METRICS}
+        for name, s in sorted(sites.items())
+    ]
+    rows.append(
+        {"site": "pooled (training sites' test splits)", "role": "pooled", "n": pooled_test.get("screening_n")}
+        | {k: pooled_test.get(k, math.nan) for k in TABLE_METRICS}
+    )
+    return pd.DataFrame(rows, columns=["site", "role", "n", *TABLE_METRICS])
