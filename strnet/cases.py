@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import pandas as pd
+from tqdm import tqdm
 
 from configs.schema import Config, SiteConfig
 from strnet.data.audit import audit_manifest
@@ -40,8 +41,12 @@ def load_cases(manifests: Iterable[str]) -> pd.DataFrame:
 def warm_cache(
     df: pd.DataFrame, preprocess: PreprocessParams, cache: PreprocessCache, *, workers: int
 ) -> tuple[pd.DataFrame, list[str]]:
-    """Preprocess every case once; cases whose image cannot be read are dropped with their reason."""
-    problems = cache.warm(df, preprocess, workers=max(1, workers))
+    """Preprocess every case once; cases whose image cannot be read are dropped with their reason.
+
+    Shows a progress bar on a terminal (tqdm stays quiet in logs and CI).
+    """
+    with tqdm(total=len(df), desc="preprocess", unit="img", leave=False, disable=None) as bar:
+        problems = cache.warm(df, preprocess, workers=max(1, workers), progress=lambda done, total: bar.update(1))
     bad = {p.split(": ", 1)[0] for p in problems}
     keep = ~df["path"].isin(bad)
     return df[keep].reset_index(drop=True), problems

@@ -141,13 +141,11 @@ def train_one_epoch(
     loss_fn: MultiTaskLoss,
     optimizer: torch.optim.Optimizer,
     *,
+    params: TrainParams,
     epoch: int,
+    seed: int,
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
-    channels_last: bool = False,
-    grad_clip: float | None = 1.0,
-    max_steps: int | None = None,
-    seed: int,
     progress: bool = True,
     desc: str = "train",
 ) -> dict[str, float]:
@@ -169,17 +167,17 @@ def train_one_epoch(
     start = time.perf_counter()
     bar = tqdm(loader, desc=f"{desc} {epoch}", leave=False, disable=None if progress else True, unit="batch")
     for step, batch in enumerate(bar):
-        if max_steps is not None and step >= max_steps:
+        if params.max_steps_per_epoch is not None and step >= params.max_steps_per_epoch:
             break
-        batch = _to_device(batch, device, channels_last)
+        batch = _to_device(batch, device, params.channels_last)
         with _autocast(device, amp_dtype):
             outputs = model(batch["image"], batch["tabular"])
         outputs = {k: v.float() for k, v in outputs.items()}
         loss, parts = loss_fn(outputs, batch, epoch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if params.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
         optimizer.step()
         bs = int(batch["image"].shape[0])
         n_seen += bs
@@ -388,13 +386,11 @@ def fit(
             train_loader,
             loss_fn,
             optimizer,
+            params=t,
             epoch=epoch,
             seed=seed,
             device=device,
             amp_dtype=amp_dtype,
-            channels_last=t.channels_last,
-            grad_clip=t.grad_clip,
-            max_steps=t.max_steps_per_epoch,
             progress=progress,
         )
         preds = predict_loader(model, val_loader, device=device, amp_dtype=amp_dtype, channels_last=t.channels_last)

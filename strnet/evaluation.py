@@ -49,7 +49,7 @@ def predict_frame(
     device = device or resolve_device()
     model = bundle.model.to(device)
     loader = make_loader(df, bundle.preprocess, cache, batch_size=batch_size, augment=None, shuffle=False, seed=0)
-    preds = predict_loader(model, loader, device=device, amp_dtype=autocast_dtype(precision, device))
+    preds = predict_loader(model, loader, device=device, amp_dtype=autocast_dtype(precision, device), progress=True)
     out = df.reset_index(drop=True).copy()
     order = preds["index"]
     out.loc[order, "prob_bone_loss"] = preds["prob_screen"]

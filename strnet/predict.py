@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from strnet.bundle import Bundle
 from strnet.data.bilateral import split_bilateral
@@ -152,7 +153,7 @@ def _gradcams(bundle: Bundle, df: pd.DataFrame, records: list[dict], out_dir: Pa
     ds = KneeDataset(df, bundle.preprocess, None, augment=None)
     model = bundle.model.cpu().float()
     mean, std = bundle.preprocess.mean, bundle.preprocess.std
-    for i, rec in enumerate(records):
+    for i, rec in enumerate(tqdm(records, desc="grad-cam", unit="knee", leave=False, disable=None)):
         item = ds[i]
         image = item["image"].unsqueeze(0)
         cam = grad_cam(model, image, item["tabular"].unsqueeze(0), layer=model.gradcam_layer, output="screen")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from flwr.supercore.task_identity import TaskIdentity
 
 from simulations.sites import write_sites
 
@@ -23,3 +24,12 @@ def real_data_dir() -> Path:
     if not REAL_DATA_DIR.is_dir():
         pytest.skip(f"real data not available at {REAL_DATA_DIR}")
     return REAL_DATA_DIR
+
+
+@pytest.fixture
+def flower_task_identity():
+    """Messages are stamped with the process's run/node/task ids, which a SuperLink/SuperNode sets; do the same."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved

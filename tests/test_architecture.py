@@ -53,3 +53,32 @@ def test_only_tracking_imports_mlflow() -> None:
         if any(n.split(".")[0] == "mlflow" for n in imported_modules(p, top_level_only=False))
     }
     assert users == {"server/tracking.py"}
+
+
+def test_client_and_server_share_one_wire_protocol() -> None:
+    """Record keys, message kinds and the version live in strnet/protocol.py only; both sides import them."""
+    for path in [
+        REPO / "client" / "app.py",
+        *(REPO / "server" / n for n in ("strategy.py", "discovery.py", "frozen.py")),
+    ]:
+        assert "strnet.protocol" in imported_modules(path, top_level_only=True), path.name
+    for pkg in ("client", "server", "strnet"):
+        for path in package_files(pkg):
+            if path.name == "protocol.py":
+                continue
+            tree = ast.parse(path.read_text())
+            names = {
+                t.id
+                for node in tree.body
+                if isinstance(node, ast.Assign)
+                for t in node.targets
+                if isinstance(t, ast.Name)
+            }
+            own = sorted(n for n in names if n.endswith("_KEY") or n.endswith("_TYPE") or n == "PROTOCOL_VERSION")
+            assert not own, f"{path.relative_to(REPO)} defines wire names {own} outside strnet/protocol.py"
+
+
+def test_a_site_does_not_load_the_centralized_run() -> None:
+    """A hospital node runs the engine; it never imports the centralized orchestration or the run finish."""
+    names = imported_modules(REPO / "strnet" / "site.py", top_level_only=False)
+    assert not names & {"strnet.centralized", "strnet.run", "strnet.training", "strnet.evaluation"}

@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import roc_auc_score
 
@@ -32,17 +31,9 @@ from strnet.protocol import PROTOCOL_VERSION, Field, Key, MessageKind, encode
 from strnet.sufficient import ValidationCounts
 from tests.local_grid import LocalGrid
 
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 TH = ThresholdConfig()
 GRID, BINS = TH.grid(), TH.histogram_bins
-
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Messages are stamped with the process's run/node/task ids, which a SuperLink/SuperNode sets; do the same."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 def site_scores(seed: int, n: int, shift: float) -> tuple[np.ndarray, np.ndarray]:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from flwr.supercore.task_identity import TaskIdentity
 from mlflow.tracking import MlflowClient
 
 from configs.schema import Config, load_config
@@ -20,13 +19,7 @@ from strnet.centralized import run_centralized
 from strnet.run import RunResult
 from tests.local_grid import LocalGrid
 
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 @pytest.fixture(scope="module")
