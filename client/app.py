@@ -84,14 +84,16 @@ def train(message: Message, context: Context) -> Message:
     runner = runner_for(message, context)
     instruction = message.content[Key.CONFIG]
     server_round = int(instruction[Field.SERVER_ROUND])
-    kept = context.state.get(OPTIMIZER_STATE) if runner.cfg.federation.keep_optimizer_state else None
+    keep = runner.cfg.federation.keep_optimizer_state
+    kept = context.state.get(OPTIMIZER_STATE) if keep else None
     new_state, metrics, n, optimizer = runner.train(
         _weights(message),
         lr=float(instruction[Field.LEARNING_RATE]),
         server_round=server_round,
         optimizer_state=bytes(kept["state"]) if kept is not None else None,
     )
-    context.state[OPTIMIZER_STATE] = ConfigRecord({"state": optimizer, Field.SERVER_ROUND: server_round})
+    if keep:  # AdamW moments are local state: they stay at the site, never in a reply
+        context.state[OPTIMIZER_STATE] = ConfigRecord({"state": optimizer, Field.SERVER_ROUND: server_round})
     return _reply(
         message,
         runner,

@@ -270,3 +270,14 @@ def test_a_site_on_another_protocol_version_is_named(scenario, tmp_path: Path) -
     result = run_federated(LocalGrid(3, tamper=old_release), load_config("demo", overrides))  # type: ignore[arg-type]
     assert "stage2" not in result.sites
     assert any("protocol version" in t and str(PROTOCOL_VERSION - 1) in t for t in result.problems)
+
+
+def test_optimizer_state_can_restart_every_round(scenario, tmp_path: Path) -> None:
+    overrides = [*_overrides(scenario, tmp_path), "federation.keep_optimizer_state=false", "tracking.enabled=false"]
+    grid = LocalGrid(3)
+    result = run_federated(grid, load_config("demo", overrides))  # type: ignore[arg-type]
+    assert all("strnet.optimizer" not in ctx.state for ctx in grid.contexts.values())
+    assert result.history[-1]["step"] == 2
+    assert json.loads((result.bundle_dir / "metadata.json").read_text())["training"]["recipe"]["optimizer_state"] == (
+        "reset every round"
+    )
