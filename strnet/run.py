@@ -125,6 +125,7 @@ class Run:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         if exc_type is not None and self.tracker is not None:
+            self.tracker.log_dict({"error": f"{exc_type.__name__}: {exc}", "problems": self.problems}, "problems.json")
             self.tracker.end(status="FAILED")
 
     def log_data(self, summary: dict[str, Any], **tags: str) -> None:

@@ -102,6 +102,8 @@ def test_a_run_that_raises_is_marked_failed_in_both_modes(scenario, tmp_path: Pa
         mlflow.set_tracking_uri(c.tracking.uri)
         runs = mlflow.search_runs(experiment_names=["parity"])
         assert runs["status"].tolist() == ["FAILED"], c.tracking.uri
+        problems = mlflow.artifacts.load_dict(f"runs:/{runs['run_id'][0]}/problems.json")
+        assert problems["error"].startswith(("RuntimeError: out of memory", "QuorumError"))
 
 
 def test_federated_one_site_follows_the_centralized_learning_rate_sequence(scenario, tmp_path: Path) -> None:
