@@ -21,7 +21,7 @@ from strnet.bundle import Bundle
 from strnet.data.cache import PreprocessCache
 from strnet.engine import autocast_dtype, make_loader, predict_loader, resolve_device
 from strnet.report import write_report
-from strnet.scoring import TASKS, evaluation_metrics
+from strnet.scoring import COUNT_METRICS, TASKS, evaluation_metrics
 from strnet.sufficient import EvaluationCounts, Predictions
 
 
@@ -176,7 +176,7 @@ def report_sections(metrics: dict[str, float]) -> dict[str, Any]:
             elif task == "t_score":
                 out["t_score"].setdefault("pearson_ci", [math.nan, math.nan])[name.endswith("_hi")] = value
             continue
-        out[task][name] = value
+        out[task][name] = int(value) if name in COUNT_METRICS and math.isfinite(value) else value
     return out
 
 
