@@ -67,6 +67,7 @@ class SiteFedAvg(FedAvg):
         self.best_round: int | None = None
         self.best_arrays: ArrayRecord | None = None
         self._train_row: dict[str, float] = {}
+        self._evaluated: ArrayRecord | None = None
         self._lr = schedule.lr
         self._reference: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
 
