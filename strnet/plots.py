@@ -340,7 +340,7 @@ def site_metrics_plot(table: pd.DataFrame, threshold: float, out: str | Path) ->
         for j, key in enumerate(keys):
             values = table[key].astype(float).to_numpy()
             ax.bar(x + (j - 1) * 0.27, np.nan_to_num(values), width=0.27, label=key.split("_", 1)[1])
-        ax.set_xticks(x, [str(s)[:18] for s in table["site"]], fontsize=7)
+        ax.set_xticks(x, [str(s).split(" (")[0][:18] for s in table["site"]], fontsize=7)
         ax.set(ylim=(0, 1.05), title=f"Frozen evaluation per site at τ* = {threshold:.2f}")
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3)
 
