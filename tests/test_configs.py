@@ -60,6 +60,9 @@ def test_unknown_key_is_rejected_with_its_full_name(tmp_path: Path) -> None:
         ("train.precision=fp8", "not one of"),
         ("preprocess.clip_percentiles=[1, 2, 3]", "expected 2 values"),
         ("threshold.min_sensitivity=1.5", "min_sensitivity"),
+        ("threshold.histogram_bins=7", "histogram_bins=7: every grid threshold must fall on a bin edge"),
+        ("train.min_epochs=-1", "train.min_epochs"),
+        ("federation.keep_optimizer_state=maybe", "expected true/false"),
         ("noequals", "expected key=value"),
     ],
 )
