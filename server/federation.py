@@ -35,9 +35,11 @@ def initial_state(cfg: Config) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
-def run_federated(grid: Grid, cfg: Config, *, tracker: Tracker | None = None) -> RunResult:
+def run_federated(
+    grid: Grid, cfg: Config, *, tracker: Tracker | None = None, tags: dict[str, str] | None = None
+) -> RunResult:
     fed, th = cfg.federation, cfg.threshold
-    with Run(cfg, mode="federated", tracker=tracker, tags={"strategy": fed.strategy}) as run:
+    with Run(cfg, mode="federated", tracker=tracker, tags={"strategy": fed.strategy, **(tags or {})}) as run:
         config_json = json.dumps(cfg.to_dict())
         digest = config_digest(config_json)
         nodes = discover_sites(grid, cfg, config_json, run.problem)

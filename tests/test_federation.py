@@ -20,6 +20,7 @@ from server.federation import run_federated
 from server.pooled import QuorumError, weighted_average
 from server.strategy import SiteFedAvg
 from server.tracking import Tracker
+from simulations.inprocess import InProcessGrid
 from simulations.scenario import build_synthetic_scenario
 from strnet import metrics as M
 from strnet.bundle import load_bundle
@@ -29,7 +30,6 @@ from strnet.engine import RecipeSchedule, TrainParams
 from strnet.evaluation import predict_frame
 from strnet.protocol import PROTOCOL_VERSION, Field, Key, MessageKind, encode
 from strnet.sufficient import ValidationCounts
-from tests.local_grid import LocalGrid
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 TH = ThresholdConfig()
@@ -184,7 +184,7 @@ def test_federated_run_in_process(scenario, tmp_path: Path) -> None:
     overrides = _overrides(scenario, tmp_path)
     cfg = config_from_run_config({"config": "demo", "overrides": " ".join(f"'{o}'" for o in overrides)})
     assert cfg == load_config("demo", overrides)
-    grid = LocalGrid(3)
+    grid = InProcessGrid(3)
     result = run_federated(grid, cfg, tracker=Tracker(uri=cfg.tracking.uri, experiment="fed-test"))  # type: ignore[arg-type]
 
     # external sites never train; every training site trains in every round
@@ -246,7 +246,7 @@ def test_federated_run_in_process(scenario, tmp_path: Path) -> None:
 def test_federated_run_survives_one_failed_site_and_names_it(scenario, tmp_path: Path) -> None:
     overrides = [*_overrides(scenario, tmp_path), "federation.quorum=1", "federation.rounds=1"]
     cfg = load_config("demo", [*overrides, "tracking.enabled=false"])
-    grid = LocalGrid(3, fail=lambda msg, node: node == 101 and msg.metadata.message_type == "query.val_stats")
+    grid = InProcessGrid(3, fail=lambda msg, node: node == 101 and msg.metadata.message_type == "query.val_stats")
     result = run_federated(grid, cfg)  # type: ignore[arg-type]
     assert result.threshold["sites"] == ["stage1"]
     assert any("hospital" in text and "injected failure" in text for text in result.problems)
@@ -254,7 +254,7 @@ def test_federated_run_survives_one_failed_site_and_names_it(scenario, tmp_path:
     cfg_strict = load_config("demo", [*overrides, "federation.quorum=2", "tracking.enabled=false"])
     with pytest.raises(QuorumError, match="hospital"):
         run_federated(
-            LocalGrid(3, fail=lambda msg, node: node == 101 and msg.metadata.message_type == "train"), cfg_strict
+            InProcessGrid(3, fail=lambda msg, node: node == 101 and msg.metadata.message_type == "train"), cfg_strict
         )  # type: ignore[arg-type]
 
 
@@ -267,14 +267,14 @@ def test_a_site_on_another_protocol_version_is_named(scenario, tmp_path: Path) -
         return reply
 
     overrides = [*_overrides(scenario, tmp_path), "federation.rounds=1", "tracking.enabled=false"]
-    result = run_federated(LocalGrid(3, tamper=old_release), load_config("demo", overrides))  # type: ignore[arg-type]
+    result = run_federated(InProcessGrid(3, tamper=old_release), load_config("demo", overrides))  # type: ignore[arg-type]
     assert "stage2" not in result.sites
     assert any("protocol version" in t and str(PROTOCOL_VERSION - 1) in t for t in result.problems)
 
 
 def test_optimizer_state_can_restart_every_round(scenario, tmp_path: Path) -> None:
     overrides = [*_overrides(scenario, tmp_path), "federation.keep_optimizer_state=false", "tracking.enabled=false"]
-    grid = LocalGrid(3)
+    grid = InProcessGrid(3)
     result = run_federated(grid, load_config("demo", overrides))  # type: ignore[arg-type]
     assert all("strnet.optimizer" not in ctx.state for ctx in grid.contexts.values())
     assert result.history[-1]["step"] == 2

@@ -6,18 +6,20 @@ import json
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from configs.schema import Config, load_config
 from server.federation import run_federated
 from server.pooled import QuorumError
 from server.tracking import Tracker
+from simulations.inprocess import InProcessGrid
 from simulations.scenario import build_synthetic_scenario
 from strnet import centralized
 from strnet.centralized import run_centralized
 from strnet.run import RunResult
-from tests.local_grid import LocalGrid
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -66,7 +68,7 @@ def test_both_modes_write_the_same_metric_names(scenario, tmp_path: Path) -> Non
     cen_cfg = tiny(tmp_path / "cen", sites, "train.epochs=2")
     fed_cfg = tiny(tmp_path / "fed", sites, "federation.rounds=2", "federation.local_epochs=1")
     cen = run_centralized(cen_cfg, tracker=Tracker(cen_cfg.tracking.uri, "parity"), progress=False)
-    fed = run_federated(LocalGrid(3), fed_cfg, tracker=Tracker(fed_cfg.tracking.uri, "parity"))  # type: ignore[arg-type]
+    fed = run_federated(InProcessGrid(3), fed_cfg, tracker=Tracker(fed_cfg.tracking.uri, "parity"))  # type: ignore[arg-type]
 
     cen_names, fed_names = logged_names(cen_cfg, cen), logged_names(fed_cfg, fed)
     pooled = {n for n in cen_names if not n.startswith("site.")}
@@ -95,7 +97,7 @@ def test_a_run_that_raises_is_marked_failed_in_both_modes(scenario, tmp_path: Pa
     with pytest.raises(RuntimeError, match="out of memory"):
         run_centralized(cfg, tracker=Tracker(cfg.tracking.uri, "parity"), progress=False)
     fed_cfg = tiny(tmp_path / "fed", sites, "federation.rounds=1", "federation.quorum=2")
-    failing = LocalGrid(3, fail=lambda msg, node: node == 101 and msg.metadata.message_type == "train")
+    failing = InProcessGrid(3, fail=lambda msg, node: node == 101 and msg.metadata.message_type == "train")
     with pytest.raises(QuorumError):
         run_federated(failing, fed_cfg, tracker=Tracker(fed_cfg.tracking.uri, "parity"))  # type: ignore[arg-type]
     for c in (cfg, fed_cfg):
@@ -127,7 +129,7 @@ def test_federated_one_site_follows_the_centralized_learning_rate_sequence(scena
         "tracking.enabled=false",
     )
     cen = run_centralized(cen_cfg, progress=False)
-    fed = run_federated(LocalGrid(1), fed_cfg)  # type: ignore[arg-type]
+    fed = run_federated(InProcessGrid(1), fed_cfg)  # type: ignore[arg-type]
     cen_lr = [row["lr"] for row in cen.history]
     fed_lr = [row["lr"] for row in fed.history]
     assert len(cen_lr) == len(fed_lr) == 8
@@ -136,3 +138,23 @@ def test_federated_one_site_follows_the_centralized_learning_rate_sequence(scena
     cen_auprc = [row["val_screening_auprc"] for row in cen.history]
     assert [row["val_screening_auprc"] for row in fed.history] == pytest.approx(cen_auprc)
     assert fed.metrics["best_step"] == cen.metrics["best_step"]
+
+
+def test_diagnostic_layouts_keep_every_case_and_patients_whole(scenario, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from simulations.inprocess import layout_sites, main
+
+    manifests = [str(scenario.site_manifests[s]) for s in ("stage1", "stage2")]
+    total = sum(len(pd.read_csv(m)) for m in manifests)
+    one = layout_sites(manifests, "one-site", tmp_path / "one", seed=0)
+    assert len(one) == 1 and len(pd.read_csv(one[0]["manifest"])) == total
+    mixed = [pd.read_csv(s["manifest"], keep_default_na=False) for s in layout_sites(manifests, "iid", tmp_path, 0)]
+    assert sum(len(m) for m in mixed) == total
+    assert not set(mixed[0]["patient_id"]) - {""} & set(mixed[1]["patient_id"])
+    assert all(m["source"].nunique() == 2 for m in mixed)  # both sources at both sites
+
+    cfg = tiny(tmp_path / "cfg", three_sites(scenario), "tracking.enabled=false")
+    path = tmp_path / "diagnose.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    assert main(["--config", str(path), "--layout", "one-site", "--rounds", "1", "--out", str(tmp_path / "d")]) == 0
+    assert "round 1: pooled val AUROC" in capsys.readouterr().out
+    assert json.loads((tmp_path / "d" / "summary.json").read_text())["sites"].keys() == {"all", "hospital"}
