@@ -69,7 +69,8 @@ def run_federated(
         # τ* from the kept round's pooled validation counts, as centralized training chooses it on its best epoch
         best_val = strategy.round_pooled[strategy.best_round]
         pooled_sites = strategy.round_sites[strategy.best_round]
-        threshold = pooled_threshold(best_val, th, sites=pooled_sites, excluded=strategy.problems)
+        excluded = [p for p in strategy.problems if p.startswith(f"round {strategy.best_round} ")]
+        threshold = pooled_threshold(best_val, th, sites=pooled_sites, excluded=excluded)
         tau = float(threshold["value"])
         frozen = frozen_evaluation(grid, cfg, nodes, strategy.best_arrays, tau, digest, run.problem)
 
