@@ -19,6 +19,7 @@ import torch
 from strnet import plots
 from strnet.bundle import Bundle
 from strnet.data.cache import PreprocessCache
+from strnet.data.manifest import screening_target, severity_target
 from strnet.engine import autocast_dtype, make_loader, predict_loader, resolve_device
 from strnet.report import write_report
 from strnet.scoring import COUNT_METRICS, TASKS, evaluation_metrics
@@ -63,13 +64,10 @@ def predict_frame(
 def predictions_from_frame(pred: pd.DataFrame) -> Predictions:
     """A :func:`predict_frame` table as the arrays :mod:`strnet.scoring` reads (NaN where a label is unknown)."""
     label = pred["label_cls"].astype(str)
-    known = label != ""
-    y_screen = np.where(known, (label != "normal").astype(float), np.nan)
-    y_severity = np.where(label == "osteoporosis", 1.0, np.where(label == "osteopenia", 0.0, np.nan))
     return {
-        "y_screen": y_screen,
+        "y_screen": label.map(screening_target).to_numpy(float),
         "prob_screen": pred["prob_bone_loss"].to_numpy(float),
-        "y_severity": y_severity,
+        "y_severity": label.map(severity_target).to_numpy(float),
         "prob_severity": pred["prob_osteoporosis_given_bone_loss"].to_numpy(float),
         "t_true": pd.to_numeric(pred["t_score"], errors="coerce").to_numpy(float),
         "t_pred": pred["t_score_estimate"].to_numpy(float),
