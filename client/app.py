@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 
 from client.site import site_for_node
 from configs.schema import Config, config_from_dict
+from strnet.calibration import Platt, PlattStats
 from strnet.errors import ConfigError
 from strnet.protocol import (
     PROTOCOL_VERSION,
@@ -36,6 +37,8 @@ app = ClientApp()
 
 RUN_STATE = "strnet.run"  # ConfigRecord: config-json, config-digest
 OPTIMIZER_STATE = "strnet.optimizer"  # ConfigRecord: state (bytes), server-round
+VAL_LOGITS = "strnet.val-logits"  # ArrayRecord: the kept model's validation logits and labels, for calibration
+VAL_LOGITS_DIGEST = "strnet.val-logits-digest"  # ConfigRecord: model-digest of the weights they came from
 
 
 def _config(message: Message, context: Context) -> Config:
@@ -101,15 +104,41 @@ def train(message: Message, context: Context) -> Message:
     )
 
 
+def _platt(message: Message) -> Platt:
+    instruction = message.content[Key.CONFIG]
+    return Platt(float(instruction.get(Field.PLATT_A, 1.0)), float(instruction.get(Field.PLATT_B, 0.0)))
+
+
 @app.query(MessageKind.action(MessageKind.VAL_STATS))
 def val_stats(message: Message, context: Context) -> Message:
     runner = runner_for(message, context)
-    return _reply(message, runner, **{Key.STATS: _arrays(encode(runner.validation_counts(_weights(message))))})
+    counts = runner.validation_counts(_weights(message), _platt(message))
+    return _reply(message, runner, **{Key.STATS: _arrays(encode(counts))})
+
+
+@app.query(MessageKind.action(MessageKind.CALIBRATE))
+def calibrate(message: Message, context: Context) -> Message:
+    """One Newton step's statistics. The first step carries the weights; the site keeps the validation logits
+    in its node state (never in a reply) and later steps name the weights by digest only."""
+    runner = runner_for(message, context)
+    instruction = message.content[Key.CONFIG]
+    digest = str(instruction[Field.MODEL_DIGEST])
+    if Key.ARRAYS in message.content:
+        logits, labels = runner.validation_logits(_weights(message))
+        context.state[VAL_LOGITS] = _arrays({"logits": logits, "labels": labels})
+        context.state[VAL_LOGITS_DIGEST] = ConfigRecord({Field.MODEL_DIGEST: digest})
+    kept = context.state.get(VAL_LOGITS_DIGEST)
+    if kept is None or kept[Field.MODEL_DIGEST] != digest:
+        raise ConfigError(f"site {runner.site}: no validation logits of model {digest} (the first step carries it)")
+    record = context.state[VAL_LOGITS]
+    targets = (float(instruction[Field.TARGET_NEG]), float(instruction[Field.TARGET_POS]))
+    stats = PlattStats.from_logits(record["logits"].numpy(), record["labels"].numpy(), _platt(message), targets)
+    return _reply(message, runner, **{Key.STATS: _arrays(encode(stats))})
 
 
 @app.evaluate(MessageKind.action(MessageKind.FROZEN))
 def evaluate_frozen(message: Message, context: Context) -> Message:
     runner = runner_for(message, context)
     threshold = float(message.content[Key.CONFIG][Field.THRESHOLD])
-    counts = runner.evaluate_frozen(_weights(message), threshold)
+    counts = runner.evaluate_frozen(_weights(message), threshold, _platt(message))
     return _reply(message, runner, **{Key.STATS: _arrays(encode_splits(counts))})

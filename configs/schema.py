@@ -38,6 +38,8 @@ class ModelConfig:
     weights: str = "none"
     neck_dim: int = 128
     dropout: float = 0.3
+    # Serve the mean output of a knee and its left-right mirror (stored in the bundle; predict applies it).
+    test_time_mirror: bool = False
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,12 @@ from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
 from configs.schema import Config
+from server.calibration import calibrated_validation_counts, pooled_calibration
 from server.discovery import discover_sites
 from server.frozen import frozen_evaluation
 from server.pooled import QuorumError, pool, pooled_threshold
 from server.strategy import SiteFedAvg
+from strnet.calibration import Platt
 from strnet.engine import RecipeSchedule, seed_everything
 from strnet.model import build_strnet
 from strnet.protocol import config_digest
@@ -66,13 +68,18 @@ def run_federated(
             raise QuorumError(
                 f"no round produced pooled validation statistics (quorum {fed.quorum}): " + "; ".join(strategy.problems)
             )
-        # τ* from the kept round's pooled validation counts, as centralized training chooses it on its best epoch
+        # Calibration and τ* from the kept round's pooled validation statistics, as centralized training fits
+        # them on its best epoch: Newton steps on summed statistics, then the calibrated pooled counts.
         best_val = strategy.round_pooled[strategy.best_round]
-        pooled_sites = strategy.round_sites[strategy.best_round]
+        calibration = pooled_calibration(grid, cfg, train_nodes, strategy.best_arrays, best_val, digest, run.problem)
+        platt = Platt.from_dict(calibration)
+        cal_val, pooled_sites = calibrated_validation_counts(
+            grid, cfg, train_nodes, strategy.best_arrays, platt, digest, run.problem
+        )
         excluded = [p for p in strategy.problems if p.startswith(f"round {strategy.best_round} ")]
-        threshold = pooled_threshold(best_val, th, sites=pooled_sites, excluded=excluded)
+        threshold = pooled_threshold(cal_val, th, sites=pooled_sites, excluded=excluded)
         tau = float(threshold["value"])
-        frozen = frozen_evaluation(grid, cfg, nodes, strategy.best_arrays, tau, digest, run.problem)
+        frozen = frozen_evaluation(grid, cfg, nodes, strategy.best_arrays, tau, platt, digest, run.problem)
 
         def pooled(split: str) -> EvaluationCounts:
             parts = {s: c[split] for s, c in frozen.items() if roles[s] == "train" and split in c}
@@ -100,7 +107,8 @@ def run_federated(
             sites={s: SiteResult(roles[s], score(c["test"])) for s, c in frozen.items()},
             training=training,
             recipe=recipe(cfg, "federated"),
-            val_hist=val_counts.hist,
-            test_hist=test_counts.hist,
+            calibration=calibration,
+            val_counts=val_counts,
+            test_counts=test_counts,
             best_step=strategy.best_round,
         )

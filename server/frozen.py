@@ -1,4 +1,5 @@
-"""Frozen evaluation: the kept model and τ* go to every site (external ones included); no site updates it."""
+"""Frozen evaluation: the kept model, its calibration and τ* go to every site (external ones included); no site
+updates it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from flwr.serverapp import Grid
 from configs.schema import Config
 from server.discovery import SiteNode
 from server.replies import reply_content, stats_arrays
+from strnet.calibration import Platt
 from strnet.errors import SiteError
 from strnet.protocol import PROTOCOL_VERSION, Field, Key, MessageKind, decode_splits
 from strnet.sufficient import EvaluationCounts
@@ -21,12 +23,19 @@ def frozen_evaluation(
     nodes: dict[int, SiteNode],
     arrays: ArrayRecord,
     tau: float,
+    platt: Platt,
     config_digest: str,
     problem: Callable[[str], None],
 ) -> dict[str, dict[str, EvaluationCounts]]:
     """site -> split (``test``: its evaluation cohort; ``val``: a training site's validation split) -> counts."""
     instruction = ConfigRecord(
-        {Field.VERSION: PROTOCOL_VERSION, Field.CONFIG_DIGEST: config_digest, Field.THRESHOLD: float(tau)}
+        {
+            Field.VERSION: PROTOCOL_VERSION,
+            Field.CONFIG_DIGEST: config_digest,
+            Field.THRESHOLD: float(tau),
+            Field.PLATT_A: platt.a,
+            Field.PLATT_B: platt.b,
+        }
     )
     record = RecordDict({Key.ARRAYS: arrays, Key.CONFIG: instruction})
     messages = [Message(content=record, message_type=MessageKind.FROZEN, dst_node_id=n) for n in sorted(nodes)]

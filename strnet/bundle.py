@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from strnet.calibration import Platt
 from strnet.data.preprocess import PreprocessParams
 from strnet.errors import DataError
 from strnet.model import STRNet, build_strnet
@@ -63,6 +64,15 @@ class Bundle:
         return float(self.metadata["threshold"]["value"])
 
     @property
+    def calibration(self) -> Platt:
+        """The screening calibration τ* was chosen on (identity for bundles made before calibration existed)."""
+        return Platt.from_dict(self.metadata.get("calibration"))
+
+    @property
+    def test_time_mirror(self) -> bool:
+        return bool(self.metadata.get("model", {}).get("test_time_mirror", False))
+
+    @property
     def histogram_bins(self) -> int:
         """The score histogram of the run that made the bundle (evaluations report the same binned statistics)."""
         return int(self.metadata.get("training", {}).get("config", {}).get("threshold", {}).get("histogram_bins", 1000))
@@ -102,7 +112,7 @@ def save_bundle(
         "weights_file": WEIGHTS_NAME,
         "weights_sha256": sha256_file(weights),
         "outputs": {
-            "screen": "P(bone loss) = sigmoid(logit); flag when >= threshold.value",
+            "screen": "P(bone loss) = sigmoid(calibration.a * logit + calibration.b); flag when >= threshold.value",
             "severity": "P(osteoporosis | bone loss) = sigmoid(logit)",
             "t_score": "estimated T-score (WHO: normal >= -1.0, osteoporosis <= -2.5)",
         },

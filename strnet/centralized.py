@@ -14,6 +14,7 @@ import torch
 
 from configs.schema import Config
 from strnet.bundle import Bundle
+from strnet.calibration import Platt, calibrated, fit_platt_to_logits, labelled_logits
 from strnet.cases import (
     audit_summary,
     data_summary,
@@ -36,8 +37,7 @@ from strnet.engine import (
 from strnet.errors import DataError
 from strnet.evaluation import EvaluationResult, evaluate_bundle, frame_metrics
 from strnet.model import build_strnet
-from strnet.run import Run, RunResult, SiteResult, Tracker, recipe
-from strnet.scoring import evaluation_metrics
+from strnet.run import Run, RunResult, SiteResult, Tracker, headline, recipe
 from strnet.sufficient import ValidationCounts
 
 
@@ -93,9 +93,17 @@ def run_centralized(
             config_dict=cfg.to_dict(),
             on_epoch_end=run.log_step,
             progress=progress,
+            test_time_mirror=cfg.model.test_time_mirror,
         )
         model.load_state_dict(result.best_state)
-        val_preds = _predict(model, splits["val"], cfg, cache, device)
+        # Calibrate the kept model on validation, then choose τ* on the calibrated scale (the same Newton fit
+        # the federation runs on pooled statistics).
+        val_raw = _predict(model, splits["val"], cfg, cache, device)
+        calibration = fit_platt_to_logits(*labelled_logits(val_raw)) | {
+            "fitted_on": "validation split, all training sites' cases (centralized)"
+        }
+        platt = Platt.from_dict(calibration)
+        val_preds = calibrated(val_raw, platt)
         th = cfg.threshold
         val_counts = ValidationCounts.from_predictions(val_preds, grid=th.grid(), n_bins=th.histogram_bins)
         threshold = val_counts.threshold(th.grid(), th.min_sensitivity) | {
@@ -106,15 +114,23 @@ def run_centralized(
         }
         tau = float(threshold["value"])
         n_boot, n_bins = cfg.evaluate.bootstrap, th.histogram_bins
-        val_metrics, _ = evaluation_metrics(val_preds, tau, n_bins=n_bins, n_boot=n_boot, seed=cfg.seed)
-        frozen = Bundle(model.cpu().eval(), {"threshold": threshold, "preprocess": cfg.preprocess.to_dict()})
+        metadata = {
+            "threshold": threshold,
+            "calibration": calibration,
+            "headline": headline(threshold, calibration),
+            "preprocess": cfg.preprocess.to_dict(),
+            "model": {"test_time_mirror": cfg.model.test_time_mirror},
+        }
+        frozen = Bundle(model.cpu().eval(), metadata)
+        val_ev = _evaluate(frozen, splits["val"], out_dir / "val_report", f"{cfg.name}: validation at τ*", cfg)
+        val_metrics = val_ev.metrics
         reports: dict[str, Path] = {}
         sites: dict[str, SiteResult] = {}
         test_metrics: dict[str, float] = {}
-        test_hist = None
+        test_counts = None
         if not splits["test"].empty:
             ev = _evaluate(frozen, splits["test"], out_dir / "test_report", f"{cfg.name}: frozen test evaluation", cfg)
-            test_metrics, test_hist, reports["test_report"] = ev.metrics, ev.counts.hist, ev.out_dir
+            test_metrics, test_counts, reports["test_report"] = ev.metrics, ev.counts, ev.out_dir
             for site, part in ev.predictions.groupby("site"):
                 own, _ = frame_metrics(part, tau, n_bins=n_bins, n_boot=n_boot, seed=cfg.seed)
                 sites[str(site)] = SiteResult("train", own)
@@ -137,8 +153,9 @@ def run_centralized(
                 "best_score": result.best_score,
             },
             recipe=recipe(cfg, "centralized"),
-            val_hist=val_counts.hist,
-            test_hist=test_hist,
+            calibration=calibration,
+            val_counts=val_ev.counts,
+            test_counts=test_counts,
             best_step=result.best_epoch,
             artifacts=reports,
         )
@@ -152,7 +169,14 @@ def _predict(
         df, cfg.preprocess, cache, batch_size=t.eval_batch_size, augment=None, shuffle=False, seed=cfg.seed
     )
     amp = autocast_dtype(t.precision, device)
-    return predict_loader(model, loader, device=device, amp_dtype=amp, channels_last=t.channels_last)
+    return predict_loader(
+        model,
+        loader,
+        device=device,
+        amp_dtype=amp,
+        channels_last=t.channels_last,
+        test_time_mirror=cfg.model.test_time_mirror,
+    )
 
 
 def _evaluate(bundle: Bundle, df: pd.DataFrame, out: Path, title: str, cfg: Config) -> EvaluationResult:

@@ -199,20 +199,39 @@ def predict_loader(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    test_time_mirror: bool = False,
+    with_mirror: bool = False,
     progress: bool = False,
     desc: str = "predict",
 ) -> dict[str, np.ndarray]:
-    """Probabilities and targets for every case in ``loader``, in loader order."""
+    """Outputs and targets for every case in ``loader``, in loader order.
+
+    ``prob_screen`` is uncalibrated (:func:`strnet.calibration.calibrated` maps ``logit_screen`` to a bundle's
+    calibrated scale). ``test_time_mirror`` serves the mean of the outputs for the image and its left–right
+    mirror, which makes a knee's output independent of which side of the film it came from. ``with_mirror``
+    adds ``logit_screen_mirror``: the served logit of the mirrored image (the mirror-stability check).
+    """
     model.eval()
-    keys = ("prob_screen", "prob_severity", "t_pred", "y_screen", "y_severity", "t_true", "index")
+    keys = ["logit_screen", "prob_screen", "prob_severity", "t_pred", "y_screen", "y_severity", "t_true", "index"]
+    if with_mirror:
+        keys += ["logit_screen_mirror", "prob_screen_mirror"]
     chunks: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     for batch in tqdm(loader, desc=desc, leave=False, disable=None if progress else True, unit="batch"):
         batch = _to_device(batch, device, channels_last)
         with _autocast(device, amp_dtype):
-            out = model(batch["image"], batch["tabular"])
-        chunks["prob_screen"].append(torch.sigmoid(out["screen"].float()).cpu().numpy())
-        chunks["prob_severity"].append(torch.sigmoid(out["severity"].float()).cpu().numpy())
-        chunks["t_pred"].append(out["t_score"].float().cpu().numpy())
+            out = {k: v.float() for k, v in model(batch["image"], batch["tabular"]).items()}
+            if test_time_mirror or with_mirror:
+                mirrored = {k: v.float() for k, v in model(batch["image"].flip(-1), batch["tabular"]).items()}
+        if test_time_mirror:
+            out = {k: (v + mirrored[k]) / 2 for k, v in out.items()}
+        if with_mirror:
+            served = out if test_time_mirror else mirrored  # averaged outputs are already mirror-invariant
+            chunks["logit_screen_mirror"].append(served["screen"].cpu().numpy())
+            chunks["prob_screen_mirror"].append(torch.sigmoid(served["screen"]).cpu().numpy())
+        chunks["logit_screen"].append(out["screen"].cpu().numpy())
+        chunks["prob_screen"].append(torch.sigmoid(out["screen"]).cpu().numpy())
+        chunks["prob_severity"].append(torch.sigmoid(out["severity"]).cpu().numpy())
+        chunks["t_pred"].append(out["t_score"].cpu().numpy())
         chunks["y_screen"].append(batch["y_screen"].cpu().numpy())
         chunks["y_severity"].append(batch["y_severity"].cpu().numpy())
         chunks["t_true"].append(batch["t_score"].cpu().numpy())
@@ -339,6 +358,7 @@ def fit(
     config_dict: dict[str, Any] | None = None,
     on_epoch_end: EpochCallback | None = None,
     progress: bool = True,
+    test_time_mirror: bool = False,
 ) -> FitResult:
     """The paper's recipe: AdamW, plateau and early stopping on validation AUPRC (:class:`RecipeSchedule`),
     clipping, warm-up.
@@ -393,7 +413,14 @@ def fit(
             amp_dtype=amp_dtype,
             progress=progress,
         )
-        preds = predict_loader(model, val_loader, device=device, amp_dtype=amp_dtype, channels_last=t.channels_last)
+        preds = predict_loader(
+            model,
+            val_loader,
+            device=device,
+            amp_dtype=amp_dtype,
+            channels_last=t.channels_last,
+            test_time_mirror=test_time_mirror,
+        )
         ranking = validation_ranking(preds, n_bins)
         improved = schedule.step(ranking[t.monitor])
         if improved:

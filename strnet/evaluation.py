@@ -16,14 +16,16 @@ import numpy as np
 import pandas as pd
 import torch
 
+from strnet import metrics as M
 from strnet import plots
 from strnet.bundle import Bundle
+from strnet.calibration import calibrated
 from strnet.data.cache import PreprocessCache
 from strnet.data.manifest import screening_target, severity_target
 from strnet.engine import autocast_dtype, make_loader, predict_loader, resolve_device
-from strnet.report import write_report
+from strnet.report import QUALITY_NAMES, write_report
 from strnet.scoring import COUNT_METRICS, TASKS, evaluation_metrics
-from strnet.sufficient import EvaluationCounts, Predictions
+from strnet.sufficient import SIDE_CODES, EvaluationCounts, Predictions
 
 
 @dataclass
@@ -45,15 +47,29 @@ def predict_frame(
     batch_size: int = 32,
     precision: str = "auto",
     device: torch.device | None = None,
+    with_mirror: bool = False,
 ) -> pd.DataFrame:
-    """One row per manifest row: probabilities, flag at τ*, severity, T-score estimate, and the targets."""
+    """One row per manifest row: calibrated and uncalibrated probability, flag at τ*, severity, T-score estimate,
+    and the targets; ``with_mirror`` adds the probability served for the mirrored image (mirror stability)."""
     device = device or resolve_device()
     model = bundle.model.to(device)
     loader = make_loader(df, bundle.preprocess, cache, batch_size=batch_size, augment=None, shuffle=False, seed=0)
-    preds = predict_loader(model, loader, device=device, amp_dtype=autocast_dtype(precision, device), progress=True)
+    preds = predict_loader(
+        model,
+        loader,
+        device=device,
+        amp_dtype=autocast_dtype(precision, device),
+        test_time_mirror=bundle.test_time_mirror,
+        with_mirror=with_mirror,
+        progress=True,
+    )
+    preds = calibrated(preds, bundle.calibration)
     out = df.reset_index(drop=True).copy()
     order = preds["index"]
     out.loc[order, "prob_bone_loss"] = preds["prob_screen"]
+    out.loc[order, "prob_bone_loss_uncalibrated"] = preds["prob_screen_raw"]
+    if with_mirror:
+        out.loc[order, "prob_bone_loss_mirror"] = preds["prob_screen_mirror"]
     out.loc[order, "flag_bone_loss"] = (preds["prob_screen"] >= bundle.threshold).astype(int)
     out.loc[order, "prob_osteoporosis_given_bone_loss"] = preds["prob_severity"]
     out.loc[order, "t_score_estimate"] = preds["t_pred"]
@@ -64,9 +80,17 @@ def predict_frame(
 def predictions_from_frame(pred: pd.DataFrame) -> Predictions:
     """A :func:`predict_frame` table as the arrays :mod:`strnet.scoring` reads (NaN where a label is unknown)."""
     label = pred["label_cls"].astype(str)
-    return {
+    extra = (
+        {"prob_screen_mirror": pred["prob_bone_loss_mirror"].to_numpy(float)} if "prob_bone_loss_mirror" in pred else {}
+    )
+    film, _ = pd.factorize(pred["path"].astype(str).str.lower())
+    side = pred["side"].fillna("").astype(str).map(SIDE_CODES).fillna(0).to_numpy(np.int64)
+    return extra | {
+        "film": np.asarray(film, np.int64),
+        "side": side,
         "y_screen": label.map(screening_target).to_numpy(float),
         "prob_screen": pred["prob_bone_loss"].to_numpy(float),
+        "prob_screen_raw": pred["prob_bone_loss_uncalibrated"].to_numpy(float),
         "y_severity": label.map(severity_target).to_numpy(float),
         "prob_severity": pred["prob_osteoporosis_given_bone_loss"].to_numpy(float),
         "t_true": pd.to_numeric(pred["t_score"], errors="coerce").to_numpy(float),
@@ -92,7 +116,11 @@ def make_figures(pred: pd.DataFrame, threshold: float, out_dir: Path) -> dict[st
         figs["pr"] = plots.pr_curve_plot(y, p, threshold, out_dir / "pr.png")
         figs["confusion"] = plots.confusion_matrix_plot(y, p, threshold, out_dir / "confusion.png")
         figs["histogram"] = plots.score_histogram_plot(y, p, threshold, out_dir / "score_histogram.png")
-        figs["calibration"] = plots.calibration_plot(y, p, out_dir / "calibration.png")
+        raw = labelled["prob_bone_loss_uncalibrated"].to_numpy(float)
+        figs["reliability"] = plots.reliability_plot(
+            {"uncalibrated": M.score_histogram(y, raw, 1000), "calibrated": M.score_histogram(y, p, 1000)},
+            out_dir / "reliability.png",
+        )
     t = pred.dropna(subset=["t_score"])
     if len(t) >= 2:
         tt, tp = t["t_score"].to_numpy(), t["t_score_estimate"].to_numpy()
@@ -116,7 +144,7 @@ def evaluate_bundle(
     """Predict, score at the bundle's τ*, draw figures and write predictions.csv, metrics.json and the report."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pred = predict_frame(bundle, df, cache=cache, precision=precision)
+    pred = predict_frame(bundle, df, cache=cache, precision=precision, with_mirror=True)
     pred.to_csv(out / "predictions.csv", index=False)
     threshold = bundle.threshold
     metrics, counts = frame_metrics(pred, threshold, n_bins=n_bins, n_boot=n_boot, seed=seed)
@@ -146,6 +174,8 @@ def evaluate_bundle(
         regression=sections.get("t_score") if metrics["t_score_n"] >= 2 else None,
         dataset_summary=summary,
         notes=notes,
+        headline=bundle.metadata.get("headline", ""),
+        quality={k: metrics[k] for k in QUALITY_NAMES if k in metrics} if n_labelled else None,
     )
     record = {"threshold": threshold, "n": len(pred), "n_labelled": n_labelled, **metrics}
     (out / "metrics.json").write_text(json.dumps(strict_json(record), indent=2, allow_nan=False))
@@ -162,7 +192,7 @@ def evaluate_bundle(
 
 def report_sections(metrics: dict[str, float]) -> dict[str, Any]:
     """Flat ``{task}_{metric}`` names -> the report's per-task tables, intervals beside their metric."""
-    out: dict[str, Any] = {"screening": {}, "severity": {}, "t_score": {}, "cis": {}}
+    out: dict[str, Any] = {task: {} for task in TASKS} | {"cis": {}}
     for key, value in metrics.items():
         task = next(t for t in TASKS if key.startswith(f"{t}_"))
         name = key[len(task) + 1 :]

@@ -17,8 +17,10 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from sklearn.calibration import calibration_curve
-from sklearn.metrics import average_precision_score, brier_score_loss, precision_recall_curve, roc_auc_score, roc_curve
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+
+from strnet import metrics as M
+from strnet.sufficient import EvaluationCounts
 
 WHO_OSTEOPENIA = -1.0
 WHO_OSTEOPOROSIS = -2.5
@@ -215,29 +217,38 @@ def score_histogram_plot(
     return _save(out, "Score distribution by reference class", draw)
 
 
-def calibration_plot(
-    y_true: Sequence | np.ndarray, y_prob: Sequence | np.ndarray, out: str | Path, n_bins: int = 10
-) -> Path:
-    """Reliability diagram: does a predicted 30% mean about 30% of such knees have bone loss?"""
+def reliability_plot(hists: dict[str, np.ndarray], out: str | Path, n_groups: int = 10) -> Path:
+    """Reliability diagram from per-class score histograms, one line per scale (e.g. uncalibrated vs Platt):
+    does a predicted 30 % mean that about 30 % of such knees have bone loss? ECE and Brier in the legend."""
 
     def draw(ax: Axes) -> None:
-        y, p = _as_arrays(y_true, y_prob)
-        _need_both_classes(y)
-        if p.min() < 0 or p.max() > 1:
-            raise NotComputable("scores are not probabilities in [0, 1]")
-        frac_pos, mean_pred = calibration_curve(y, p, n_bins=n_bins, strategy="uniform")
-        brier = brier_score_loss(y, p)
         ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
-        ax.plot(mean_pred, frac_pos, "o-", color="tab:blue", lw=2, label=f"STR-Net (Brier = {brier:.3f})")
-        ax.set_xlabel("Mean predicted probability of bone loss")
+        drawn = 0
+        for (label, hist), colour in zip(hists.items(), ("tab:orange", "tab:blue", "tab:green"), strict=False):
+            h = np.asarray(hist)
+            if h.sum() == 0:
+                continue
+            r = M.reliability_from_histogram(h, n_groups)
+            keep = np.asarray(r["count"]) > 0
+            brier = M.brier_from_histogram(h)
+            ax.plot(
+                np.asarray(r["predicted"])[keep],
+                np.asarray(r["observed"])[keep],
+                "o-",
+                color=colour,
+                lw=2,
+                label=f"{label} (ECE {r['ece']:.3f}, Brier {brier:.3f})",
+            )
+            drawn += 1
+        if not drawn:
+            raise NotComputable("no scored cases")
+        ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="Mean predicted probability of bone loss")
         ax.set_ylabel("Observed fraction with bone loss")
-        ax.set_xlim(-0.01, 1.01)
-        ax.set_ylim(-0.01, 1.01)
-        ax.set_title(f"Calibration ({n_bins} bins, n={y.size})")
+        ax.set_title(f"Reliability ({n_groups} bins)")
         ax.legend(loc="upper left", fontsize=8)
         ax.grid(alpha=0.3)
 
-    return _save(out, "Calibration", draw)
+    return _save(out, "Reliability", draw)
 
 
 def tscore_scatter_plot(t_true: Sequence | np.ndarray, t_pred: Sequence | np.ndarray, out: str | Path) -> Path:
@@ -351,20 +362,23 @@ def run_figures(
     out: Path,
     history: Sequence[dict[str, float]],
     table: pd.DataFrame,
-    val_hist: np.ndarray | None,
-    test_hist: np.ndarray | None,
+    counts: dict[str, EvaluationCounts | None],
     threshold: float,
 ) -> dict[str, Path]:
-    """The figures every finished run writes, from statistics both modes have (never from raw scores)."""
+    """The figures every finished run writes, from statistics both modes have (never from raw scores):
+    ``counts`` are the pooled ``val`` and ``test`` evaluations."""
     figs = {
         "learning_curve": learning_curve_plot(history, out / "learning_curve.png"),
         "sites": site_metrics_plot(table, threshold, out / "sites.png"),
     }
-    for split, hist in (("val", val_hist), ("test", test_hist)):
-        if hist is not None and np.asarray(hist).sum():
-            y, p = histogram_cases(np.asarray(hist))
+    for split, c in counts.items():
+        if c is not None and c.hist.sum():
+            y, p = histogram_cases(c.hist)
             figs[f"{split}_roc"] = roc_curve_plot(y, p, threshold, out / f"{split}_roc.png")
             figs[f"{split}_pr"] = pr_curve_plot(y, p, threshold, out / f"{split}_pr.png")
+            figs[f"{split}_reliability"] = reliability_plot(
+                {"uncalibrated": c.raw_hist, "calibrated": c.hist}, out / f"{split}_reliability.png"
+            )
     return figs
 
 

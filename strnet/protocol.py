@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from dataclasses import fields
 from typing import Any
 
 import numpy as np
 
+from strnet.calibration import PlattStats
 from strnet.errors import SiteError
 from strnet.sufficient import EvaluationCounts, ValidationCounts
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 
 class MessageKind:
@@ -30,7 +32,8 @@ class MessageKind:
 
     SITE_INFO = "query.site_info"  # who are you, how many cases; carries the run's configuration
     TRAIN = "train"  # local epochs from the global weights at the round's learning rate
-    VAL_STATS = "query.val_stats"  # ValidationCounts of the global model
+    VAL_STATS = "query.val_stats"  # ValidationCounts of the global model (calibrated when the message says so)
+    CALIBRATE = "query.calibration"  # PlattStats of the kept model's validation logits at the sent (a, b)
     FROZEN = "evaluate.frozen"  # EvaluationCounts of the final model at τ*
 
     @staticmethod
@@ -57,6 +60,11 @@ class Field:
     SERVER_ROUND = "server-round"
     LEARNING_RATE = "lr"
     THRESHOLD = "threshold"
+    PLATT_A = "platt-a"  # the screening calibration p = sigmoid(a·logit + b)
+    PLATT_B = "platt-b"
+    TARGET_NEG = "platt-target-neg"  # Platt's smoothed targets, from the pooled class counts
+    TARGET_POS = "platt-target-pos"
+    MODEL_DIGEST = "model-digest"  # which weights a calibration step refers to (sent once, then by digest)
     SITE = "site"
     ROLE = "role"
 
@@ -81,7 +89,7 @@ def check_version(value: Any, site: str) -> None:
         )
 
 
-def encode(stats: ValidationCounts | EvaluationCounts) -> dict[str, np.ndarray]:
+def encode(stats: ValidationCounts | EvaluationCounts | PlattStats) -> dict[str, np.ndarray]:
     """Field name -> array, dtype and shape as computed (int64 counts, float64 sums)."""
     return stats.arrays()
 
@@ -121,10 +129,29 @@ def decode_validation(site: str, arrays: Mapping[str, np.ndarray], *, n_bins: in
 
 
 def decode_evaluation(site: str, arrays: Mapping[str, np.ndarray], *, n_bins: int) -> EvaluationCounts:
-    names = ("hist", "at_threshold", "brier_sum", "severity_hist", "tscore_sums")
+    names = tuple(f.name for f in fields(EvaluationCounts))
     stats = EvaluationCounts(**_arrays(site, arrays, names))
     try:
         stats.check(n_bins=n_bins)
     except ValueError as exc:
         raise SiteError(site, f"evaluation statistics: {exc}") from exc
     return stats
+
+
+def decode_platt(site: str, arrays: Mapping[str, np.ndarray]) -> PlattStats:
+    stats = PlattStats(**_arrays(site, arrays, tuple(f.name for f in fields(PlattStats))))
+    try:
+        stats.check()
+    except ValueError as exc:
+        raise SiteError(site, f"calibration statistics: {exc}") from exc
+    return stats
+
+
+def model_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """A short fingerprint of a set of weights (names, shapes and bytes)."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]

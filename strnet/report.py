@@ -141,6 +141,24 @@ def _metric_rows(metrics: Mapping[str, Any], names: Mapping[str, str], cis: Mapp
     return rows
 
 
+QUALITY_NAMES = {
+    "radiograph_n": "Radiographs",
+    "radiograph_auroc": "AUROC per radiograph",
+    "radiograph_sensitivity": "Sensitivity per radiograph",
+    "radiograph_specificity": "Specificity per radiograph",
+    "bilateral_n_pairs": "Bilateral films",
+    "bilateral_flag_disagreement": "Films whose two knees get different flags",
+    "bilateral_mean_abs_dp": "Mean |P(right) − P(left)|",
+    "bilateral_spearman": "Spearman right vs left",
+    "mirror_mean_abs_dp": "Mean |P(knee) − P(mirrored knee)|",
+    "mirror_flag_change": "Flags changed by mirroring",
+    "screening_ece": "ECE (calibrated)",
+    "screening_ece_raw": "ECE (uncalibrated)",
+    "screening_brier": "Brier (calibrated)",
+    "screening_brier_raw": "Brier (uncalibrated)",
+}
+
+
 def _blocks(
     *,
     metrics: Mapping[str, Any],
@@ -151,8 +169,11 @@ def _blocks(
     regression: Mapping[str, Any] | None,
     dataset_summary: Mapping[str, Any],
     notes: Sequence[str],
+    headline: str = "",
+    quality: Mapping[str, Any] | None = None,
 ) -> list[_Block]:
-    blocks = [
+    blocks = [_Block("Read first", [headline])] if headline else []
+    blocks += [
         _Block(
             "What the model is",
             [
@@ -208,6 +229,16 @@ def _blocks(
     else:
         screen.paragraphs.append("Not computable: no labelled knees.")
     blocks.append(screen)
+
+    if quality:
+        q = _Block("Per radiograph, left-right agreement, mirror stability and calibration")
+        q.tables.append((["Measure", "Value"], [[QUALITY_NAMES.get(k, k), fmt(v)] for k, v in quality.items()]))
+        q.paragraphs.append(
+            "A radiograph's probability is the mean of its knees' (bone loss is systemic). On bilateral films the "
+            "two knees should agree; mirror stability is the mean change in probability when a knee is mirrored. "
+            "ECE/Brier 'uncalibrated' are the network's own probabilities, the others after Platt calibration."
+        )
+        blocks.append(q)
 
     sev = _Block("Severity (osteoporosis vs osteopenia, among knees with bone loss)")
     if severity:
@@ -333,6 +364,8 @@ def write_report(
     regression: dict | None,
     dataset_summary: dict,
     notes: list[str],
+    headline: str = "",
+    quality: dict | None = None,
 ) -> Path:
     """Write ``report.md`` and ``report.html`` into ``out_dir``; returns the HTML path.
 
@@ -350,6 +383,8 @@ def write_report(
         regression=regression,
         dataset_summary=dataset_summary or {},
         notes=notes or [],
+        headline=headline,
+        quality=quality or {},
     )
     missing: list[str] = []
     page = _render_html(title, blocks, missing)

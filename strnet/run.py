@@ -18,17 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-import numpy as np
 import pandas as pd
 import torch
 
 from configs.loader import flatten
 from configs.schema import Config
+from strnet import metrics as M
 from strnet import plots
 from strnet.bundle import save_bundle
 from strnet.evaluation import strict_json
 from strnet.model import build_strnet, count_params
 from strnet.scoring import prefixed
+from strnet.sufficient import EvaluationCounts
 
 Mode = Literal["centralized", "federated"]
 TABLE_METRICS = (
@@ -73,19 +74,28 @@ class RunResult:
     problems: list[str]
     seconds: float
     run_id: str | None
+    headline: str = ""
 
     def describe(self) -> str:
         """A few readable lines for the console: where the model is, τ*, pooled and per-site results."""
         m, th = self.metrics, self.threshold
         lines = [
+            self.headline,
             f"bundle: {self.bundle_dir}",
             f"tau* = {th['value']:.2f} ({th['rule']}, chosen on {th['n_cases']} validation cases), "
             f"kept step {m['best_step']:.0f}, {self.seconds:.0f} s",
         ]
-        keys = ("auroc", "auprc", "sensitivity", "specificity")
+        keys = ("auroc", "auprc", "sensitivity", "specificity", "ece")
         for split in ("val", "test"):
             values = ", ".join(f"{k} {m.get(f'{split}_screening_{k}', math.nan):.3f}" for k in keys)
             lines.append(f"  pooled {split:4s} {values}")
+            lines.append(
+                f"         per radiograph AUROC {m.get(f'{split}_radiograph_auroc', math.nan):.3f}; bilateral "
+                f"films {m.get(f'{split}_bilateral_n_pairs', 0):.0f}: flags differ "
+                f"{m.get(f'{split}_bilateral_flag_disagreement', math.nan):.1%}, Spearman R/L "
+                f"{m.get(f'{split}_bilateral_spearman', math.nan):.2f}; mirror |ΔP| "
+                f"{m.get(f'{split}_mirror_mean_abs_dp', math.nan):.3f}"
+            )
         for name, s in sorted(self.sites.items()):
             lines.append(
                 f"  {name} ({s.role}, n={s.metrics['screening_n']:.0f}): AUROC {s.metrics['screening_auroc']:.3f}, "
@@ -155,8 +165,9 @@ class Run:
         sites: dict[str, SiteResult],
         training: dict[str, Any],
         recipe: dict[str, Any],
-        val_hist: np.ndarray | None,
-        test_hist: np.ndarray | None,
+        calibration: dict[str, Any],
+        val_counts: EvaluationCounts | None,
+        test_counts: EvaluationCounts | None,
         best_step: int,
         artifacts: dict[str, Path] | None = None,
     ) -> RunResult:
@@ -175,6 +186,7 @@ class Run:
                 "config": self.cfg.to_dict(),
                 "problems": self.problems,
             },
+            extra={"calibration": calibration, "headline": headline(threshold, calibration)},
         )
         seconds = time.perf_counter() - self._t0
         metrics = {
@@ -187,11 +199,17 @@ class Run:
         table = evaluation_table(sites, test)
         table.to_csv(self.out_dir / "evaluation.csv", index=False)
         figures = plots.run_figures(
-            self.out_dir / "figures", self.history, table, val_hist, test_hist, float(threshold["value"])
+            self.out_dir / "figures",
+            self.history,
+            table,
+            {"val": val_counts, "test": test_counts},
+            float(threshold["value"]),
         )
         summary = {
             "mode": self.mode,
+            "headline": headline(threshold, calibration),
             "threshold": threshold,
+            "calibration": calibration,
             "recipe": recipe,
             "metrics": metrics,
             "sites": {name: {"role": s.role, **prefixed(s.metrics, "test")} for name, s in sorted(sites.items())},
@@ -224,7 +242,27 @@ class Run:
             problems=self.problems,
             seconds=seconds,
             run_id=self.run_id,
+            headline=summary["headline"],
         )
+
+
+def headline(threshold: dict[str, Any], calibration: dict[str, Any]) -> str:
+    """The first line of every summary and report: how τ* was found, and loudly when the paper's rule fell back."""
+    cal = (
+        f"Platt calibration a={calibration['a']:.3g}, b={calibration['b']:.3g}"
+        if calibration.get("status") == "fitted"
+        else f"no calibration ({calibration.get('status', 'not fitted')})"
+    )
+    if threshold.get("rule") == M.RULE_CONSTRAINED:
+        return (
+            f"τ* = {threshold['value']:.2f} meets validation sensitivity >= {threshold['min_sensitivity']:.2f} "
+            f"(sensitivity {threshold['sensitivity']:.3f}, specificity {threshold['specificity']:.3f}); {cal}."
+        )
+    need, sens, spec = (threshold.get(k, math.nan) for k in ("min_sensitivity", "sensitivity", "specificity"))
+    return (
+        f"WARNING: no grid threshold reached validation sensitivity >= {need:.2f}; τ* = {threshold['value']:.2f} "
+        f"is the fallback ({threshold.get('rule')}): validation sensitivity {sens:.3f}, specificity {spec:.3f}; {cal}."
+    )
 
 
 def history_name(key: str) -> str:

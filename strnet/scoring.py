@@ -16,12 +16,52 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from strnet import metrics as M
-from strnet.sufficient import EvaluationCounts, Predictions, histogram_ranking, screening_cases, severity_cases
+import numpy as np
+from scipy import stats
 
-TASKS = ("screening", "severity", "t_score")
+from strnet import metrics as M
+from strnet.sufficient import (
+    EvaluationCounts,
+    Predictions,
+    bilateral_pairs,
+    film_scores,
+    histogram_ranking,
+    screening_cases,
+    severity_cases,
+)
+
+TASKS = ("screening", "radiograph", "severity", "t_score", "bilateral", "mirror")
 CI_METRICS = tuple(k for k in M.METRIC_NAMES if k != "brier")  # Brier needs every score: no pooled interval
-COUNT_METRICS = ("n", "n_pos", "n_neg", "tp", "fp", "tn", "fn")
+COUNT_METRICS = ("n", "n_pos", "n_neg", "tp", "fp", "tn", "fn", "n_pairs")
+
+
+def _screening(
+    hist: np.ndarray,
+    at_threshold: np.ndarray,
+    threshold: float,
+    scores: tuple[np.ndarray, np.ndarray] | None,
+    *,
+    n_boot: int,
+    seed: int,
+) -> dict[str, float]:
+    """Threshold metrics from the exact counts, ranking metrics exact from ``scores`` (else from the histogram),
+    95 % intervals from a stratified bootstrap over cases (or over the histogram's bins)."""
+    tp, fp, tn, fn = (int(v) for v in at_threshold)
+    n_pos, n_neg = tp + fn, tn + fp
+    n = n_pos + n_neg
+    out: dict[str, float] = {k: float(v) for k, v in M.metrics_from_counts(tp, fp, tn, fn).items()}
+    raw = scores is not None and n > 0
+    out |= M.ranking_metrics(*scores) if raw else histogram_ranking(hist)  # type: ignore[misc]
+    if n_boot > 0 and n > 0:
+        if raw:
+            cis = M.bootstrap_ci(*scores, threshold, metric_names=CI_METRICS, n_boot=n_boot, seed=seed)  # type: ignore[misc]
+        else:
+            cis = M.bootstrap_ci_from_histogram(hist, threshold, n_boot=n_boot, seed=seed)
+    else:
+        cis = {k: (math.nan, math.nan) for k in CI_METRICS}
+    for k in CI_METRICS:
+        out[f"{k}_ci_lo"], out[f"{k}_ci_hi"] = (float(v) for v in cis[k])
+    return out | {k: float(v) for k, v in zip(COUNT_METRICS, (n, n_pos, n_neg, tp, fp, tn, fn), strict=False)}
 
 
 def task_metrics(
@@ -32,34 +72,36 @@ def task_metrics(
     n_boot: int,
     seed: int,
 ) -> dict[str, float]:
-    """Screening metrics at ``threshold`` with 95 % intervals, severity ranking, T-score agreement — flat names.
+    """Per-knee and per-radiograph screening at ``threshold`` with 95 % intervals, calibration, severity ranking,
+    T-score agreement, left-right agreement and mirror stability — flat names.
 
-    ``predictions`` (the raw scores behind ``counts``) makes AUROC/AUPRC and the bootstrap exact; without them
-    the histogram stands in. Undefined values (one class only, too few T-scores) are NaN, never dropped, so
-    every run reports the same set of names.
+    ``predictions`` (the raw scores behind ``counts``) makes AUROC/AUPRC, Spearman and the bootstrap exact;
+    without them the histograms stand in. Undefined values (one class only, too few T-scores, no bilateral
+    films) are NaN, never dropped, so every run reports the same set of names.
     """
-    tp, fp, tn, fn = (int(v) for v in counts.at_threshold)
-    n_pos, n_neg = tp + fn, tn + fp
-    n = n_pos + n_neg
-    screening: dict[str, float] = {k: float(v) for k, v in M.metrics_from_counts(tp, fp, tn, fn).items()}
-    raw = predictions is not None and n > 0
-    if raw:
-        y, p = screening_cases(predictions)  # type: ignore[arg-type]
-        screening |= M.ranking_metrics(y, p)
-    else:
-        screening |= histogram_ranking(counts.hist)
-    screening["brier"] = float(counts.brier_sum[0]) / n if n else math.nan
-    if n_boot > 0 and n > 0:
-        if raw:
-            cis = M.bootstrap_ci(y, p, threshold, metric_names=CI_METRICS, n_boot=n_boot, seed=seed)
-        else:
-            cis = M.bootstrap_ci_from_histogram(counts.hist, threshold, n_boot=n_boot, seed=seed)
-    else:
-        cis = {k: (math.nan, math.nan) for k in CI_METRICS}
-    out = {f"screening_{k}": screening[k] for k in M.METRIC_NAMES}
-    for k in CI_METRICS:
-        out[f"screening_{k}_ci_lo"], out[f"screening_{k}_ci_hi"] = (float(v) for v in cis[k])
-    out |= {f"screening_{k}": float(v) for k, v in zip(COUNT_METRICS, (n, n_pos, n_neg, tp, fp, tn, fn), strict=True)}
+    knee = _screening(
+        counts.hist,
+        counts.at_threshold,
+        threshold,
+        screening_cases(predictions) if predictions is not None else None,
+        n_boot=n_boot,
+        seed=seed,
+    )
+    n = knee["n"]
+    knee["brier"] = float(counts.brier_sum[0]) / n if n else math.nan
+    knee["brier_raw"] = float(counts.brier_sum_raw[0]) / n if n else math.nan
+    knee["ece"] = float(M.reliability_from_histogram(counts.hist)["ece"])
+    knee["ece_raw"] = float(M.reliability_from_histogram(counts.raw_hist)["ece"])
+    out = {f"screening_{k}": v for k, v in knee.items()}
+    film = _screening(
+        counts.film_hist,
+        counts.film_at_threshold,
+        threshold,
+        film_scores(predictions) if predictions is not None else None,
+        n_boot=n_boot,
+        seed=seed,
+    )
+    out |= {f"radiograph_{k}": v for k, v in film.items() if k in RADIOGRAPH_METRICS}
     sev_n = int(counts.severity_hist.sum())
     if predictions is not None and sev_n:
         severity = M.ranking_metrics(*severity_cases(predictions))
@@ -67,7 +109,42 @@ def task_metrics(
         severity = histogram_ranking(counts.severity_hist)
     out |= {"severity_n": float(sev_n), "severity_auroc": severity["auroc"], "severity_auprc": severity["auprc"]}
     out |= {f"t_score_{k}": float(v) for k, v in M.regression_from_sums(counts.tscore_sums).items()}
+    pairs, disagree, abs_dp = (float(v) for v in counts.bilateral_sums)
+    if predictions is not None:
+        right, left = bilateral_pairs(predictions)
+        rho = float(stats.spearmanr(right, left).statistic) if len(right) >= 3 else math.nan
+    else:
+        rho = M.spearman_from_joint_histogram(counts.bilateral_hist)
+    out |= {
+        "bilateral_n_pairs": pairs,
+        "bilateral_flag_disagreement": disagree / pairs if pairs else math.nan,
+        "bilateral_mean_abs_dp": abs_dp / pairs if pairs else math.nan,
+        "bilateral_spearman": rho,
+    }
+    knees, flips, mirror_dp = (float(v) for v in counts.mirror_sums)
+    out |= {
+        "mirror_n": knees,
+        "mirror_flag_change": flips / knees if knees else math.nan,
+        "mirror_mean_abs_dp": mirror_dp / knees if knees else math.nan,
+    }
     return out
+
+
+RADIOGRAPH_METRICS = (
+    "auroc",
+    "auroc_ci_lo",
+    "auroc_ci_hi",
+    "auprc",
+    "sensitivity",
+    "sensitivity_ci_lo",
+    "sensitivity_ci_hi",
+    "specificity",
+    "specificity_ci_lo",
+    "specificity_ci_hi",
+    "n",
+    "n_pos",
+    "n_neg",
+)
 
 
 def evaluation_metrics(

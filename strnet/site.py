@@ -17,10 +17,12 @@ import io
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
 from configs.schema import Config
+from strnet.calibration import Platt, calibrated, labelled_logits
 from strnet.cases import warm_cache
 from strnet.data.cache import PreprocessCache
 from strnet.data.dataset import screening_pos_weight
@@ -40,7 +42,7 @@ from strnet.engine import (
 from strnet.errors import DataError
 from strnet.losses import MultiTaskLoss
 from strnet.model import build_strnet
-from strnet.sufficient import EvaluationCounts, ValidationCounts
+from strnet.sufficient import EvaluationCounts, ValidationCounts, with_films
 
 ROLES = ("train", "external")
 
@@ -115,7 +117,7 @@ class SiteRunner:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
 
-    def _predict(self, df: pd.DataFrame) -> dict[str, Any]:
+    def _predict(self, df: pd.DataFrame, *, with_mirror: bool = False) -> dict[str, Any]:
         t = self.cfg.train
         loader = make_loader(
             df,
@@ -127,9 +129,16 @@ class SiteRunner:
             seed=self.cfg.seed,
             num_workers=self.cfg.data.num_workers,
         )
-        return predict_loader(
-            self.model, loader, device=self.device, amp_dtype=self.amp_dtype, channels_last=t.channels_last
+        preds = predict_loader(
+            self.model,
+            loader,
+            device=self.device,
+            amp_dtype=self.amp_dtype,
+            channels_last=t.channels_last,
+            test_time_mirror=self.cfg.model.test_time_mirror,
+            with_mirror=with_mirror,
         )
+        return with_films(preds, df)
 
     # ------------------------------------------------------------------------------------------------ tasks
 
@@ -189,23 +198,37 @@ class SiteRunner:
         torch.save(optimizer.state_dict(), buf)
         return self.state_dict(), train_summary(stats), len(train), buf.getvalue()
 
-    def validation_counts(self, state_dict: dict[str, torch.Tensor]) -> ValidationCounts:
-        """Additive statistics of the validation split for the pooled τ* and the monitored pooled AUPRC."""
+    def validation_logits(self, state_dict: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        """The kept model's labelled validation logits: the site's part of the pooled calibration fit (they stay
+        here; only :class:`strnet.calibration.PlattStats` of them leave)."""
+        self.model.load_state_dict(state_dict)
+        return labelled_logits(self._predict(self.splits["val"]))
+
+    def validation_counts(
+        self, state_dict: dict[str, torch.Tensor], calibration: Platt | None = None
+    ) -> ValidationCounts:
+        """Additive statistics of the validation split: the monitored pooled AUPRC every round (uncalibrated)
+        and, with the fitted ``calibration``, the pooled τ*."""
         self.model.load_state_dict(state_dict)
         th = self.cfg.threshold
-        preds = self._predict(self.splits["val"])
+        preds = calibrated(self._predict(self.splits["val"]), calibration or Platt())
         return ValidationCounts.from_predictions(preds, grid=th.grid(), n_bins=th.histogram_bins)
 
-    def evaluate_frozen(self, state_dict: dict[str, torch.Tensor], threshold: float) -> dict[str, EvaluationCounts]:
-        """Frozen evaluation at the pooled τ*: counts of the evaluation cohort (``test``) and, for a training
-        site, of its validation split (``val``), so the server reports pooled validation metrics at τ* too."""
+    def evaluate_frozen(
+        self, state_dict: dict[str, torch.Tensor], threshold: float, calibration: Platt
+    ) -> dict[str, EvaluationCounts]:
+        """Frozen evaluation at the pooled τ* on the calibrated scale: counts of the evaluation cohort (``test``)
+        and, for a training site, of its validation split (``val``), so the server reports pooled validation
+        metrics at τ* too. Mirror stability is measured here (one more forward pass per knee)."""
         self.model.load_state_dict(state_dict)
         n_bins = self.cfg.threshold.histogram_bins
         frames = {"test": self.evaluation_frame()}
         if self.role == "train":
             frames["val"] = self.splits["val"]
         return {
-            split: EvaluationCounts.from_predictions(self._predict(df), threshold=threshold, n_bins=n_bins)
+            split: EvaluationCounts.from_predictions(
+                calibrated(self._predict(df, with_mirror=True), calibration), threshold=threshold, n_bins=n_bins
+            )
             if len(df)
             else EvaluationCounts.empty(n_bins)
             for split, df in frames.items()

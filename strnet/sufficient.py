@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from strnet import metrics as M
 
@@ -108,41 +109,152 @@ class ValidationCounts(_Additive):
         return M.threshold_selection_from_counts(self.tp, self.fp, self.tn, self.fn, grid, min_sensitivity)
 
 
+BILATERAL_BINS = 100  # the joint (right, left) probability histogram behind the pooled left-right Spearman
+SIDE_CODES = {"": 0, "R": 1, "L": 2}
+
+
+def with_films(preds: Predictions, frame: pd.DataFrame) -> Predictions:
+    """Attach each case's radiograph (``film``: rows of one image file share it) and side (0 none, 1 R, 2 L).
+
+    A bilateral film is two manifest rows, one per knee; the radiograph-level result and the left-right
+    agreement are computed from these two arrays, at the site, so no path leaves it.
+    """
+    order = np.asarray(preds["index"], np.int64)
+    film, _ = pd.factorize(frame["path"].astype(str).str.lower())
+    side = frame["side"].fillna("").astype(str).map(SIDE_CODES).fillna(0).to_numpy(np.int64)
+    return dict(preds) | {"film": np.asarray(film, np.int64)[order], "side": side[order]}
+
+
+def film_scores(preds: Predictions) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities) per radiograph: the mean of its knees' probabilities; bone loss if any knee has it.
+
+    Bone loss is systemic, so a film is one screening decision; cases without ``film`` are their own film.
+    """
+    known = ~np.isnan(preds["y_screen"])
+    film = np.asarray(preds.get("film", np.arange(len(known))), np.int64)[known]
+    y, p = preds["y_screen"][known], preds["prob_screen"][known]
+    if not len(y):
+        return np.zeros(0, np.int64), np.zeros(0)
+    frame = pd.DataFrame({"film": film, "y": y, "p": p}).groupby("film", sort=True)
+    return frame["y"].max().to_numpy(np.int64), frame["p"].mean().to_numpy(np.float64)
+
+
+def bilateral_pairs(preds: Predictions) -> tuple[np.ndarray, np.ndarray]:
+    """(right, left) probabilities of every film with exactly one right and one left knee, labelled or not."""
+    if "film" not in preds or not len(preds["film"]):
+        return np.zeros(0), np.zeros(0)
+    frame = pd.DataFrame({"film": preds["film"], "side": preds["side"], "p": preds["prob_screen"]})
+    frame = frame[frame["side"] > 0]
+    wide = frame.pivot_table(index="film", columns="side", values="p", aggfunc=["mean", "count"])
+    if ("count", 1) not in wide.columns or ("count", 2) not in wide.columns:
+        return np.zeros(0), np.zeros(0)
+    pairs = wide[(wide[("count", 1)] == 1) & (wide[("count", 2)] == 1)]
+    return pairs[("mean", 1)].to_numpy(np.float64), pairs[("mean", 2)].to_numpy(np.float64)
+
+
+def _confusion(y: np.ndarray, p: np.ndarray, threshold: float) -> np.ndarray:
+    flag = p >= threshold
+    return np.array(
+        [
+            int((flag & (y == 1)).sum()),
+            int((flag & (y == 0)).sum()),
+            int((~flag & (y == 0)).sum()),
+            int((~flag & (y == 1)).sum()),
+        ],
+        np.int64,
+    )
+
+
 @dataclass
 class EvaluationCounts(_Additive):
-    """A frozen evaluation at τ*: everything the reported screening, severity and T-score metrics need."""
+    """A frozen evaluation at τ*: everything the reported metrics need, per knee and per radiograph."""
 
-    hist: np.ndarray  # (2, n_bins) int64 screening scores per class
+    hist: np.ndarray  # (2, n_bins) int64 screening scores per class (calibrated: what the product outputs)
     at_threshold: np.ndarray  # (4,) int64: tp, fp, tn, fn at τ*
     brier_sum: np.ndarray  # (1,) float64: Σ (p − y)²
+    raw_hist: np.ndarray  # (2, n_bins) int64 the same knees' uncalibrated scores (calibration before/after)
+    brier_sum_raw: np.ndarray  # (1,) float64
     severity_hist: np.ndarray  # (2, n_bins) int64: osteopenia / osteoporosis among bone-loss cases
     tscore_sums: np.ndarray  # (8,) float64: metrics.TSCORE_SUM_KEYS
+    film_hist: np.ndarray  # (2, n_bins) int64 per radiograph (mean of its knees)
+    film_at_threshold: np.ndarray  # (4,) int64
+    bilateral_sums: np.ndarray  # (3,) float64: pairs, flag disagreements at τ*, Σ |P_right − P_left|
+    bilateral_hist: np.ndarray  # (BILATERAL_BINS, BILATERAL_BINS) int64 joint (right, left) probabilities
+    mirror_sums: np.ndarray  # (3,) float64: knees, flag changes at τ*, Σ |P − P_mirror|  (all zero: not measured)
 
     @classmethod
     def from_predictions(cls, preds: Predictions, *, threshold: float, n_bins: int) -> EvaluationCounts:
         y, p = screening_cases(preds)
-        at = ValidationCounts.from_scores(y, p, grid=np.array([threshold]), n_bins=n_bins)
+        known = ~np.isnan(preds["y_screen"])
+        p_raw = preds.get("prob_screen_raw", preds["prob_screen"])[known]
+        fy, fp = film_scores(preds)
+        right, left = bilateral_pairs(preds)
+        b = BILATERAL_BINS
+        joint = np.histogram2d(right, left, bins=b, range=[[0, 1], [0, 1]])[0] if len(right) else np.zeros((b, b))
+        mirror = np.zeros(3)
+        if "prob_screen_mirror" in preds:
+            pm, pa = preds["prob_screen_mirror"], preds["prob_screen"]
+            flips = ((pa >= threshold) != (pm >= threshold)).sum()
+            mirror = np.array([len(pa), flips, np.abs(pa - pm).sum()], np.float64)
         return cls(
-            hist=at.hist,
-            at_threshold=np.array([int(at.tp[0]), int(at.fp[0]), int(at.tn[0]), int(at.fn[0])], np.int64),
+            hist=score_histogram(y, p, n_bins),
+            at_threshold=_confusion(y, p, threshold),
             brier_sum=np.array([float(((p - y) ** 2).sum())], np.float64),
+            raw_hist=score_histogram(y, p_raw, n_bins),
+            brier_sum_raw=np.array([float(((p_raw - y) ** 2).sum())], np.float64),
             severity_hist=score_histogram(*severity_cases(preds), n_bins),
             tscore_sums=M.tscore_sums(preds["t_true"], preds["t_pred"]),
+            film_hist=score_histogram(fy, fp, n_bins),
+            film_at_threshold=_confusion(fy, fp, threshold),
+            bilateral_sums=np.array(
+                [len(right), ((right >= threshold) != (left >= threshold)).sum(), np.abs(right - left).sum()],
+                np.float64,
+            ),
+            bilateral_hist=joint.astype(np.int64),
+            mirror_sums=mirror,
         )
 
     @classmethod
     def empty(cls, n_bins: int) -> EvaluationCounts:
         z = np.zeros((2, n_bins), np.int64)
-        return cls(z, np.zeros(4, np.int64), np.zeros(1), z.copy(), np.zeros(len(M.TSCORE_SUM_KEYS)))
+        b = BILATERAL_BINS
+        return cls(
+            hist=z,
+            at_threshold=np.zeros(4, np.int64),
+            brier_sum=np.zeros(1),
+            raw_hist=z.copy(),
+            brier_sum_raw=np.zeros(1),
+            severity_hist=z.copy(),
+            tscore_sums=np.zeros(len(M.TSCORE_SUM_KEYS)),
+            film_hist=z.copy(),
+            film_at_threshold=np.zeros(4, np.int64),
+            bilateral_sums=np.zeros(3),
+            bilateral_hist=np.zeros((b, b), np.int64),
+            mirror_sums=np.zeros(3),
+        )
 
     def check(self, *, n_bins: int) -> None:
-        _check_counts("hist", self.hist, (2, n_bins))
-        _check_counts("severity_hist", self.severity_hist, (2, n_bins))
-        _check_counts("at_threshold", self.at_threshold, (4,))
-        tp, fp, tn, fn = (int(v) for v in self.at_threshold)
-        if tp + fn != int(self.hist[1].sum()) or fp + tn != int(self.hist[0].sum()):
-            raise ValueError("confusion counts at τ* do not match the histogram's class totals")
-        for name, shape in (("brier_sum", (1,)), ("tscore_sums", (len(M.TSCORE_SUM_KEYS),))):
+        for name in ("hist", "raw_hist", "severity_hist", "film_hist"):
+            _check_counts(name, getattr(self, name), (2, n_bins))
+        _check_counts("bilateral_hist", self.bilateral_hist, (BILATERAL_BINS, BILATERAL_BINS))
+        for name, hist in (("at_threshold", self.hist), ("film_at_threshold", self.film_hist)):
+            counts = getattr(self, name)
+            _check_counts(name, counts, (4,))
+            tp, fp, tn, fn = (int(v) for v in counts)
+            if tp + fn != int(hist[1].sum()) or fp + tn != int(hist[0].sum()):
+                raise ValueError(f"{name}: confusion counts at τ* do not match the histogram's class totals")
+        if int(self.raw_hist.sum()) != int(self.hist.sum()):
+            raise ValueError("raw_hist and hist count different knees")
+        floats = {
+            "brier_sum": (1,),
+            "brier_sum_raw": (1,),
+            "tscore_sums": (len(M.TSCORE_SUM_KEYS),),
+            "bilateral_sums": (3,),
+            "mirror_sums": (3,),
+        }
+        for name, shape in floats.items():
             arr = getattr(self, name)
             if arr.shape != shape or not np.issubdtype(arr.dtype, np.floating) or not np.isfinite(arr).all():
                 raise ValueError(f"{name} must be {shape} finite floats, got {arr.dtype} {arr.shape}")
+        if int(self.bilateral_hist.sum()) != round(float(self.bilateral_sums[0])):
+            raise ValueError("bilateral_hist and bilateral_sums count different films")

@@ -24,6 +24,7 @@ from simulations.inprocess import InProcessGrid
 from simulations.scenario import build_synthetic_scenario
 from strnet import metrics as M
 from strnet.bundle import load_bundle
+from strnet.calibration import fit_platt_to_logits
 from strnet.data.cache import PreprocessCache
 from strnet.data.manifest import read_manifest
 from strnet.engine import RecipeSchedule, TrainParams
@@ -216,6 +217,16 @@ def test_federated_run_in_process(scenario, tmp_path: Path) -> None:
     y = (pred["label_cls"] != "normal").to_numpy(int)
     p = pred["prob_bone_loss"].to_numpy()
     assert bundle.threshold == M.select_threshold(y, p, 0.86, GRID)
+    # the calibration fitted by Newton steps on pooled statistics == the fit on the concatenated logits
+    raw = pred["prob_bone_loss_uncalibrated"].to_numpy()
+    central = fit_platt_to_logits(np.log(raw) - np.log1p(-raw), y)
+    fitted = bundle.metadata["calibration"]
+    assert fitted["sites"] == ["hospital", "stage1"] and fitted["status"] == central["status"]
+    # (float32 logits rebuilt from probabilities here: equal to rounding, the 1e-6 test is test_calibration)
+    assert (fitted["a"], fitted["b"]) == pytest.approx((central["a"], central["b"]), rel=1e-4)
+    calibrating = [msg for _, msg in grid.sent if msg.metadata.message_type == "query.calibration"]
+    assert len(calibrating) >= 4 and Key.ARRAYS in calibrating[0].content  # weights travel in the first step only
+    assert all(Key.ARRAYS not in msg.content for msg in calibrating[2:])
     assert bundle.metadata["threshold"]["n_cases"] == len(val)
     assert result.metrics["val_screening_n"] == len(val)
     assert result.metrics["val_screening_sensitivity"] == pytest.approx(np.mean(p[y == 1] >= bundle.threshold))

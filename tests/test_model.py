@@ -209,3 +209,32 @@ def test_batchnorm_counters_stay_int64() -> None:
     model(*_inputs(2, 32))  # one training-mode step increments num_batches_tracked
     counters = {k: v for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")}
     assert counters and all(v.dtype == torch.int64 and int(v) == 1 for v in counters.values())
+
+
+def test_test_time_mirror_makes_the_output_independent_of_the_side() -> None:
+    """Averaging a knee with its mirror: a right knee and the same knee mirrored (what a left knee looks like) get
+    the same probability, and the mirror-stability column measures exactly the change mirroring causes."""
+    from strnet.engine import predict_loader
+
+    torch.manual_seed(0)
+    model = build_strnet(backbone="tiny", weights="none")
+    image = torch.rand(4, 1, 32, 32)
+    batch = {
+        "tabular": torch.zeros(4, 3),
+        "y_screen": torch.zeros(4),
+        "y_severity": torch.zeros(4),
+        "t_score": torch.zeros(4),
+        "index": torch.arange(4),
+    }
+    cpu = torch.device("cpu")
+    plain = predict_loader(model, [batch | {"image": image}], device=cpu, with_mirror=True)
+    flipped = predict_loader(model, [batch | {"image": image.flip(-1)}], device=cpu, with_mirror=True)
+    assert np.abs(plain["prob_screen"] - flipped["prob_screen"]).max() > 1e-4  # the network alone is side-dependent
+    np.testing.assert_allclose(plain["prob_screen_mirror"], flipped["prob_screen"], atol=1e-6)
+    averaged = predict_loader(model, [batch | {"image": image}], device=cpu, test_time_mirror=True, with_mirror=True)
+    averaged_flipped = predict_loader(model, [batch | {"image": image.flip(-1)}], device=cpu, test_time_mirror=True)
+    np.testing.assert_allclose(averaged["prob_screen"], averaged_flipped["prob_screen"], atol=1e-6)
+    np.testing.assert_allclose(averaged["prob_screen_mirror"], averaged["prob_screen"])
+    np.testing.assert_allclose(
+        averaged["logit_screen"], (plain["logit_screen"] + flipped["logit_screen"]) / 2, atol=1e-5
+    )

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
+from strnet import metrics as M
 from strnet import plots
 from strnet.report import fmt, write_report
 
@@ -55,7 +56,7 @@ def test_all_figures_decode(tmp_path: Path, scores: tuple[np.ndarray, np.ndarray
         plots.pr_curve_plot(y, p, 0.5, tmp_path / "pr.png"),
         plots.confusion_matrix_plot(y, p, 0.5, tmp_path / "cm.png"),
         plots.score_histogram_plot(y, p, 0.5, tmp_path / "hist.png"),
-        plots.calibration_plot(y, p, tmp_path / "cal.png", n_bins=5),
+        plots.reliability_plot({"raw": M.score_histogram(y, p, 100)}, tmp_path / "cal.png", n_groups=5),
         plots.tscore_scatter_plot(t_true, t_pred, tmp_path / "sub" / "ts.png"),
         plots.bland_altman_plot(t_true, t_pred, tmp_path / "ba.png"),
     ]
@@ -98,7 +99,7 @@ def test_roc_legend_carries_sklearn_auroc(tmp_path: Path, scores: tuple[np.ndarr
 def test_degenerate_classification_inputs_still_write_figures(tmp_path: Path, y: np.ndarray, p: np.ndarray) -> None:
     for fn in (plots.roc_curve_plot, plots.pr_curve_plot, plots.confusion_matrix_plot, plots.score_histogram_plot):
         _decodes(fn(y, p, 0.5, tmp_path / f"{fn.__name__}.png"))
-    _decodes(plots.calibration_plot(y, p, tmp_path / "cal.png"))
+    _decodes(plots.reliability_plot({"raw": np.zeros((2, 100), np.int64)}, tmp_path / "cal.png"))
 
 
 def test_degenerate_regression_inputs_still_write_figures(tmp_path: Path) -> None:

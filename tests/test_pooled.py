@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import pandas as pd
 import pytest
 from flwr.app import Array, ArrayRecord
 from scipy import stats
@@ -17,7 +18,7 @@ from strnet import metrics as M
 from strnet.errors import SiteError
 from strnet.protocol import decode_splits, decode_validation, encode, encode_splits
 from strnet.scoring import task_metrics
-from strnet.sufficient import EvaluationCounts, ValidationCounts
+from strnet.sufficient import BILATERAL_BINS, EvaluationCounts, ValidationCounts
 
 TH = ThresholdConfig()
 GRID, BINS = TH.grid(), TH.histogram_bins
@@ -160,3 +161,66 @@ def test_malformed_frozen_statistics_name_the_site() -> None:
     bad = dict(arrays, **{"val.at_threshold": arrays["val.at_threshold"] + 1})
     with pytest.raises(SiteError, match=r"site 's1'.*do not match"):
         decode_splits("s1", bad, n_bins=BINS)
+
+
+def film_predictions(seed: int, n_films: int) -> dict[str, np.ndarray]:
+    """A site's knees: bilateral films (two rows, R and L, correlated scores) and single-knee films."""
+    rng = np.random.default_rng(seed)
+    rows: dict[str, list] = {k: [] for k in ("film", "side", "y_screen", "prob_screen", "prob_screen_mirror")}
+    for film in range(n_films):
+        y = float(rng.random() < 0.6)
+        base = np.clip(0.35 + 0.3 * y + rng.normal(0, 0.15), 0.01, 0.99)
+        sides = (1, 2) if rng.random() < 0.6 else (0,)
+        for side in sides:
+            p = float(np.clip(base + rng.normal(0, 0.12), 0, 1))
+            rows["film"].append(film)
+            rows["side"].append(side)
+            rows["y_screen"].append(y if rng.random() > 0.05 else np.nan)
+            rows["prob_screen"].append(p)
+            rows["prob_screen_mirror"].append(float(np.clip(p + rng.normal(0, 0.05), 0, 1)))
+    out = {k: np.asarray(v, np.int64 if k in ("film", "side") else np.float64) for k, v in rows.items()}
+    n = len(out["film"])
+    nan = np.full(n, np.nan)
+    return out | {"y_severity": nan, "prob_severity": nan, "t_true": nan, "t_pred": nan}
+
+
+def test_per_radiograph_and_left_right_metrics_pool_to_the_concatenated_films() -> None:
+    tau = 0.5
+    preds = [film_predictions(40 + i, 30 + 15 * i) for i in range(3)]
+    counts = [EvaluationCounts.from_predictions(p, threshold=tau, n_bins=BINS) for p in preds]
+    decoded = [
+        decode_splits(f"s{i}", wire(encode_splits({"test": c})), n_bins=BINS)["test"] for i, c in enumerate(counts)
+    ]
+    m = task_metrics(pool({f"s{i}": c for i, c in enumerate(decoded)}, quorum=3, what="test"), tau, n_boot=0, seed=1)
+
+    # the oracle: one frame of all sites' knees, films numbered apart per site
+    frames = []
+    for i, p in enumerate(preds):
+        f = pd.DataFrame({k: p[k] for k in ("film", "side", "y_screen", "prob_screen", "prob_screen_mirror")})
+        frames.append(f.assign(film=f["film"] + 10_000 * i))
+    knees = pd.concat(frames, ignore_index=True)
+    films = knees.dropna(subset=["y_screen"]).groupby("film").agg(y=("y_screen", "max"), p=("prob_screen", "mean"))
+    assert m["radiograph_n"] == len(films)
+    assert abs(m["radiograph_auroc"] - roc_auc_score(films["y"], films["p"])) < 1e-3
+    assert m["radiograph_sensitivity"] == pytest.approx(recall_score(films["y"], films["p"] >= tau))
+    pairs = knees[knees["side"] > 0].pivot(index="film", columns="side", values="prob_screen").dropna()
+    right, left = pairs[1].to_numpy(), pairs[2].to_numpy()
+    assert m["bilateral_n_pairs"] == len(pairs)
+    assert m["bilateral_flag_disagreement"] == pytest.approx(np.mean((right >= tau) != (left >= tau)))
+    assert m["bilateral_mean_abs_dp"] == pytest.approx(np.mean(np.abs(right - left)))
+    # pooled Spearman is scipy's on the binned values (ties within a bin), and close to the exact one
+    b = BILATERAL_BINS
+    binned = stats.spearmanr(np.minimum((right * b).astype(int), b - 1), np.minimum((left * b).astype(int), b - 1))
+    assert m["bilateral_spearman"] == pytest.approx(binned.statistic)
+    assert abs(m["bilateral_spearman"] - stats.spearmanr(right, left).statistic) < 0.02
+    mirror = knees["prob_screen"] - knees["prob_screen_mirror"]
+    assert m["mirror_mean_abs_dp"] == pytest.approx(mirror.abs().mean())
+    assert m["mirror_flag_change"] == pytest.approx(
+        np.mean((knees["prob_screen"] >= tau) != (knees["prob_screen_mirror"] >= tau))
+    )
+
+    # with the raw predictions of one site, Spearman is exact
+    one = task_metrics(counts[0], tau, predictions=preds[0], n_boot=0, seed=1)
+    f0 = pd.DataFrame({k: preds[0][k] for k in ("film", "side", "prob_screen")})
+    p0 = f0[f0["side"] > 0].pivot(index="film", columns="side", values="prob_screen").dropna()
+    assert one["bilateral_spearman"] == pytest.approx(stats.spearmanr(p0[1], p0[2]).statistic)

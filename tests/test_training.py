@@ -110,7 +110,7 @@ def test_evaluate_matches_sklearn_on_same_predictions(scenario, trained, tmp_pat
     flag = p >= bundle.threshold
     assert scr["sensitivity"] == pytest.approx(flag[y == 1].mean())
     assert scr["specificity"] == pytest.approx((~flag[y == 0]).mean())
-    for name in ("roc", "pr", "confusion", "histogram", "calibration"):
+    for name in ("roc", "pr", "confusion", "histogram", "reliability"):
         assert ev.figures[name].stat().st_size > 0
     assert len(df) > len(test)
 

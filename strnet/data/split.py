@@ -6,8 +6,10 @@ joined by any of them form a connected component, and a component goes to one sp
 
 Splitting is :class:`sklearn.model_selection.StratifiedGroupKFold` over components with ``K`` folds, where
 ``K`` makes every fraction a whole number of folds (0.7/0.15/0.15 -> 20 folds: 14 train, 3 val, 3 test).
-The folds are stratified by ``label_cls`` (unknown labels are a class of their own) and weighted by
-component size, so class proportions per split follow the global ones at row level.
+The folds are stratified by ``label_cls`` within ``source`` (unknown labels are a class of their own) and
+weighted by component size, so every source's class proportions per split follow its global ones at row level.
+Stratifying by label alone let a small source's few normal knees all land in one split (the Mendeley test split
+once held no normal knee, its validation split three), which makes per-source results meaningless.
 """
 
 from __future__ import annotations
@@ -87,7 +89,10 @@ def assign_splits(
         out["split"] = pd.Series(dtype=str)
         return out
     component = leakage_components(out, groups)
-    labels = out["label_cls"].fillna("").astype(str).to_numpy()
+    labels = out["label_cls"].fillna("").astype(str)
+    if "source" in out.columns:
+        labels = out["source"].fillna("").astype(str) + "|" + labels
+    labels = labels.to_numpy()
     k, counts = _folds_per_split(fractions)  # type: ignore[arg-type]
     fold_split = np.repeat(np.arange(3), counts)  # fold index -> split index
 

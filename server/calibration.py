@@ -1,0 +1,128 @@
+"""Pooled Platt calibration and the calibrated τ*: the kept model's validation scores never leave the sites.
+
+The server runs :func:`strnet.calibration.fit_platt` — the very function centralized training runs on its own
+logits — with a ``stats_at`` that asks every training site for the log-loss, gradient and Hessian of its
+validation logits at the current (a, b) and sums them. The first request carries the weights; a site keeps its
+logits in node state and later requests name the weights by digest. The same sites must answer every step
+(a sum over a changing set of sites is not one objective); if one drops out, the fit stops with the identity
+and the run says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from configs.schema import Config
+from server.pooled import QuorumError, pool
+from server.replies import reply_content, stats_arrays
+from strnet.calibration import Platt, PlattStats, fit_platt, platt_targets
+from strnet.errors import SiteError
+from strnet.protocol import (
+    PROTOCOL_VERSION,
+    Field,
+    Key,
+    MessageKind,
+    decode_platt,
+    decode_validation,
+    model_digest,
+)
+from strnet.sufficient import ValidationCounts
+
+
+def _ask(
+    grid: Grid,
+    cfg: Config,
+    train_nodes: dict[int, str],
+    kind: str,
+    config: dict[str, Any],
+    arrays: ArrayRecord | None,
+    problem: Callable[[str], None],
+) -> dict[str, dict[str, np.ndarray]]:
+    instruction = ConfigRecord({Field.VERSION: PROTOCOL_VERSION, **config})
+    content = RecordDict({Key.CONFIG: instruction} | ({Key.ARRAYS: arrays} if arrays is not None else {}))
+    messages = [Message(content=content, message_type=kind, dst_node_id=n) for n in sorted(train_nodes)]
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for msg in grid.send_and_receive(messages, timeout=cfg.federation.round_timeout):
+        site = train_nodes.get(msg.metadata.src_node_id, f"<unknown node {msg.metadata.src_node_id}>")
+        try:
+            out[site] = stats_arrays(reply_content(msg, site), site)
+        except SiteError as exc:
+            problem(f"{kind}: {exc}")
+    return out
+
+
+def pooled_calibration(
+    grid: Grid,
+    cfg: Config,
+    train_nodes: dict[int, str],
+    arrays: ArrayRecord,
+    counts: ValidationCounts,
+    config_digest: str,
+    problem: Callable[[str], None],
+) -> dict[str, Any]:
+    """The bundle's ``calibration`` entry, fitted on the pooled validation statistics of the kept model.
+
+    ``counts`` are the kept round's pooled validation counts: their class totals give Platt's targets.
+    """
+    n_neg, n_pos = (int(v) for v in counts.hist.sum(axis=1))
+    targets = platt_targets(n_pos, n_neg)
+    digest = model_digest({k: v.numpy() for k, v in arrays.items()})
+    answered: list[str] = []
+
+    def stats_at(params: Platt) -> PlattStats:
+        first = not answered
+        config = {
+            Field.CONFIG_DIGEST: config_digest,
+            Field.MODEL_DIGEST: digest,
+            Field.PLATT_A: params.a,
+            Field.PLATT_B: params.b,
+            Field.TARGET_NEG: targets[0],
+            Field.TARGET_POS: targets[1],
+        }
+        replies = _ask(grid, cfg, train_nodes, MessageKind.CALIBRATE, config, arrays if first else None, problem)
+        per_site: dict[str, PlattStats] = {}
+        for site, values in replies.items():
+            try:
+                per_site[site] = decode_platt(site, values)
+            except SiteError as exc:
+                problem(f"calibration: {exc}")
+        if first:
+            answered.extend(sorted(per_site))
+        elif sorted(per_site) != answered:
+            raise QuorumError(f"calibration: sites {sorted(per_site)} answered, the fit started with {answered}")
+        return pool(per_site, quorum=cfg.federation.quorum, what="pooled calibration statistics")
+
+    try:
+        fitted = fit_platt(stats_at, n_pos=n_pos, n_neg=n_neg)
+    except QuorumError as exc:
+        problem(str(exc))
+        fitted = {"method": "platt", "n_pos": n_pos, "n_neg": n_neg} | Platt().to_dict()
+        fitted["status"] = f"identity: {exc}"
+    return fitted | {"fitted_on": "validation split, pooled Newton statistics over training sites", "sites": answered}
+
+
+def calibrated_validation_counts(
+    grid: Grid,
+    cfg: Config,
+    train_nodes: dict[int, str],
+    arrays: ArrayRecord,
+    platt: Platt,
+    config_digest: str,
+    problem: Callable[[str], None],
+) -> tuple[ValidationCounts, list[str]]:
+    """The kept model's pooled validation counts on the calibrated scale (what τ* is chosen on)."""
+    th = cfg.threshold
+    config = {Field.CONFIG_DIGEST: config_digest, Field.PLATT_A: platt.a, Field.PLATT_B: platt.b}
+    per_site: dict[str, ValidationCounts] = {}
+    for site, values in _ask(grid, cfg, train_nodes, MessageKind.VAL_STATS, config, arrays, problem).items():
+        try:
+            per_site[site] = decode_validation(site, values, n_bins=th.histogram_bins, n_grid=len(th.grid()))
+        except SiteError as exc:
+            problem(f"calibrated validation statistics: {exc}")
+    pooled = pool(per_site, quorum=cfg.federation.quorum, what="pooled calibrated validation statistics")
+    return pooled, sorted(per_site)
