@@ -94,6 +94,7 @@ def train(message: Message, context: Context) -> Message:
         lr=float(instruction[Field.LEARNING_RATE]),
         server_round=server_round,
         optimizer_state=bytes(kept["state"]) if kept is not None else None,
+        proximal_mu=float(instruction.get(Field.PROXIMAL_MU, 0.0)),
     )
     if keep:  # AdamW moments are local state: they stay at the site, never in a reply
         context.state[OPTIMIZER_STATE] = ConfigRecord({"state": optimizer, Field.SERVER_ROUND: server_round})

@@ -89,7 +89,12 @@ class FederationConfig:
     """FedAvg rounds. The server drives the training recipe's learning-rate plateau and early stopping per round
     (``train.plateau_*``, ``train.early_stop_patience`` and ``train.min_epochs`` count rounds here)."""
 
-    strategy: Literal["fedavg"] = "fedavg"
+    strategy: Literal["fedavg", "fedprox", "fedavgm", "fedadam"] = "fedavg"
+    # FedProx: each site adds (mu/2)·Σ‖w − w_global‖² to its loss
+    proximal_mu: float = 0.01
+    # FedAvgM / FedAdam: the server's step on the averaged update (FedAvgM: 1.0 = plain FedAvg plus momentum)
+    server_lr: float = 1.0
+    server_momentum: float = 0.9
     rounds: int = 5
     local_epochs: int = 1
     quorum: int = 2
@@ -159,5 +164,7 @@ def _check(cfg: Config) -> None:
     n_train = sum(site.role == "train" for site in fed.sites)
     if fed.sites and not 1 <= fed.quorum <= n_train:
         raise ConfigError(f"federation.quorum={fed.quorum} must be between 1 and the {n_train} training site(s)")
+    if fed.proximal_mu < 0 or fed.server_lr <= 0 or not 0 <= fed.server_momentum < 1:
+        raise ConfigError("federation: proximal_mu >= 0, server_lr > 0 and 0 <= server_momentum < 1 required")
     if cfg.preprocess.size < 16:
         raise ConfigError(f"preprocess.size={cfg.preprocess.size} is too small (>= 16)")

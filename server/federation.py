@@ -18,7 +18,7 @@ from server.calibration import calibrated_validation_counts, pooled_calibration
 from server.discovery import discover_sites
 from server.frozen import frozen_evaluation
 from server.pooled import QuorumError, pool, pooled_threshold
-from server.strategy import SiteFedAvg
+from server.strategy import build_strategy
 from strnet.calibration import Platt
 from strnet.engine import RecipeSchedule, seed_everything
 from strnet.model import build_strnet
@@ -51,7 +51,8 @@ def run_federated(
         run.log_data(
             {"sites": site_table}, sites=",".join(sorted(roles)), train_sites=",".join(sorted(train_nodes.values()))
         )
-        strategy = SiteFedAvg(
+        strategy = build_strategy(
+            fed,
             train_nodes=train_nodes,
             quorum=fed.quorum,
             threshold=th,

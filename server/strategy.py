@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Result
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Result
 from flwr.supercore import log
 
-from configs.schema import ThresholdConfig
+from configs.schema import FederationConfig, ThresholdConfig
 from server.pooled import QuorumError, pool, weighted_average
 from server.replies import reply_content, stats_arrays
 from strnet.engine import RecipeSchedule, history_row
@@ -149,7 +149,8 @@ class SiteFedAvg(FedAvg):
         """Every training site, every round, at the recipe's current learning rate."""
         self._reference = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in arrays.items()}
         self._lr = self.schedule.lr
-        instruction = self._instruction(server_round, **{Field.LEARNING_RATE: self._lr})
+        # ``config`` carries what a Flower strategy mixed in front of this one adds (FedProx: ``proximal-mu``)
+        instruction = self._instruction(server_round, **dict(config), **{Field.LEARNING_RATE: self._lr})
         return self._messages(
             RecordDict({Key.ARRAYS: arrays, Key.CONFIG: instruction}), MessageKind.TRAIN, server_round
         )
@@ -248,3 +249,52 @@ class SiteFedAvg(FedAvg):
         if self.on_round is not None:
             self.on_round(server_round, row)
         return MetricRecord({k: v for k, v in row.items() if np.isfinite(v)})
+
+
+# ---------------------------------------------------------------------------------------------------- strategies
+# Flower's own strategies in front of SiteFedAvg: their configure_train / aggregate_train run first and reach
+# SiteFedAvg's (every training site, quorum, named-site errors, dtype-safe averaging) through ``super()``.
+# Their __init__ is not cooperative with SiteFedAvg's, so each class sets the parent's attributes itself.
+
+
+class SiteFedProx(FedProx, SiteFedAvg):
+    """FedProx: Flower's FedProx sends ``proximal-mu``; each site adds (mu/2)·Σ‖w − w_global‖² to its loss."""
+
+    def __init__(self, *, proximal_mu: float, **site: Any) -> None:
+        SiteFedAvg.__init__(self, **site)
+        self.proximal_mu = float(proximal_mu)
+
+
+class SiteFedAvgM(FedAvgM, SiteFedAvg):
+    """FedAvgM: server momentum on the averaged update (Hsu et al. 2019), Flower's implementation."""
+
+    def __init__(self, *, server_lr: float, server_momentum: float, **site: Any) -> None:
+        SiteFedAvg.__init__(self, **site)
+        self.server_learning_rate = float(server_lr)
+        self.server_momentum = float(server_momentum)
+        self.server_opt = self.server_momentum != 0.0 or self.server_learning_rate != 1.0
+        self.momentum_vector = None
+        self.current_arrays = None
+
+
+class SiteFedAdam(FedAdam, SiteFedAvg):
+    """FedAdam: Adam on the averaged update (Reddi et al. 2021), Flower's implementation."""
+
+    def __init__(self, *, server_lr: float, beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-9, **site: Any):
+        SiteFedAvg.__init__(self, **site)
+        self.eta, self.eta_l, self.tau = float(server_lr), float("nan"), float(tau)
+        self.beta_1, self.beta_2 = float(beta_1), float(beta_2)
+        self.current_arrays = self.m_t = self.v_t = None
+
+
+def build_strategy(fed: FederationConfig, **site: Any) -> SiteFedAvg:
+    """The configured strategy over the training sites (``federation.strategy``)."""
+    if fed.strategy == "fedavg":
+        return SiteFedAvg(**site)
+    if fed.strategy == "fedprox":
+        return SiteFedProx(proximal_mu=fed.proximal_mu, **site)
+    if fed.strategy == "fedavgm":
+        return SiteFedAvgM(server_lr=fed.server_lr, server_momentum=fed.server_momentum, **site)
+    if fed.strategy == "fedadam":
+        return SiteFedAdam(server_lr=fed.server_lr, **site)
+    raise ValueError(f"unknown federation.strategy {fed.strategy!r}")

@@ -135,6 +135,23 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device, channels_la
     return out
 
 
+@dataclass
+class Proximal:
+    """FedProx's anchor: the global weights a site received this round, and the term's weight mu."""
+
+    mu: float
+    anchor: dict[str, torch.Tensor]
+
+    @classmethod
+    def of(cls, model: nn.Module, mu: float) -> Proximal:
+        return cls(mu, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+
+    def term(self, model: nn.Module) -> torch.Tensor:
+        """Σ‖w − w_global‖² (squared: Li et al. 2020, eq. 2; Flower's docstring omits the square)."""
+        params = dict(model.named_parameters())
+        return sum(((params[n] - w0) ** 2).sum() for n, w0 in self.anchor.items())  # type: ignore[return-value]
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -148,8 +165,11 @@ def train_one_epoch(
     amp_dtype: torch.dtype | None = None,
     progress: bool = True,
     desc: str = "train",
+    proximal: Proximal | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns mean loss components, examples seen and throughput.
+
+    ``proximal`` (FedProx) adds (mu/2)·Σ‖w − w_global‖² over the trainable parameters to every step's loss.
 
     Every random draw of the epoch (shuffle order, augmentation, dropout) is seeded from (``seed``, ``epoch``)
     alone, so a federated site running global epoch *e* draws exactly what a centralized run draws in its
@@ -174,6 +194,10 @@ def train_one_epoch(
             outputs = model(batch["image"], batch["tabular"])
         outputs = {k: v.float() for k, v in outputs.items()}
         loss, parts = loss_fn(outputs, batch, epoch)
+        if proximal is not None and proximal.mu > 0:
+            term = proximal.term(model)
+            loss = loss + proximal.mu / 2 * term
+            parts["proximal"] = float(term)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if params.grad_clip:

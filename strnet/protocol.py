@@ -59,6 +59,7 @@ class Field:
     CONFIG_DIGEST = "config-digest"
     SERVER_ROUND = "server-round"
     LEARNING_RATE = "lr"
+    PROXIMAL_MU = "proximal-mu"  # FedProx (Flower's key): weight of the proximal term in a site's loss
     THRESHOLD = "threshold"
     PLATT_A = "platt-a"  # the screening calibration p = sigmoid(a·logit + b)
     PLATT_B = "platt-b"

@@ -29,6 +29,7 @@ from strnet.data.dataset import screening_pos_weight
 from strnet.data.manifest import read_manifest
 from strnet.data.preprocess import PreprocessParams
 from strnet.engine import (
+    Proximal,
     autocast_dtype,
     build_optimizer,
     make_loader,
@@ -149,6 +150,7 @@ class SiteRunner:
         lr: float,
         server_round: int,
         optimizer_state: bytes | None,
+        proximal_mu: float = 0.0,
     ) -> tuple[dict[str, torch.Tensor], dict[str, float], int, bytes]:
         """``federation.local_epochs`` epochs from the global weights at the server's learning rate.
 
@@ -180,6 +182,7 @@ class SiteRunner:
             num_workers=self.cfg.data.num_workers,
         )
         stats: dict[str, float] = {}
+        proximal = Proximal.of(self.model, proximal_mu) if proximal_mu > 0 else None
         for e in range(epochs):
             stats = train_one_epoch(
                 self.model,
@@ -193,6 +196,7 @@ class SiteRunner:
                 amp_dtype=self.amp_dtype,
                 progress=False,
                 desc=f"{self.site} train",
+                proximal=proximal,
             )
         buf = io.BytesIO()
         torch.save(optimizer.state_dict(), buf)

@@ -14,11 +14,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import roc_auc_score
 
-from configs.schema import ThresholdConfig, load_config
+from configs.schema import FederationConfig, ThresholdConfig, load_config
 from server.app import config_from_run_config
 from server.federation import run_federated
 from server.pooled import QuorumError, weighted_average
-from server.strategy import SiteFedAvg
+from server.strategy import SiteFedAvg, build_strategy
 from server.tracking import Tracker
 from simulations.inprocess import InProcessGrid
 from simulations.scenario import build_synthetic_scenario
@@ -292,3 +292,74 @@ def test_optimizer_state_can_restart_every_round(scenario, tmp_path: Path) -> No
     assert json.loads((result.bundle_dir / "metadata.json").read_text())["training"]["recipe"]["optimizer_state"] == (
         "reset every round"
     )
+
+
+# ------------------------------------------------------------------------------------------------ strategies
+
+
+def _site_kwargs() -> dict:
+    return {
+        "train_nodes": {11: "alpha", 22: "beta", 33: "gamma"},
+        "quorum": 2,
+        "threshold": TH,
+        "schedule": RecipeSchedule(TrainParams()),
+        "monitor": "auprc",
+        "config_digest": "d1",
+    }
+
+
+def _round(strategy: SiteFedAvg, current: float, replies: list[Message]) -> dict[str, np.ndarray]:
+    arrays = ArrayRecord({k: Array(v) for k, v in _state(current, 4).items()})
+    messages = list(strategy.configure_train(1, arrays, ConfigRecord(), None))  # type: ignore[arg-type]
+    assert [m.metadata.dst_node_id for m in messages] == [11, 22, 33]
+    new, _ = strategy.aggregate_train(1, replies)
+    assert new is not None
+    return {k: v.numpy() for k, v in new.items()}
+
+
+def test_fedavgm_and_fedadam_are_flowers_update_on_the_quorum_tolerant_average() -> None:
+    broken = _train_reply(33, {"w": np.zeros((9,), np.float32)}, 5)  # wrong shape: dropped by name, round goes on
+    replies = [_train_reply(11, _state(1.0, 10), 10), _train_reply(22, _state(3.0, 20), 30), broken]
+    averaged = (1.0 * 10 + 3.0 * 30) / 40  # 2.5, FedAvg over the two usable replies
+
+    m = build_strategy(FederationConfig(strategy="fedavgm", server_lr=0.5, server_momentum=0.9), **_site_kwargs())
+    out = _round(m, 1.0, list(replies))
+    pseudo_gradient = 1.0 - averaged  # first round: momentum buffer = the pseudo-gradient
+    np.testing.assert_allclose(out["w"], 1.0 - 0.5 * pseudo_gradient, rtol=1e-6)
+    assert any("gamma" in p and "malformed weights" in p for p in m.problems)
+
+    a = build_strategy(FederationConfig(strategy="fedadam", server_lr=0.01), **_site_kwargs())
+    out = _round(a, 1.0, [_train_reply(11, _state(1.0, 10), 10), _train_reply(22, _state(3.0, 20), 30)])
+    delta = averaged - 1.0
+    m_t, v_t = 0.1 * delta, 0.01 * delta**2  # beta_1 = 0.9, beta_2 = 0.99, from zero
+    eta = 0.01 * np.sqrt(1 - 0.99**2) / (1 - 0.9**2)  # Flower's bias correction at round 1
+    np.testing.assert_allclose(out["w"], 1.0 + eta * m_t / (np.sqrt(v_t) + 1e-9), rtol=1e-5)
+
+
+def test_fedprox_sends_mu_and_the_proximal_term_is_the_squared_distance() -> None:
+    p = build_strategy(FederationConfig(strategy="fedprox", proximal_mu=0.3), **_site_kwargs())
+    arrays = ArrayRecord({k: Array(v) for k, v in _state(1.0, 4).items()})
+    messages = list(p.configure_train(1, arrays, ConfigRecord(), None))  # type: ignore[arg-type]
+    assert {float(m.content[Key.CONFIG][Field.PROXIMAL_MU]) for m in messages} == {0.3}
+    assert all(Field.LEARNING_RATE in m.content[Key.CONFIG] for m in messages)
+
+    import torch
+
+    from strnet.engine import Proximal
+
+    model = torch.nn.Linear(3, 2)
+    anchor = Proximal.of(model, 0.3)
+    with torch.no_grad():
+        model.weight.add_(0.5)  # 6 weights moved by 0.5, bias (2) by -0.25
+        model.bias.sub_(0.25)
+    term = anchor.term(model)
+    assert float(term) == pytest.approx(6 * 0.25 + 2 * 0.0625)
+    term.backward()  # the gradient of (mu/2)·term is mu·(w − w_global)
+    np.testing.assert_allclose(model.weight.grad.numpy(), 2 * 0.5 * np.ones((2, 3)), rtol=1e-6)
+
+
+def test_fedprox_federation_runs_in_process_and_sites_log_the_term(scenario, tmp_path: Path) -> None:
+    overrides = [*_overrides(scenario, tmp_path), "federation.strategy=fedprox", "federation.proximal_mu=0.5"]
+    result = run_federated(InProcessGrid(3), load_config("demo", [*overrides, "tracking.enabled=false"]))  # type: ignore[arg-type]
+    assert result.history[-1]["step"] == 2
+    assert result.history[-1]["site.stage1.train_loss_proximal"] > 0  # round 2 moved away from the global weights
