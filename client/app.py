@@ -20,6 +20,7 @@ from client.site import site_for_node
 from configs.schema import Config, config_from_dict
 from strnet.calibration import Platt, PlattStats
 from strnet.errors import ConfigError
+from strnet.model import batchnorm_keys
 from strnet.protocol import (
     PROTOCOL_VERSION,
     WEIGHT,
@@ -37,6 +38,8 @@ app = ClientApp()
 
 RUN_STATE = "strnet.run"  # ConfigRecord: config-json, config-digest
 OPTIMIZER_STATE = "strnet.optimizer"  # ConfigRecord: state (bytes), server-round
+BN_STATE = "strnet.batchnorm"  # FedBN: ArrayRecord of this site's BatchNorm tensors, one per round (…round-<r>)
+BN_LATEST = f"{BN_STATE}.latest"
 VAL_LOGITS = "strnet.val-logits"  # ArrayRecord: the kept model's validation logits and labels, for calibration
 VAL_LOGITS_DIGEST = "strnet.val-logits-digest"  # ConfigRecord: model-digest of the weights they came from
 
@@ -71,8 +74,26 @@ def _arrays(values: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in values.items()})
 
 
-def _weights(message: Message) -> dict[str, torch.Tensor]:
-    return message.content[Key.ARRAYS].to_torch_state_dict()
+def _weights(
+    message: Message, context: Context | None = None, runner: SiteRunner | None = None
+) -> dict[str, torch.Tensor]:
+    """The message's weights; under FedBN a message without the BatchNorm tensors is completed with this site's
+    own, from the round the instruction names (the round it trained last, if none)."""
+    weights = message.content[Key.ARRAYS].to_torch_state_dict()
+    if context is None or runner is None or runner.cfg.federation.strategy != "fedbn":
+        return weights
+    missing = batchnorm_keys(runner.model) - set(weights)
+    if not missing:
+        return weights
+    instruction = message.content[Key.CONFIG]
+    kept = context.state.get(_bn_key(int(instruction.get(Field.SERVER_ROUND, -1)))) or context.state.get(BN_LATEST)
+    if kept is None:
+        raise ConfigError(f"site {runner.site}: FedBN weights without BatchNorm tensors, and none kept at this site")
+    return weights | kept.to_torch_state_dict()
+
+
+def _bn_key(server_round: int) -> str:
+    return f"{BN_STATE}.round-{server_round}"
 
 
 @app.query(MessageKind.action(MessageKind.SITE_INFO))
@@ -90,7 +111,7 @@ def train(message: Message, context: Context) -> Message:
     keep = runner.cfg.federation.keep_optimizer_state
     kept = context.state.get(OPTIMIZER_STATE) if keep else None
     new_state, metrics, n, optimizer = runner.train(
-        _weights(message),
+        _weights(message, context, runner),
         lr=float(instruction[Field.LEARNING_RATE]),
         server_round=server_round,
         optimizer_state=bytes(kept["state"]) if kept is not None else None,
@@ -98,11 +119,29 @@ def train(message: Message, context: Context) -> Message:
     )
     if keep:  # AdamW moments are local state: they stay at the site, never in a reply
         context.state[OPTIMIZER_STATE] = ConfigRecord({"state": optimizer, Field.SERVER_ROUND: server_round})
+    if runner.cfg.federation.strategy == "fedbn":  # BatchNorm tensors stay here (FedBN)
+        local = batchnorm_keys(runner.model)
+        kept = ArrayRecord({k: v for k, v in new_state.items() if k in local})
+        context.state[_bn_key(server_round)] = kept
+        context.state[BN_LATEST] = kept
+        new_state = {k: v for k, v in new_state.items() if k not in local}
     return _reply(
         message,
         runner,
         **{Key.ARRAYS: ArrayRecord(new_state), Key.METRICS: MetricRecord({**metrics, WEIGHT: n})},
     )
+
+
+@app.query(MessageKind.action(MessageKind.BATCHNORM))
+def batchnorm(message: Message, context: Context) -> Message:
+    """FedBN, once after training: this site's BatchNorm tensors of the kept round and its training-case count."""
+    runner = runner_for(message, context)
+    server_round = int(message.content[Key.CONFIG][Field.SERVER_ROUND])
+    kept = context.state.get(_bn_key(server_round))
+    if kept is None:
+        raise ConfigError(f"site {runner.site}: no BatchNorm tensors kept for round {server_round}")
+    values = {k: v.numpy() for k, v in kept.items()} | {WEIGHT: np.array([len(runner.splits["train"])], np.int64)}
+    return _reply(message, runner, **{Key.STATS: _arrays(values)})
 
 
 def _platt(message: Message) -> Platt:
@@ -113,7 +152,7 @@ def _platt(message: Message) -> Platt:
 @app.query(MessageKind.action(MessageKind.VAL_STATS))
 def val_stats(message: Message, context: Context) -> Message:
     runner = runner_for(message, context)
-    counts = runner.validation_counts(_weights(message), _platt(message))
+    counts = runner.validation_counts(_weights(message, context, runner), _platt(message))
     return _reply(message, runner, **{Key.STATS: _arrays(encode(counts))})
 
 

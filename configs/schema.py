@@ -89,7 +89,9 @@ class FederationConfig:
     """FedAvg rounds. The server drives the training recipe's learning-rate plateau and early stopping per round
     (``train.plateau_*``, ``train.early_stop_patience`` and ``train.min_epochs`` count rounds here)."""
 
-    strategy: Literal["fedavg", "fedprox", "fedavgm", "fedadam"] = "fedavg"
+    # fedbn: FedAvg without the BatchNorm layers, which stay at each site during training and are averaged once,
+    # for the bundle, after it (one message per site)
+    strategy: Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedbn"] = "fedavg"
     # FedProx: each site adds (mu/2)·Σ‖w − w_global‖² to its loss
     proximal_mu: float = 0.01
     # FedAvgM / FedAdam: the server's step on the averaged update (FedAvgM: 1.0 = plain FedAvg plus momentum)

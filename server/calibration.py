@@ -13,47 +13,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
 from configs.schema import Config
 from server.pooled import QuorumError, pool
-from server.replies import reply_content, stats_arrays
+from server.replies import ask_sites
 from strnet.calibration import Platt, PlattStats, fit_platt, platt_targets
 from strnet.errors import SiteError
 from strnet.protocol import (
-    PROTOCOL_VERSION,
     Field,
-    Key,
     MessageKind,
     decode_platt,
     decode_validation,
     model_digest,
 )
 from strnet.sufficient import ValidationCounts
-
-
-def _ask(
-    grid: Grid,
-    cfg: Config,
-    train_nodes: dict[int, str],
-    kind: str,
-    config: dict[str, Any],
-    arrays: ArrayRecord | None,
-    problem: Callable[[str], None],
-) -> dict[str, dict[str, np.ndarray]]:
-    instruction = ConfigRecord({Field.VERSION: PROTOCOL_VERSION, **config})
-    content = RecordDict({Key.CONFIG: instruction} | ({Key.ARRAYS: arrays} if arrays is not None else {}))
-    messages = [Message(content=content, message_type=kind, dst_node_id=n) for n in sorted(train_nodes)]
-    out: dict[str, dict[str, np.ndarray]] = {}
-    for msg in grid.send_and_receive(messages, timeout=cfg.federation.round_timeout):
-        site = train_nodes.get(msg.metadata.src_node_id, f"<unknown node {msg.metadata.src_node_id}>")
-        try:
-            out[site] = stats_arrays(reply_content(msg, site), site)
-        except SiteError as exc:
-            problem(f"{kind}: {exc}")
-    return out
 
 
 def pooled_calibration(
@@ -84,7 +59,7 @@ def pooled_calibration(
             Field.TARGET_NEG: targets[0],
             Field.TARGET_POS: targets[1],
         }
-        replies = _ask(grid, cfg, train_nodes, MessageKind.CALIBRATE, config, arrays if first else None, problem)
+        replies = ask_sites(grid, cfg, train_nodes, MessageKind.CALIBRATE, config, arrays if first else None, problem)
         per_site: dict[str, PlattStats] = {}
         for site, values in replies.items():
             try:
@@ -119,7 +94,7 @@ def calibrated_validation_counts(
     th = cfg.threshold
     config = {Field.CONFIG_DIGEST: config_digest, Field.PLATT_A: platt.a, Field.PLATT_B: platt.b}
     per_site: dict[str, ValidationCounts] = {}
-    for site, values in _ask(grid, cfg, train_nodes, MessageKind.VAL_STATS, config, arrays, problem).items():
+    for site, values in ask_sites(grid, cfg, train_nodes, MessageKind.VAL_STATS, config, arrays, problem).items():
         try:
             per_site[site] = decode_validation(site, values, n_bins=th.histogram_bins, n_grid=len(th.grid()))
         except SiteError as exc:

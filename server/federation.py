@@ -7,34 +7,66 @@ Everything after the Grid is plain Python, testable in-process with a Grid stand
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord
 from flwr.serverapp import Grid
 
 from configs.schema import Config
 from server.calibration import calibrated_validation_counts, pooled_calibration
 from server.discovery import discover_sites
 from server.frozen import frozen_evaluation
-from server.pooled import QuorumError, pool, pooled_threshold
+from server.pooled import QuorumError, pool, pooled_threshold, weighted_average
+from server.replies import ask_sites
 from server.strategy import build_strategy
 from strnet.calibration import Platt
 from strnet.engine import RecipeSchedule, seed_everything
-from strnet.model import build_strnet
-from strnet.protocol import config_digest
+from strnet.model import batchnorm_keys, build_strnet
+from strnet.protocol import WEIGHT, Field, MessageKind, config_digest
 from strnet.run import Run, RunResult, SiteResult, Tracker, recipe
 from strnet.scoring import task_metrics
 from strnet.sufficient import EvaluationCounts
 
 
-def initial_state(cfg: Config) -> dict[str, torch.Tensor]:
+def initial_state(cfg: Config) -> tuple[dict[str, torch.Tensor], frozenset[str]]:
     """The global model's starting weights, built as ``strnet train`` builds its model (same seed, same init);
-    pretrained weights load here, on the server, from a path."""
+    pretrained weights load here, on the server, from a path. Also the model's BatchNorm keys (FedBN)."""
     seed_everything(cfg.seed)
     m = cfg.model
     model = build_strnet(backbone=m.backbone, weights=m.weights, neck_dim=m.neck_dim, dropout=m.dropout)
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, batchnorm_keys(model)
+
+
+def gather_batchnorm(
+    grid: Grid,
+    cfg: Config,
+    train_nodes: dict[int, str],
+    arrays: ArrayRecord,
+    best_round: int,
+    keys: frozenset[str],
+    config_digest: str,
+    problem: Callable[[str], None],
+) -> ArrayRecord:
+    """FedBN after training: each site sends its BatchNorm tensors of the kept round once; their average weighted
+    by training cases completes the global model that is calibrated, evaluated everywhere and bundled."""
+    config = {Field.CONFIG_DIGEST: config_digest, Field.SERVER_ROUND: best_round}
+    replies = ask_sites(grid, cfg, train_nodes, MessageKind.BATCHNORM, config, None, problem)
+    usable: dict[str, dict[str, np.ndarray]] = {}
+    for site, values in replies.items():
+        got = set(values) - {WEIGHT}
+        if got != set(keys) or WEIGHT not in values:
+            problem(f"batchnorm: site {site} sent {len(got)} tensors, expected the model's {len(keys)} and a weight")
+            continue
+        usable[site] = values
+    if len(usable) < cfg.federation.quorum:
+        raise QuorumError(f"batchnorm: {len(usable)} usable site(s) {sorted(usable)}, quorum {cfg.federation.quorum}")
+    reference = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in arrays.items()}
+    weights = [float(v[WEIGHT][0]) for v in usable.values()]
+    averaged = weighted_average([{k: v[k] for k in keys} for v in usable.values()], weights, reference)
+    return ArrayRecord({k: (Array(averaged[k]) if k in keys else v) for k, v in arrays.items()})
 
 
 def run_federated(
@@ -51,6 +83,7 @@ def run_federated(
         run.log_data(
             {"sites": site_table}, sites=",".join(sorted(roles)), train_sites=",".join(sorted(train_nodes.values()))
         )
+        state, bn_keys = initial_state(cfg)
         strategy = build_strategy(
             fed,
             train_nodes=train_nodes,
@@ -61,26 +94,28 @@ def run_federated(
             config_digest=digest,
             on_round=run.log_step,
             problem=run.problem,
+            local_keys=bn_keys,
         )
-        strategy.start(
-            grid=grid, initial_arrays=ArrayRecord(initial_state(cfg)), num_rounds=fed.rounds, timeout=fed.round_timeout
-        )
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(state), num_rounds=fed.rounds, timeout=fed.round_timeout)
         if strategy.best_round is None or strategy.best_arrays is None:
             raise QuorumError(
                 f"no round produced pooled validation statistics (quorum {fed.quorum}): " + "; ".join(strategy.problems)
             )
+        kept = strategy.best_arrays
+        if strategy.local_keys:
+            kept = gather_batchnorm(
+                grid, cfg, train_nodes, kept, strategy.best_round, strategy.local_keys, digest, run.problem
+            )
         # Calibration and τ* from the kept round's pooled validation statistics, as centralized training fits
         # them on its best epoch: Newton steps on summed statistics, then the calibrated pooled counts.
         best_val = strategy.round_pooled[strategy.best_round]
-        calibration = pooled_calibration(grid, cfg, train_nodes, strategy.best_arrays, best_val, digest, run.problem)
+        calibration = pooled_calibration(grid, cfg, train_nodes, kept, best_val, digest, run.problem)
         platt = Platt.from_dict(calibration)
-        cal_val, pooled_sites = calibrated_validation_counts(
-            grid, cfg, train_nodes, strategy.best_arrays, platt, digest, run.problem
-        )
+        cal_val, pooled_sites = calibrated_validation_counts(grid, cfg, train_nodes, kept, platt, digest, run.problem)
         excluded = [p for p in strategy.problems if p.startswith(f"round {strategy.best_round} ")]
         threshold = pooled_threshold(cal_val, th, sites=pooled_sites, excluded=excluded)
         tau = float(threshold["value"])
-        frozen = frozen_evaluation(grid, cfg, nodes, strategy.best_arrays, tau, platt, digest, run.problem)
+        frozen = frozen_evaluation(grid, cfg, nodes, kept, tau, platt, digest, run.problem)
 
         def pooled(split: str) -> EvaluationCounts:
             parts = {s: c[split] for s, c in frozen.items() if roles[s] == "train" and split in c}
@@ -101,7 +136,7 @@ def run_federated(
             "sites": site_table,
         }
         return run.finish(
-            state_dict=strategy.best_arrays.to_torch_state_dict(),
+            state_dict=kept.to_torch_state_dict(),
             threshold=threshold,
             val=score(val_counts),
             test=score(test_counts),

@@ -47,6 +47,7 @@ class SiteFedAvg(FedAvg):
         config_digest: str,
         on_round: Callable[[int, dict[str, float]], None] | None = None,
         problem: Callable[[str], None] | None = None,
+        local_keys: frozenset[str] = frozenset(),
     ) -> None:
         n = len(train_nodes)
         super().__init__(min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n, weighted_by_key=WEIGHT)
@@ -70,6 +71,10 @@ class SiteFedAvg(FedAvg):
         self._evaluated: ArrayRecord | None = None
         self._lr = schedule.lr
         self._reference: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        # FedBN: tensors that stay at the sites; they travel to a site once (round 1, the starting weights) and
+        # never come back in a reply. The global record keeps its starting values for them.
+        self.local_keys = local_keys
+        self._global: ArrayRecord | None = None
 
     def summary(self) -> None:
         super().summary()
@@ -147,7 +152,12 @@ class SiteFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Every training site, every round, at the recipe's current learning rate."""
-        self._reference = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in arrays.items()}
+        self._global = arrays
+        self._reference = {
+            k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in arrays.items() if k not in self.local_keys
+        }
+        if self.local_keys and server_round > 1:
+            arrays = self.shared(arrays)
         self._lr = self.schedule.lr
         # ``config`` carries what a Flower strategy mixed in front of this one adds (FedProx: ``proximal-mu``)
         instruction = self._instruction(server_round, **dict(config), **{Field.LEARNING_RATE: self._lr})
@@ -203,9 +213,15 @@ class SiteFedAvg(FedAvg):
         for site, _, metrics, _ in usable:
             self._train_row |= {f"site.{site}.{k}": v for k, v in metrics.items()}
         metrics = {k: v for k, v in self._train_row.items() if not k.startswith("site.")}
+        if self.local_keys and self._global is not None:  # the sites' own BatchNorm tensors are not averaged
+            averaged |= {k: v.numpy() for k, v in self._global.items() if k in self.local_keys}
         return ArrayRecord({k: Array(v) for k, v in averaged.items()}), MetricRecord(
             metrics | {"num_sites": len(usable)}
         )
+
+    def shared(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The arrays without the site-local ones (all of them unless FedBN)."""
+        return ArrayRecord({k: v for k, v in arrays.items() if k not in self.local_keys})
 
     # ------------------------------------------------------------------------------------------------ validation
 
@@ -214,7 +230,7 @@ class SiteFedAvg(FedAvg):
     ) -> Iterable[Message]:
         """Ask the training sites for additive validation counts of the new global model."""
         self._evaluated = arrays
-        record = RecordDict({Key.ARRAYS: arrays, Key.CONFIG: self._instruction(server_round)})
+        record = RecordDict({Key.ARRAYS: self.shared(arrays), Key.CONFIG: self._instruction(server_round)})
         return self._messages(record, MessageKind.VAL_STATS, server_round)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -288,8 +304,15 @@ class SiteFedAdam(FedAdam, SiteFedAvg):
 
 
 def build_strategy(fed: FederationConfig, **site: Any) -> SiteFedAvg:
-    """The configured strategy over the training sites (``federation.strategy``)."""
+    """The configured strategy over the training sites (``federation.strategy``); FedBN is SiteFedAvg with the
+    BatchNorm keys as ``local_keys``."""
+    if fed.strategy != "fedbn":
+        site.pop("local_keys", None)
     if fed.strategy == "fedavg":
+        return SiteFedAvg(**site)
+    if fed.strategy == "fedbn":
+        if not site.get("local_keys"):
+            raise ValueError("federation.strategy=fedbn: the model has no BatchNorm layers to keep at the sites")
         return SiteFedAvg(**site)
     if fed.strategy == "fedprox":
         return SiteFedProx(proximal_mu=fed.proximal_mu, **site)

@@ -366,6 +366,21 @@ class STRNet(nn.Module):
             "t_score": self.t_fusion(t_in).squeeze(-1),
         }
 
+    def neck_features(self, image: torch.Tensor) -> torch.Tensor:
+        """[B,1,H,W] -> [B,neck_dim]: the neck's linear output *before* its ReLU, the representation every head reads.
+
+        Out-of-distribution scoring (:mod:`strnet.ood`) measures how far an input lies from the training images
+        here, because this is what the heads are routed from: an input whose neck looks like a knee's gets a
+        knee-like answer whatever the pixels were. Before the ReLU because the ReLU piles a share of every feature
+        onto exactly 0, which a Gaussian models badly and which erases how far *below* zero an odd input lands
+        (on the real bundle it separated synthetic non-knees from real knees with AUROC 0.994 vs 0.969 after the
+        ReLU). :meth:`forward` uses ``relu`` of this (dropout is inactive in eval mode). The covariates never
+        enter the neck, so no tabular input is needed.
+        """
+        if image.ndim != 4 or image.shape[1] != 1:
+            raise ValueError(f"image must be [B,1,H,W], got {tuple(image.shape)}")
+        return self.neck[0](self.backbone(image))
+
 
 def build_strnet(
     *, backbone: str = "resnet50", weights: str = "none", neck_dim: int = 128, dropout: float = 0.3
@@ -405,3 +420,14 @@ def model_info(backbone: str, weights: str = "none") -> dict[str, Any]:
         **count_params(model),
         "params_by_part": parts,
     }
+
+
+def batchnorm_keys(model: nn.Module) -> frozenset[str]:
+    """State-dict keys of every BatchNorm layer (affine parameters and running statistics): what FedBN keeps at
+    each site, because they encode the site's own image statistics (scanner, exposure, processing)."""
+    keys: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            prefix = f"{name}." if name else ""
+            keys |= {prefix + k for k in module.state_dict()}
+    return frozenset(keys)

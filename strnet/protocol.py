@@ -34,6 +34,7 @@ class MessageKind:
     TRAIN = "train"  # local epochs from the global weights at the round's learning rate
     VAL_STATS = "query.val_stats"  # ValidationCounts of the global model (calibrated when the message says so)
     CALIBRATE = "query.calibration"  # PlattStats of the kept model's validation logits at the sent (a, b)
+    BATCHNORM = "query.batchnorm"  # FedBN: the site's BatchNorm tensors of one round, sent once after training
     FROZEN = "evaluate.frozen"  # EvaluationCounts of the final model at τ*
 
     @staticmethod

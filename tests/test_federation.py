@@ -363,3 +363,44 @@ def test_fedprox_federation_runs_in_process_and_sites_log_the_term(scenario, tmp
     result = run_federated(InProcessGrid(3), load_config("demo", [*overrides, "tracking.enabled=false"]))  # type: ignore[arg-type]
     assert result.history[-1]["step"] == 2
     assert result.history[-1]["site.stage1.train_loss_proximal"] > 0  # round 2 moved away from the global weights
+
+
+def test_fedbn_keeps_batchnorm_tensors_out_of_every_site_message_but_one(scenario, tmp_path: Path) -> None:
+    """FedBN: no train or validation reply carries a BatchNorm tensor; after training each site sends its own
+    once (the kept round), and the bundle's BatchNorm layers are their average weighted by training cases."""
+    from strnet.model import batchnorm_keys, build_strnet
+
+    bn = batchnorm_keys(build_strnet(backbone="tiny"))
+    assert bn and all(k.startswith("backbone.") for k in bn)
+    replies: list[tuple[int, Message]] = []
+
+    def record(reply: Message, node: int) -> Message:
+        replies.append((node, reply))
+        return reply
+
+    overrides = [*_overrides(scenario, tmp_path), "federation.strategy=fedbn", "tracking.enabled=false"]
+    grid = InProcessGrid(3, tamper=record)
+    result = run_federated(grid, load_config("demo", overrides))  # type: ignore[arg-type]
+    assert not result.problems
+    carrying: dict[str, list[int]] = {}
+    for node, reply in replies:
+        keys = {k for rec in reply.content.array_records.values() for k in rec}
+        if keys & bn:
+            carrying.setdefault(reply.metadata.message_type, []).append(node)
+    assert carrying == {"query.batchnorm": [100, 101]}  # the two training sites, once each
+    sent_train = [msg for _, msg in grid.sent if msg.metadata.message_type == "train"]
+    assert bn <= set(sent_train[0].content[Key.ARRAYS])  # round 1 starts everyone from the same BatchNorm
+    assert not bn & set(sent_train[-1].content[Key.ARRAYS])  # later rounds exchange the rest only
+    kept = int(result.metrics["best_step"])
+    site_bn = {
+        node: grid.contexts[node].state[f"strnet.batchnorm.round-{kept}"].to_torch_state_dict() for node in (100, 101)
+    }
+    n = {
+        node: len(read_manifest(scenario.site_manifests[s]).query("split == 'train'"))
+        for node, s in ((100, "stage1"), (101, "hospital"))
+    }
+    bundle = load_bundle(result.bundle_dir)
+    state = bundle.model.state_dict()
+    key = next(k for k in sorted(bn) if k.endswith("running_mean"))
+    expected = sum(site_bn[node][key].double() * n[node] for node in n) / sum(n.values())
+    np.testing.assert_allclose(state[key].double().numpy(), expected.numpy(), rtol=1e-5)
