@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm import tqdm
 
 from strnet.data.augment import AugmentParams
@@ -54,6 +54,9 @@ class TrainParams:
     channels_last: bool = True
     max_steps_per_epoch: int | None = None
     eval_batch_size: int = 64
+    # "source_label": draw training knees so every (source, normal/bone-loss) cell is equally likely, which takes
+    # away the shortcut "this source is mostly bone loss" (the BCE class weight is then 1).
+    balance: Literal["none", "source_label"] = "none"
 
 
 def seed_everything(seed: int) -> None:
@@ -114,18 +117,41 @@ def make_loader(
     shuffle: bool,
     seed: int,
     num_workers: int = 0,
+    balance: str = "none",
 ) -> DataLoader:
-    dataset = KneeDataset(df.reset_index(drop=True), params, cache, augment=augment, seed=seed)
+    """A loader over ``df``; ``balance="source_label"`` replaces the shuffle by a seeded weighted draw (with
+    replacement, one epoch = len(df) knees) in which every (source, screening label) cell weighs the same."""
+    df = df.reset_index(drop=True)
+    dataset = KneeDataset(df, params, cache, augment=augment, seed=seed)
     generator = torch.Generator().manual_seed(seed)
+    sampler = None
+    if shuffle and balance == "source_label":
+        sampler = WeightedRandomSampler(balance_weights(df), len(df), replacement=True, generator=generator)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
         num_workers=num_workers,
         generator=generator,
         drop_last=False,
         persistent_workers=False,
     )
+
+
+def balance_weights(df: pd.DataFrame) -> torch.Tensor:
+    """1 / size of each knee's (source, normal-or-bone-loss) cell; unlabelled knees share one cell per source."""
+    label = df["label_cls"].fillna("").astype(str)
+    screen = np.where(label == "", "?", np.where(label == "normal", "normal", "bone loss"))
+    source = df["source"].fillna("").astype(str) if "source" in df.columns else pd.Series("", index=df.index)
+    cell = source.to_numpy() + "|" + screen
+    _, inverse, counts = np.unique(cell, return_inverse=True, return_counts=True)
+    return torch.as_tensor(1.0 / counts[inverse], dtype=torch.double)
+
+
+def class_weight(train_df: pd.DataFrame, params: TrainParams) -> float:
+    """The screening BCE's positive-class weight: n_normal / n_bone_loss, or 1 when the sampler balances."""
+    return 1.0 if params.balance != "none" else screening_pos_weight(train_df)
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device, channels_last: bool) -> dict[str, torch.Tensor]:
@@ -341,6 +367,19 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = float(lr)
 
 
+def site_rankings(preds: dict[str, np.ndarray], frame: pd.DataFrame, n_bins: int) -> dict[str, float]:
+    """Each site's own validation AUROC/AUPRC, under the names a federation logs them (``site.<name>.val_…``):
+    a pooled score can rise while one source gets worse, and the learning curve must show it."""
+    if "site" not in frame.columns:
+        return {}
+    sites = frame["site"].astype(str).to_numpy()[preds["index"]]
+    out: dict[str, float] = {}
+    for site in sorted(set(sites)):
+        part = {k: v[sites == site] for k, v in preds.items()}
+        out |= {f"site.{site}.val_screening_{k}": v for k, v in validation_ranking(part, n_bins).items()}
+    return out
+
+
 def validation_ranking(preds: dict[str, np.ndarray], n_bins: int) -> dict[str, float]:
     """The monitored score, from the score histogram in both modes (a federation knows nothing finer)."""
     return histogram_ranking(score_histogram(*screening_cases(preds), n_bins))
@@ -397,12 +436,19 @@ def fit(
     if t.channels_last:
         model.to(memory_format=torch.channels_last)
     amp_dtype = autocast_dtype(t.precision, device)
-    loss_fn = MultiTaskLoss(pos_weight=screening_pos_weight(train_df), weights=loss_weights).to(device)
+    loss_fn = MultiTaskLoss(pos_weight=class_weight(train_df, t), weights=loss_weights).to(device)
     optimizer = build_optimizer(model, t)
     schedule = RecipeSchedule(t)
     loader_args = {"num_workers": num_workers, "seed": seed}
     train_loader = make_loader(
-        train_df, preprocess, cache, batch_size=t.batch_size, augment=augment, shuffle=True, **loader_args
+        train_df,
+        preprocess,
+        cache,
+        batch_size=t.batch_size,
+        augment=augment,
+        shuffle=True,
+        balance=t.balance,
+        **loader_args,
     )
     val_loader = make_loader(
         val_df, preprocess, cache, batch_size=t.eval_batch_size, augment=None, shuffle=False, **loader_args
@@ -449,7 +495,7 @@ def fit(
         improved = schedule.step(ranking[t.monitor])
         if improved:
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        row = history_row(lr, train_summary(train_stats), ranking)
+        row = history_row(lr, train_summary(train_stats), ranking) | site_rankings(preds, val_df, n_bins)
         history.append(row)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, row)

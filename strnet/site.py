@@ -25,13 +25,13 @@ from configs.schema import Config
 from strnet.calibration import Platt, calibrated, labelled_logits
 from strnet.cases import warm_cache
 from strnet.data.cache import PreprocessCache
-from strnet.data.dataset import screening_pos_weight
 from strnet.data.manifest import read_manifest
 from strnet.data.preprocess import PreprocessParams
 from strnet.engine import (
     Proximal,
     autocast_dtype,
     build_optimizer,
+    class_weight,
     make_loader,
     predict_loader,
     resolve_device,
@@ -170,7 +170,7 @@ class SiteRunner:
             optimizer.load_state_dict(torch.load(io.BytesIO(optimizer_state), map_location=self.device))
         set_learning_rate(optimizer, lr)
         train = self.splits["train"]
-        loss_fn = MultiTaskLoss(pos_weight=screening_pos_weight(train), weights=self.cfg.loss).to(self.device)
+        loss_fn = MultiTaskLoss(pos_weight=class_weight(train, t), weights=self.cfg.loss).to(self.device)
         loader = make_loader(
             train,
             self.cfg.preprocess,
@@ -180,6 +180,7 @@ class SiteRunner:
             shuffle=True,
             seed=self.cfg.seed,
             num_workers=self.cfg.data.num_workers,
+            balance=t.balance,
         )
         stats: dict[str, float] = {}
         proximal = Proximal.of(self.model, proximal_mu) if proximal_mu > 0 else None

@@ -234,3 +234,27 @@ def test_reports_are_strict_json(trained) -> None:  # type: ignore[no-untyped-de
 
     for path in [root / "run" / "summary.json", root / "run" / "test_report" / "metrics.json"]:
         json.loads(path.read_text(), parse_constant=reject)
+
+
+def test_source_label_balance_draws_every_cell_equally_and_reproducibly() -> None:
+    import torch
+
+    from strnet.engine import balance_weights
+
+    df = pd.DataFrame(
+        {
+            "source": ["a"] * 80 + ["b"] * 20,
+            "label_cls": ["normal"] * 10 + ["osteopenia"] * 70 + ["normal"] * 15 + ["osteoporosis"] * 5,
+        }
+    )
+    w = balance_weights(df)
+    cells = df["source"] + "|" + (df["label_cls"] == "normal").map({True: "n", False: "b"})
+    shares = pd.Series(w.numpy()).groupby(cells.to_numpy()).sum()
+    np.testing.assert_allclose(shares.to_numpy(), 1.0)  # each of the four cells weighs the same in total
+    draw = [
+        list(torch.utils.data.WeightedRandomSampler(w, 4000, generator=torch.Generator().manual_seed(3)))
+        for _ in range(2)
+    ]
+    assert draw[0] == draw[1]
+    drawn = cells.to_numpy()[draw[0]]
+    assert all(abs((drawn == c).mean() - 0.25) < 0.03 for c in set(cells))
