@@ -21,6 +21,7 @@ from configs.schema import Config, config_from_dict
 from strnet.calibration import Platt, PlattStats
 from strnet.errors import ConfigError
 from strnet.model import batchnorm_keys
+from strnet.ood import FeatureGaussian
 from strnet.protocol import (
     PROTOCOL_VERSION,
     WEIGHT,
@@ -174,6 +175,30 @@ def calibrate(message: Message, context: Context) -> Message:
     targets = (float(instruction[Field.TARGET_NEG]), float(instruction[Field.TARGET_POS]))
     stats = PlattStats.from_logits(record["logits"].numpy(), record["labels"].numpy(), _platt(message), targets)
     return _reply(message, runner, **{Key.STATS: _arrays(encode(stats))})
+
+
+@app.query(MessageKind.action(MessageKind.OOD_MOMENTS))
+def ood_moments(message: Message, context: Context) -> Message:
+    """Sums of neck features and of their outer products over this site's training knees (never the features)."""
+    runner = runner_for(message, context)
+    m = runner.ood_moments(_weights(message))
+    values = {"n": np.array([m.n], np.int64), "sum": m.sum, "sum_outer": m.sum_outer}
+    return _reply(message, runner, **{Key.STATS: _arrays(values)})
+
+
+@app.query(MessageKind.action(MessageKind.OOD_DISTANCES))
+def ood_distances(message: Message, context: Context) -> Message:
+    """A histogram of this site's validation knees' distances under the pooled Gaussian the server sent."""
+    runner = runner_for(message, context)
+    instruction, sent = message.content[Key.CONFIG], message.content[Key.STATS]
+    gaussian = FeatureGaussian(
+        sent["mean"].numpy(),
+        sent["covariance"].numpy(),
+        float(instruction[Field.SHRINKAGE]),
+        int(instruction[Field.N_CASES]),
+    )
+    hist = runner.ood_histogram(_weights(message), gaussian)
+    return _reply(message, runner, **{Key.STATS: _arrays({"hist": hist})})
 
 
 @app.evaluate(MessageKind.action(MessageKind.FROZEN))

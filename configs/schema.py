@@ -58,6 +58,18 @@ class ThresholdConfig:
 
 
 @dataclass(frozen=True)
+class OODConfig:
+    """The bundle's out-of-distribution limit: a Gaussian of the training knees' neck features (OAS shrinkage),
+    limit = ``margin`` x the ``quantile`` of validation knees' Mahalanobis distances (:mod:`strnet.ood`)."""
+
+    enabled: bool = True
+    quantile: float = 0.995
+    # Validation knees come from the training sites; a new hospital's knees sit further out (on the real hold-out,
+    # up to 1.25x the 99.5 % quantile), while non-knees sit beyond 1.38x: 1.2 keeps real knees, rejects those.
+    margin: float = 1.2
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     bootstrap: int = 2000
 
@@ -119,6 +131,7 @@ class Config:
     train: TrainParams = field(default_factory=TrainParams)
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
+    ood: OODConfig = field(default_factory=OODConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
 
@@ -168,5 +181,7 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"federation.quorum={fed.quorum} must be between 1 and the {n_train} training site(s)")
     if fed.proximal_mu < 0 or fed.server_lr <= 0 or not 0 <= fed.server_momentum < 1:
         raise ConfigError("federation: proximal_mu >= 0, server_lr > 0 and 0 <= server_momentum < 1 required")
+    if not 0 < cfg.ood.quantile <= 1 or not cfg.ood.margin > 0:
+        raise ConfigError(f"ood: quantile in (0, 1] and margin > 0 required, got {cfg.ood}")
     if cfg.preprocess.size < 16:
         raise ConfigError(f"preprocess.size={cfg.preprocess.size} is too small (>= 16)")

@@ -19,6 +19,7 @@ from configs.schema import Config
 from server.calibration import calibrated_validation_counts, pooled_calibration
 from server.discovery import discover_sites
 from server.frozen import frozen_evaluation
+from server.ood import pooled_ood
 from server.pooled import QuorumError, pool, pooled_threshold, weighted_average
 from server.replies import ask_sites
 from server.strategy import build_strategy
@@ -115,6 +116,7 @@ def run_federated(
         excluded = [p for p in strategy.problems if p.startswith(f"round {strategy.best_round} ")]
         threshold = pooled_threshold(cal_val, th, sites=pooled_sites, excluded=excluded)
         tau = float(threshold["value"])
+        ood = pooled_ood(grid, cfg, train_nodes, kept, digest, run.problem) if cfg.ood.enabled else None
         frozen = frozen_evaluation(grid, cfg, nodes, kept, tau, platt, digest, run.problem)
 
         def pooled(split: str) -> EvaluationCounts:
@@ -144,6 +146,7 @@ def run_federated(
             training=training,
             recipe=recipe(cfg, "federated"),
             calibration=calibration,
+            ood=ood,
             val_counts=val_counts,
             test_counts=test_counts,
             best_step=strategy.best_round,

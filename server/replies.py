@@ -39,11 +39,16 @@ def ask_sites(
     config: dict[str, Any],
     arrays: ArrayRecord | None,
     problem: Callable[[str], None],
+    stats: ArrayRecord | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
     """Send one instruction (and optionally weights) to every training node; site -> its reply's stats arrays.
     Failed or malformed replies are reported through ``problem`` and left out."""
     instruction = ConfigRecord({Field.VERSION: PROTOCOL_VERSION, **config})
-    content = RecordDict({Key.CONFIG: instruction} | ({Key.ARRAYS: arrays} if arrays is not None else {}))
+    content = RecordDict(
+        {Key.CONFIG: instruction}
+        | ({Key.ARRAYS: arrays} if arrays is not None else {})
+        | ({Key.STATS: stats} if stats is not None else {})
+    )
     messages = [Message(content=content, message_type=kind, dst_node_id=n) for n in sorted(train_nodes)]
     out: dict[str, dict[str, np.ndarray]] = {}
     for msg in grid.send_and_receive(messages, timeout=cfg.federation.round_timeout):

@@ -24,6 +24,7 @@ from strnet.cases import (
     warm_cache,
 )
 from strnet.data.cache import PreprocessCache
+from strnet.data.dataset import KneeDataset
 from strnet.data.manifest import read_manifest
 from strnet.engine import (
     autocast_dtype,
@@ -37,6 +38,7 @@ from strnet.engine import (
 from strnet.errors import DataError
 from strnet.evaluation import EvaluationResult, evaluate_bundle, frame_metrics
 from strnet.model import build_strnet
+from strnet.ood import fit_ood
 from strnet.run import Run, RunResult, SiteResult, Tracker, headline, recipe
 from strnet.sufficient import ValidationCounts
 
@@ -121,6 +123,10 @@ def run_centralized(
             "preprocess": cfg.preprocess.to_dict(),
             "model": {"test_time_mirror": cfg.model.test_time_mirror},
         }
+        if cfg.ood.enabled:
+            datasets = [KneeDataset(splits[k], cfg.preprocess, cache, augment=None) for k in ("train", "val")]
+            ood = fit_ood(model, *datasets, quantile=cfg.ood.quantile, margin=cfg.ood.margin, device=device)
+            metadata["ood"] = ood.to_dict()
         frozen = Bundle(model.cpu().eval(), metadata)
         val_ev = _evaluate(frozen, splits["val"], out_dir / "val_report", f"{cfg.name}: validation at τ*", cfg)
         val_metrics = val_ev.metrics
@@ -154,6 +160,7 @@ def run_centralized(
             },
             recipe=recipe(cfg, "centralized"),
             calibration=calibration,
+            ood=metadata.get("ood"),
             val_counts=val_ev.counts,
             test_counts=test_counts,
             best_step=result.best_epoch,

@@ -155,8 +155,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     out.to_csv(args.out, index=False)
     n_err = int((out["status"] == "error").sum())
-    print(f"wrote {args.out}: {len(out) - n_err} knee(s) predicted, {n_err} file(s) failed")
-    for _, r in out[out["status"] == "error"].iterrows():
+    n_ood = int((out["status"] == "out_of_distribution").sum())
+    print(
+        f"wrote {args.out}: {len(out) - n_err - n_ood} knee(s) predicted, {n_ood} input(s) out of distribution "
+        f"(no flag), {n_err} file(s) failed"
+    )
+    for _, r in out[out["status"].isin(["error", "out_of_distribution"])].iterrows():
         print(f"  - {r['file']}: {r['error']}", file=sys.stderr)
     return 0
 

@@ -2,10 +2,17 @@
 
 A bilateral radiograph yields two rows (R and L) exactly as training saw it; a corrupt or unsupported
 file yields a row with ``status=error`` and the reason, and every other file is still predicted.
+
+Inputs the model must not judge get ``status=out_of_distribution``, the reason in ``error`` and no probability,
+flag, severity or T-score (:mod:`strnet.ood`): a file that fails the image checks (colour, chart-like, noise,
+blank, tiny) whatever the bundle, and — when the bundle carries an ``"ood"`` entry — a knee whose features lie
+beyond the bundle's limit. ``ood_score`` is the feature distance over that limit (> 1 rejects), empty for
+bundles without one.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -20,12 +27,14 @@ from strnet.data.imageio import is_image_file, read_radiograph
 from strnet.data.manifest import normalize, who_label
 from strnet.errors import DataError
 from strnet.evaluation import predict_frame
+from strnet.ood import STATUS_OK, STATUS_OOD, OODModel, extract_features, image_problems, read_image_for_checks
 
 OUTPUT_COLUMNS = [
     "file",
     "side",
     "status",
     "error",
+    "ood_score",
     "prob_bone_loss",
     "threshold",
     "flag_bone_loss",
@@ -79,18 +88,23 @@ def read_clinical(path: str | Path | None) -> pd.DataFrame:
     return df[["key", "age", "sex", "bmi"]]
 
 
-def _rows_for(files: Iterable[Path], clinical: pd.DataFrame) -> tuple[pd.DataFrame, list[dict]]:
+def _rows_for(files: Iterable[Path], clinical: pd.DataFrame) -> tuple[pd.DataFrame, list[dict], list[list[str]]]:
+    """(knee rows, error rows, the image-check problems of each knee row's file, aligned with the knee rows)."""
     rows, errors = [], []
+    problems: list[list[str]] = []
     lookup = clinical.drop_duplicates("key").set_index("key")
     for f in files:
         try:
             img = read_radiograph(f)
+            # Judged on the file as decoded, colour included (read_radiograph has already made it grey).
+            file_problems = image_problems(read_image_for_checks(f))
         except DataError as exc:
             errors.append({"file": str(f), "side": "", "status": "error", "error": exc.problem})
             continue
         sides = ["R", "L"] if split_bilateral(img) is not None else [""]
         info = lookup.loc[f.stem.lower()] if f.stem.lower() in lookup.index else None
         for side in sides:
+            problems.append(file_problems)
             rows.append(
                 {
                     "path": str(f.resolve()),
@@ -100,7 +114,7 @@ def _rows_for(files: Iterable[Path], clinical: pd.DataFrame) -> tuple[pd.DataFra
                     "bmi": None if info is None else info["bmi"],
                 }
             )
-    return normalize(pd.DataFrame(rows)), errors
+    return normalize(pd.DataFrame(rows)), errors, problems
 
 
 def predict_files(
@@ -112,19 +126,27 @@ def predict_files(
     precision: str = "auto",
 ) -> pd.DataFrame:
     files, bad = collect_inputs(inputs)
-    df, errors = _rows_for(files, read_clinical(clinical_csv))
+    df, errors, problems = _rows_for(files, read_clinical(clinical_csv))
     errors += [{"file": str(p), "side": "", "status": "error", "error": why} for p, why in bad]
     records: list[dict] = []
     if len(df):
         pred = predict_frame(bundle, df, cache=None, precision=precision)
-        for _, r in pred.iterrows():
+        verdicts = _ood_verdicts(bundle, df, problems)
+        for (_, r), (score, status, reason) in zip(pred.iterrows(), verdicts, strict=True):
+            if status != STATUS_OK:
+                # No probability-based output at all: a number next to a rejection invites being read anyway.
+                records.append(
+                    {"file": r["path"], "side": r["side"], "status": status, "error": reason, "ood_score": score}
+                )
+                continue
             flagged = bool(r["flag_bone_loss"])
             records.append(
                 {
                     "file": r["path"],
                     "side": r["side"],
-                    "status": "ok",
+                    "status": STATUS_OK,
                     "error": "",
+                    "ood_score": score,
                     "prob_bone_loss": r["prob_bone_loss"],
                     "threshold": bundle.threshold,
                     "flag_bone_loss": int(flagged),
@@ -146,6 +168,17 @@ def predict_files(
     return out[OUTPUT_COLUMNS]
 
 
+def _ood_verdicts(bundle: Bundle, df: pd.DataFrame, problems: list[list[str]]) -> list[tuple[float, str, str]]:
+    """(ood_score, status, reason) per row of ``df``: image checks always, feature distance when the bundle has one."""
+    entry = bundle.metadata.get("ood")
+    if not entry:
+        return [(math.nan, STATUS_OOD if pr else STATUS_OK, "; ".join(pr)) for pr in problems]
+    ood = OODModel.from_dict(entry)
+    # A second pass over the images (predict_frame does not expose features); prediction inputs are few.
+    feats = extract_features(bundle.model, KneeDataset(df, bundle.preprocess, None, augment=None))
+    return [ood.assess(f, pr) for f, pr in zip(feats, problems, strict=True)]
+
+
 def _gradcams(bundle: Bundle, df: pd.DataFrame, records: list[dict], out_dir: Path) -> None:
     from strnet.gradcam import grad_cam, save_overlay
 
@@ -154,6 +187,8 @@ def _gradcams(bundle: Bundle, df: pd.DataFrame, records: list[dict], out_dir: Pa
     model = bundle.model.cpu().float()
     mean, std = bundle.preprocess.mean, bundle.preprocess.std
     for i, rec in enumerate(tqdm(records, desc="grad-cam", unit="knee", leave=False, disable=None)):
+        if rec["status"] != STATUS_OK:
+            continue  # nothing was predicted, so there is nothing to explain
         item = ds[i]
         image = item["image"].unsqueeze(0)
         cam = grad_cam(model, image, item["tabular"].unsqueeze(0), layer=model.gradcam_layer, output="screen")

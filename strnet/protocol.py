@@ -35,6 +35,8 @@ class MessageKind:
     VAL_STATS = "query.val_stats"  # ValidationCounts of the global model (calibrated when the message says so)
     CALIBRATE = "query.calibration"  # PlattStats of the kept model's validation logits at the sent (a, b)
     BATCHNORM = "query.batchnorm"  # FedBN: the site's BatchNorm tensors of one round, sent once after training
+    OOD_MOMENTS = "query.ood_moments"  # FeatureMoments of the kept model's neck features on the training split
+    OOD_DISTANCES = "query.ood_distances"  # histogram of validation distances under the pooled Gaussian
     FROZEN = "evaluate.frozen"  # EvaluationCounts of the final model at τ*
 
     @staticmethod
@@ -66,6 +68,8 @@ class Field:
     PLATT_B = "platt-b"
     TARGET_NEG = "platt-target-neg"  # Platt's smoothed targets, from the pooled class counts
     TARGET_POS = "platt-target-pos"
+    SHRINKAGE = "shrinkage"  # the pooled Gaussian's covariance shrinkage and case count (OOD)
+    N_CASES = "n-cases"
     MODEL_DIGEST = "model-digest"  # which weights a calibration step refers to (sent once, then by digest)
     SITE = "site"
     ROLE = "role"

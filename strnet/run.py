@@ -166,6 +166,7 @@ class Run:
         training: dict[str, Any],
         recipe: dict[str, Any],
         calibration: dict[str, Any],
+        ood: dict[str, Any] | None,
         val_counts: EvaluationCounts | None,
         test_counts: EvaluationCounts | None,
         best_step: int,
@@ -186,7 +187,8 @@ class Run:
                 "config": self.cfg.to_dict(),
                 "problems": self.problems,
             },
-            extra={"calibration": calibration, "headline": headline(threshold, calibration)},
+            extra={"calibration": calibration, "headline": headline(threshold, calibration)}
+            | ({"ood": ood} if ood else {}),
         )
         seconds = time.perf_counter() - self._t0
         metrics = {

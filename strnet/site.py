@@ -25,6 +25,7 @@ from configs.schema import Config
 from strnet.calibration import Platt, calibrated, labelled_logits
 from strnet.cases import warm_cache
 from strnet.data.cache import PreprocessCache
+from strnet.data.dataset import KneeDataset
 from strnet.data.manifest import read_manifest
 from strnet.data.preprocess import PreprocessParams
 from strnet.engine import (
@@ -43,6 +44,7 @@ from strnet.engine import (
 from strnet.errors import DataError
 from strnet.losses import MultiTaskLoss
 from strnet.model import build_strnet
+from strnet.ood import FeatureGaussian, FeatureMoments, site_distance_histogram, site_moments
 from strnet.sufficient import EvaluationCounts, ValidationCounts, with_films
 
 ROLES = ("train", "external")
@@ -208,6 +210,19 @@ class SiteRunner:
         here; only :class:`strnet.calibration.PlattStats` of them leave)."""
         self.model.load_state_dict(state_dict)
         return labelled_logits(self._predict(self.splits["val"]))
+
+    def ood_moments(self, state_dict: dict[str, torch.Tensor]) -> FeatureMoments:
+        """Additive moments of the kept model's neck features over the training split (the pooled Gaussian)."""
+        self.model.load_state_dict(state_dict)
+        return site_moments(self.model, self._dataset(self.splits["train"]), device=self.device)
+
+    def ood_histogram(self, state_dict: dict[str, torch.Tensor], gaussian: FeatureGaussian) -> np.ndarray:
+        """Histogram of the validation split's distances under the pooled Gaussian (the pooled limit)."""
+        self.model.load_state_dict(state_dict)
+        return site_distance_histogram(self.model, self._dataset(self.splits["val"]), gaussian, device=self.device)
+
+    def _dataset(self, df: pd.DataFrame) -> KneeDataset:
+        return KneeDataset(df, self.cfg.preprocess, self.cache, augment=None)
 
     def validation_counts(
         self, state_dict: dict[str, torch.Tensor], calibration: Platt | None = None

@@ -224,6 +224,19 @@ def test_federated_run_in_process(scenario, tmp_path: Path) -> None:
     assert fitted["sites"] == ["hospital", "stage1"] and fitted["status"] == central["status"]
     # (float32 logits rebuilt from probabilities here: equal to rounding, the 1e-6 test is test_calibration)
     assert (fitted["a"], fitted["b"]) == pytest.approx((central["a"], central["b"]), rel=1e-4)
+    # the OOD model from pooled moments and a pooled histogram == the centralized fit on the same knees
+    from strnet.data.dataset import KneeDataset
+    from strnet.ood import OODModel, fit_ood
+
+    knees = {k: pd.concat([f[f["split"] == k] for f in frames], ignore_index=True) for k in ("train", "val")}
+    data = [KneeDataset(knees[k], cfg.preprocess, cache, augment=None) for k in ("train", "val")]
+    central_ood = fit_ood(bundle.model, *data, quantile=cfg.ood.quantile, margin=cfg.ood.margin)
+    pooled_ood = OODModel.from_dict(bundle.metadata["ood"])
+    assert pooled_ood.gaussian.n == len(knees["train"]) and pooled_ood.n_calibration == len(knees["val"])
+    np.testing.assert_allclose(pooled_ood.gaussian.mean, central_ood.gaussian.mean, rtol=1e-4, atol=1e-6)
+    assert pooled_ood.limit == pytest.approx(central_ood.limit, rel=1e-2)  # one 0.46 % histogram bin
+    sent_kinds = {kind for _, kind in grid.kinds()}
+    assert {"query.ood_moments", "query.ood_distances"} <= sent_kinds
     calibrating = [msg for _, msg in grid.sent if msg.metadata.message_type == "query.calibration"]
     assert len(calibrating) >= 4 and Key.ARRAYS in calibrating[0].content  # weights travel in the first step only
     assert all(Key.ARRAYS not in msg.content for msg in calibrating[2:])
