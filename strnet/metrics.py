@@ -340,12 +340,15 @@ def bootstrap_ci(
     seed: int = 42,
     alpha: float = 0.05,
     stratified: bool = True,
+    groups: Any = None,
 ) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap intervals for classification metrics at a fixed threshold.
 
     Stratified by default: class counts are held fixed so every replicate has the study's prevalence and
     sensitivity/specificity stay defined. Replicates where a metric is undefined are ignored for that metric;
-    an interval is (nan, nan) only when no replicate defines it.
+    an interval is (nan, nan) only when no replicate defines it. ``groups`` (e.g. the radiograph of each knee)
+    resamples whole groups instead of cases — the two knees of a film are not independent — stratified by the
+    group's label (bone loss if any of its cases has it).
     """
     y, p = _binary_inputs(y_true, y_prob)
     names = tuple(METRIC_NAMES if metric_names is None else metric_names)
@@ -357,6 +360,8 @@ def bootstrap_ci(
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     rng = np.random.default_rng(seed)
+    if groups is not None:
+        return _group_bootstrap(y, p, threshold, np.asarray(groups), names, n_boot, rng, alpha, stratified)
     chunk = max(1, _BOOT_CELLS // max(len(y), 1))
     collected: dict[str, list[np.ndarray]] = {k: [] for k in names}
     for start in range(0, n_boot, chunk):
@@ -365,6 +370,35 @@ def bootstrap_ci(
         for k in names:
             collected[k].append(reps[k])
     return {k: _percentile_interval(np.concatenate(collected[k]), alpha) for k in names}
+
+
+def _group_bootstrap(
+    y: np.ndarray,
+    p: np.ndarray,
+    threshold: float,
+    groups: np.ndarray,
+    names: Sequence[str],
+    n_boot: int,
+    rng: np.random.Generator,
+    alpha: float,
+    stratified: bool,
+) -> dict[str, tuple[float, float]]:
+    if groups.shape != y.shape:
+        raise ValueError(f"groups has shape {groups.shape}, the labels {y.shape}")
+    ids, member = np.unique(groups, return_inverse=True)
+    order = np.argsort(member, kind="stable")
+    starts = np.searchsorted(member[order], np.arange(len(ids)))
+    members = np.split(order, starts[1:])
+    label = np.array([y[m].max() for m in members])
+    strata = [np.flatnonzero(label == c) for c in (1, 0)] if stratified else [np.arange(len(ids))]
+    collected: dict[str, list[float]] = {k: [] for k in names}
+    for _ in range(n_boot):
+        chosen = np.concatenate([s[rng.integers(0, len(s), len(s))] for s in strata if len(s)])
+        idx = np.concatenate([members[g] for g in chosen])[None, :]
+        reps = _replicate_metrics(y, p, threshold, idx)
+        for k in names:
+            collected[k].append(float(reps[k][0]))
+    return {k: _percentile_interval(np.asarray(collected[k]), alpha) for k in names}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from strnet.sufficient import (
     bilateral_pairs,
     film_scores,
     histogram_ranking,
+    knee_films,
     screening_cases,
     severity_cases,
 )
@@ -43,6 +44,7 @@ def _screening(
     *,
     n_boot: int,
     seed: int,
+    groups: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Threshold metrics from the exact counts, ranking metrics exact from ``scores`` (else from the histogram),
     95 % intervals from a stratified bootstrap over cases (or over the histogram's bins)."""
@@ -54,7 +56,14 @@ def _screening(
     out |= M.ranking_metrics(*scores) if raw else histogram_ranking(hist)  # type: ignore[misc]
     if n_boot > 0 and n > 0:
         if raw:
-            cis = M.bootstrap_ci(*scores, threshold, metric_names=CI_METRICS, n_boot=n_boot, seed=seed)  # type: ignore[misc]
+            cis = M.bootstrap_ci(
+                *scores,  # type: ignore[misc]
+                threshold,
+                metric_names=CI_METRICS,
+                n_boot=n_boot,
+                seed=seed,
+                groups=groups,
+            )
         else:
             cis = M.bootstrap_ci_from_histogram(hist, threshold, n_boot=n_boot, seed=seed)
     else:
@@ -72,7 +81,8 @@ def task_metrics(
     n_boot: int,
     seed: int,
 ) -> dict[str, float]:
-    """Per-knee and per-radiograph screening at ``threshold`` with 95 % intervals, calibration, severity ranking,
+    """Per-knee and per-radiograph screening at ``threshold`` with 95 % intervals (with raw predictions, the
+    knee-level bootstrap resamples whole radiographs), calibration, severity ranking,
     T-score agreement, left-right agreement and mirror stability — flat names.
 
     ``predictions`` (the raw scores behind ``counts``) makes AUROC/AUPRC, Spearman and the bootstrap exact;
@@ -86,6 +96,7 @@ def task_metrics(
         screening_cases(predictions) if predictions is not None else None,
         n_boot=n_boot,
         seed=seed,
+        groups=knee_films(predictions) if predictions is not None else None,
     )
     n = knee["n"]
     knee["brier"] = float(counts.brier_sum[0]) / n if n else math.nan

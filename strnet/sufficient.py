@@ -125,6 +125,13 @@ def with_films(preds: Predictions, frame: pd.DataFrame) -> Predictions:
     return dict(preds) | {"film": np.asarray(film, np.int64)[order], "side": side[order]}
 
 
+def knee_films(preds: Predictions) -> np.ndarray | None:
+    """The radiograph of each labelled knee (the bootstrap's resampling unit), or None when films are unknown."""
+    if "film" not in preds:
+        return None
+    return np.asarray(preds["film"], np.int64)[~np.isnan(preds["y_screen"])]
+
+
 def film_scores(preds: Predictions) -> tuple[np.ndarray, np.ndarray]:
     """(labels, probabilities) per radiograph: the mean of its knees' probabilities; bone loss if any knee has it.
 
