@@ -34,6 +34,7 @@ from strnet.protocol import (
     encode_splits,
 )
 from strnet.site import SiteRunner
+from strnet.tscore import BranchData, branch_keys, branch_sums, local_steps
 
 app = ClientApp()
 
@@ -41,6 +42,8 @@ RUN_STATE = "strnet.run"  # ConfigRecord: config-json, config-digest
 OPTIMIZER_STATE = "strnet.optimizer"  # ConfigRecord: state (bytes), server-round
 BN_STATE = "strnet.batchnorm"  # FedBN: ArrayRecord of this site's BatchNorm tensors, one per round (…round-<r>)
 BN_LATEST = f"{BN_STATE}.latest"
+TSCORE_DATA = "strnet.tscore-data"  # ArrayRecord: frozen T-score branch inputs of the kept model (train, val)
+TSCORE_DIGEST = "strnet.tscore-digest"  # ConfigRecord: model-digest they came from
 VAL_LOGITS = "strnet.val-logits"  # ArrayRecord: the kept model's validation logits and labels, for calibration
 VAL_LOGITS_DIGEST = "strnet.val-logits-digest"  # ConfigRecord: model-digest of the weights they came from
 
@@ -199,6 +202,54 @@ def ood_distances(message: Message, context: Context) -> Message:
     )
     hist = runner.ood_histogram(_weights(message), gaussian)
     return _reply(message, runner, **{Key.STATS: _arrays({"hist": hist})})
+
+
+def _branch_data(message: Message, context: Context, runner: SiteRunner) -> tuple[BranchData, BranchData]:
+    """This site's frozen T-score branch inputs (train, val) for the kept model: computed when the message carries
+    the whole model, kept in node state, and reused while later messages carry only the branch."""
+    digest = str(message.content[Key.CONFIG][Field.MODEL_DIGEST])
+    weights = _weights(message)
+    if set(weights) != set(branch_keys(runner.model)):
+        runner.model.load_state_dict(weights)
+        data = {
+            split: BranchData.of(runner.model, runner.splits[split], runner.cfg.preprocess, runner.cache, runner.device)
+            for split in ("train", "val")
+        }
+        context.state[TSCORE_DATA] = _arrays(
+            {f"{s}.{k}": getattr(d, k).numpy() for s, d in data.items() for k in ("routed", "tabular", "target")}
+        )
+        context.state[TSCORE_DIGEST] = ConfigRecord({Field.MODEL_DIGEST: digest})
+    kept = context.state.get(TSCORE_DIGEST)
+    if kept is None or kept[Field.MODEL_DIGEST] != digest:
+        raise ConfigError(f"site {runner.site}: no T-score branch inputs of model {digest} (the first step carries it)")
+    runner.model.load_state_dict(weights, strict=False)
+    record = context.state[TSCORE_DATA]
+    train, val = (
+        BranchData(*(torch.from_numpy(record[f"{s}.{k}"].numpy()) for k in ("routed", "tabular", "target")))
+        for s in ("train", "val")
+    )
+    return train, val
+
+
+@app.query(MessageKind.action(MessageKind.TSCORE_VAL))
+def tscore_val(message: Message, context: Context) -> Message:
+    runner = runner_for(message, context)
+    runner.model.cpu()
+    _, val = _branch_data(message, context, runner)
+    return _reply(message, runner, **{Key.STATS: _arrays({"sums": branch_sums(runner.model, val)})})
+
+
+@app.query(MessageKind.action(MessageKind.TSCORE_TRAIN))
+def tscore_train(message: Message, context: Context) -> Message:
+    """Local full-batch steps on the sent branch; replies the branch and the number of T-score cases (0: none)."""
+    runner = runner_for(message, context)
+    runner.model.cpu()
+    train, _ = _branch_data(message, context, runner)
+    ts = runner.cfg.tscore
+    local_steps(runner.model, train, int(message.content[Key.CONFIG][Field.STEPS]), ts.lr, ts.weight_decay)
+    state = runner.model.state_dict()
+    values = {k: state[k].detach().numpy() for k in branch_keys(runner.model)}
+    return _reply(message, runner, **{Key.STATS: _arrays(values | {WEIGHT: np.array([len(train)], np.int64)})})
 
 
 @app.evaluate(MessageKind.action(MessageKind.FROZEN))

@@ -70,6 +70,18 @@ class OODConfig:
 
 
 @dataclass(frozen=True)
+class TScoreConfig:
+    """Refit of the stop-gradient T-score branch on the kept model (:mod:`strnet.tscore`): ``rounds`` x
+    ``steps_per_round`` full-batch AdamW steps, the round with the lowest validation MSE kept (0 rounds: off).
+    Federated: one round = ``steps_per_round`` local steps at every site with T-scores, then FedAvg."""
+
+    rounds: int = 60
+    steps_per_round: int = 25
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     bootstrap: int = 2000
 
@@ -132,6 +144,7 @@ class Config:
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     ood: OODConfig = field(default_factory=OODConfig)
+    tscore: TScoreConfig = field(default_factory=TScoreConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
 

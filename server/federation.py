@@ -23,6 +23,7 @@ from server.ood import pooled_ood
 from server.pooled import QuorumError, pool, pooled_threshold, weighted_average
 from server.replies import ask_sites
 from server.strategy import build_strategy
+from server.tscore import pooled_tscore_refit
 from strnet.calibration import Platt
 from strnet.engine import RecipeSchedule, seed_everything
 from strnet.model import batchnorm_keys, build_strnet
@@ -107,6 +108,7 @@ def run_federated(
             kept = gather_batchnorm(
                 grid, cfg, train_nodes, kept, strategy.best_round, strategy.local_keys, digest, run.problem
             )
+        kept, tscore = pooled_tscore_refit(grid, cfg, train_nodes, kept, digest, run.problem)
         # Calibration and τ* from the kept round's pooled validation statistics, as centralized training fits
         # them on its best epoch: Newton steps on summed statistics, then the calibrated pooled counts.
         best_val = strategy.round_pooled[strategy.best_round]
@@ -135,6 +137,7 @@ def run_federated(
             "stopped_early": strategy.rounds_run < fed.rounds,
             "best_score": strategy.schedule.best_score,
             "quorum": fed.quorum,
+            "tscore_refit": tscore,
             "sites": site_table,
         }
         return run.finish(

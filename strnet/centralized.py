@@ -41,6 +41,7 @@ from strnet.model import build_strnet
 from strnet.ood import fit_ood
 from strnet.run import Run, RunResult, SiteResult, Tracker, headline, recipe
 from strnet.sufficient import ValidationCounts
+from strnet.tscore import refit_centralized
 
 
 def run_centralized(
@@ -98,6 +99,24 @@ def run_centralized(
             test_time_mirror=cfg.model.test_time_mirror,
         )
         model.load_state_dict(result.best_state)
+        ts = cfg.tscore
+        tscore = (
+            refit_centralized(
+                model,
+                splits["train"],
+                splits["val"],
+                cfg.preprocess,
+                cache,
+                device,
+                rounds=ts.rounds,
+                steps_per_round=ts.steps_per_round,
+                lr=ts.lr,
+                weight_decay=ts.weight_decay,
+            )
+            if ts.rounds
+            else {"status": "off"}
+        )
+        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         # Calibrate the kept model on validation, then choose τ* on the calibrated scale (the same Newton fit
         # the federation runs on pooled statistics).
         val_raw = _predict(model, splits["val"], cfg, cache, device)
@@ -146,7 +165,7 @@ def run_centralized(
             sites[site.name] = SiteResult("external", ev.metrics)
             reports[f"external_{site.name}"] = ev.out_dir
         return run.finish(
-            state_dict=result.best_state,
+            state_dict=state,
             threshold=threshold,
             val=val_metrics,
             test=test_metrics,
@@ -157,6 +176,7 @@ def run_centralized(
                 "epochs_run": result.epochs_run,
                 "stopped_early": result.stopped_early,
                 "best_score": result.best_score,
+                "tscore_refit": tscore,
             },
             recipe=recipe(cfg, "centralized"),
             calibration=calibration,

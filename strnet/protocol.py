@@ -37,6 +37,8 @@ class MessageKind:
     BATCHNORM = "query.batchnorm"  # FedBN: the site's BatchNorm tensors of one round, sent once after training
     OOD_MOMENTS = "query.ood_moments"  # FeatureMoments of the kept model's neck features on the training split
     OOD_DISTANCES = "query.ood_distances"  # histogram of validation distances under the pooled Gaussian
+    TSCORE_VAL = "query.tscore_val"  # validation (n, Σ err², Σ |err|) of the sent T-score branch
+    TSCORE_TRAIN = "query.tscore_train"  # local steps on the sent T-score branch; replies it and its case count
     FROZEN = "evaluate.frozen"  # EvaluationCounts of the final model at τ*
 
     @staticmethod
@@ -68,6 +70,7 @@ class Field:
     PLATT_B = "platt-b"
     TARGET_NEG = "platt-target-neg"  # Platt's smoothed targets, from the pooled class counts
     TARGET_POS = "platt-target-pos"
+    STEPS = "steps"  # local optimizer steps (T-score branch refit)
     SHRINKAGE = "shrinkage"  # the pooled Gaussian's covariance shrinkage and case count (OOD)
     N_CASES = "n-cases"
     MODEL_DIGEST = "model-digest"  # which weights a calibration step refers to (sent once, then by digest)

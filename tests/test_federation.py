@@ -235,6 +235,12 @@ def test_federated_run_in_process(scenario, tmp_path: Path) -> None:
     assert pooled_ood.gaussian.n == len(knees["train"]) and pooled_ood.n_calibration == len(knees["val"])
     np.testing.assert_allclose(pooled_ood.gaussian.mean, central_ood.gaussian.mean, rtol=1e-4, atol=1e-6)
     assert pooled_ood.limit == pytest.approx(central_ood.limit, rel=1e-2)  # one 0.46 % histogram bin
+    # the T-score branch refit: pooled validation error, the full model travels once, then the branch only
+    refit = bundle.metadata["training"]["tscore_refit"]
+    assert refit["status"] == "refitted" and refit["val_mse"] <= refit["val_mse_before"]
+    tscore_msgs = [msg for _, msg in grid.sent if msg.metadata.message_type.startswith("query.tscore")]
+    sizes = [len(msg.content[Key.ARRAYS]) for msg in tscore_msgs]
+    assert sizes[0] == len(bundle.model.state_dict()) and max(sizes[3:]) < sizes[0] / 2
     sent_kinds = {kind for _, kind in grid.kinds()}
     assert {"query.ood_moments", "query.ood_distances"} <= sent_kinds
     calibrating = [msg for _, msg in grid.sent if msg.metadata.message_type == "query.calibration"]

@@ -1,0 +1,87 @@
+"""The T-score branch refit as FedAvg over the branch's weights (:mod:`strnet.tscore`), with pooled validation.
+
+Each round the server sends the current branch; every training site with reference T-scores runs the same
+full-batch steps centralized training runs, and the branch is averaged weighted by those sites' T-score cases.
+Validation error is pooled from additive sums. The first request carries the whole kept model (the sites cache
+the frozen branch inputs); later ones carry the branch only (~14 k numbers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+
+from configs.schema import Config
+from server.pooled import QuorumError, weighted_average
+from server.replies import ask_sites
+from strnet.model import build_strnet
+from strnet.protocol import WEIGHT, Field, MessageKind, model_digest
+from strnet.tscore import SUM_KEYS, branch_keys, refit
+
+
+def pooled_tscore_refit(
+    grid: Any,
+    cfg: Config,
+    train_nodes: dict[int, str],
+    arrays: ArrayRecord,
+    config_digest: str,
+    problem: Callable[[str], None],
+) -> tuple[ArrayRecord, dict[str, Any]]:
+    """The kept weights with the refitted branch, and what the refit did (for the bundle)."""
+    ts = cfg.tscore
+    if not ts.rounds:
+        return arrays, {"status": "off"}
+    m = cfg.model
+    model = build_strnet(backbone=m.backbone, weights="none", neck_dim=m.neck_dim, dropout=m.dropout)
+    model.load_state_dict(arrays.to_torch_state_dict())
+    keys = branch_keys(model)
+    digest = model_digest({k: v.numpy() for k, v in arrays.items()})
+    config = {Field.CONFIG_DIGEST: config_digest, Field.MODEL_DIGEST: digest}
+    sent_full = False
+
+    def branch() -> ArrayRecord:
+        nonlocal sent_full
+        if not sent_full:
+            sent_full = True
+            return arrays
+        state = model.state_dict()
+        return ArrayRecord({k: Array(state[k].detach().cpu().numpy()) for k in keys})
+
+    def validation(_: torch.nn.Module) -> np.ndarray:
+        replies = ask_sites(grid, cfg, train_nodes, MessageKind.TSCORE_VAL, config, branch(), problem)
+        sums = [np.asarray(v.get("sums")) for v in replies.values()]
+        good = [s for s in sums if s.shape == (len(SUM_KEYS),) and np.isfinite(s).all()]
+        if len(good) < cfg.federation.quorum:
+            raise QuorumError(f"T-score refit validation: {len(good)} usable site(s)")
+        return np.sum(good, axis=0)
+
+    def train(_: torch.nn.Module, steps: int) -> None:
+        step_config = config | {Field.STEPS: steps}
+        replies = ask_sites(grid, cfg, train_nodes, MessageKind.TSCORE_TRAIN, step_config, branch(), problem)
+        states, weights = [], []
+        for site, values in replies.items():
+            n = float(np.asarray(values.pop(WEIGHT, [0]))[0])
+            if n <= 0:
+                continue  # a site without T-scores trains nothing and weighs nothing
+            if set(values) != set(keys):
+                problem(f"T-score refit: site {site} replied {len(values)} tensors, expected {len(keys)}")
+                continue
+            states.append(values)
+            weights.append(n)
+        if not states:
+            raise QuorumError("T-score refit: no site with T-scores replied")
+        averaged = weighted_average(states, weights)
+        model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in averaged.items()}, strict=False)
+
+    try:
+        info = refit(model, train, validation, rounds=ts.rounds, steps_per_round=ts.steps_per_round)
+    except QuorumError as exc:
+        problem(f"T-score branch not refitted: {exc}")
+        return arrays, {"status": f"failed: {exc}"}
+    state = model.state_dict()
+    refitted = ArrayRecord({k: (Array(state[k].detach().cpu().numpy()) if k in keys else v) for k, v in arrays.items()})
+    return refitted, info | {"fitted_on": "FedAvg of the branch over sites with T-scores, pooled validation MSE"}

@@ -1,0 +1,172 @@
+"""Refit the T-score branch on the kept model: its own early stopping, after the screening model is chosen.
+
+Why: the branch reads the screening representation through a stop-gradient, so it never shapes the model the
+screening monitor selects; but trained only inside that run it gets whatever epochs the screening schedule
+leaves it (on the real data the kept epoch 8, three epochs after the 5 warm-up epochs, left it at Pearson r
+0.08 with Mendeley's T-scores, where age, sex and BMI alone reach 0.7). Refitting it on the frozen features,
+with the run's loss (SmoothL1) and its own validation early stopping, is the same model trained to
+convergence; the screening outputs, τ* and calibration are untouched.
+
+The work splits into what a site computes from its own cases (:class:`BranchData`, :func:`local_steps`,
+:func:`branch_sums`) and the loop that keeps the best validation error, so a federation can run it as FedAvg
+over the branch's weights (``server/tscore.py``) with the same pieces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from strnet.data.cache import PreprocessCache
+from strnet.data.dataset import KneeDataset
+from strnet.data.preprocess import PreprocessParams
+
+BRANCH = ("t_image", "t_tabular", "t_fusion")
+SUM_KEYS = ("n", "sum_sq_err", "sum_abs_err")
+
+
+def branch_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of the T-score branch (what a federated refit exchanges)."""
+    return [k for k in model.state_dict() if k.split(".", 1)[0] in BRANCH]
+
+
+@dataclass
+class BranchData:
+    """The frozen inputs of the branch for the cases with a reference T-score: routed features and covariates."""
+
+    routed: torch.Tensor  # [N, neck_dim]
+    tabular: torch.Tensor  # [N, 3]
+    target: torch.Tensor  # [N]
+
+    @classmethod
+    @torch.no_grad()
+    def of(
+        cls,
+        model: nn.Module,
+        df: pd.DataFrame,
+        preprocess: PreprocessParams,
+        cache: PreprocessCache | None,
+        device: torch.device,
+        batch_size: int = 64,
+    ) -> BranchData:
+        rows = df[pd.to_numeric(df["t_score"], errors="coerce").notna()].reset_index(drop=True)
+        ds = KneeDataset(rows, preprocess, cache, augment=None)
+        model.eval()
+        routed, tabular, target = [], [], []
+        for start in range(0, len(ds), batch_size):
+            items = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
+            image = torch.stack([it["image"] for it in items]).to(device)
+            routed.append(model.tarr(model.neck(model.backbone(image)))["screen"].float().cpu())
+            tabular.append(torch.stack([it["tabular"] for it in items]))
+            target.append(torch.stack([it["t_score"] for it in items]).float())
+        if not routed:
+            dim = model.t_image[0].in_features
+            return cls(torch.zeros(0, dim), torch.zeros(0, 3), torch.zeros(0))
+        return cls(torch.cat(routed), torch.cat(tabular), torch.cat(target))
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+
+def _predict(model: nn.Module, data: BranchData) -> torch.Tensor:
+    t_in = torch.cat([model.t_image(data.routed), model.t_tabular(data.tabular)], 1)
+    return model.t_fusion(t_in).squeeze(-1)
+
+
+def local_steps(model: nn.Module, data: BranchData, steps: int, lr: float, weight_decay: float) -> None:
+    """Full-batch AdamW steps on the branch with the run's T-score loss (SmoothL1); the rest stays frozen."""
+    if not len(data):
+        return
+    params = [p for name in BRANCH for p in getattr(model, name).parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    model.eval()  # the branch has no dropout or BatchNorm; eval keeps everything else deterministic
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        F.smooth_l1_loss(_predict(model, data), data.target).backward()
+        optimizer.step()
+
+
+@torch.no_grad()
+def branch_sums(model: nn.Module, data: BranchData) -> np.ndarray:
+    """(n, Σ err², Σ |err|): additive, so a federation pools its validation error without any estimate."""
+    if not len(data):
+        return np.zeros(len(SUM_KEYS))
+    err = (_predict(model, data) - data.target).double()
+    return np.array([len(data), float((err**2).sum()), float(err.abs().sum())])
+
+
+def refit(
+    model: nn.Module,
+    train: Callable[[nn.Module, int], None],
+    validation: Callable[[nn.Module], np.ndarray],
+    *,
+    rounds: int,
+    steps_per_round: int,
+) -> dict[str, Any]:
+    """``rounds`` times: ``train(model, steps)``, then pooled validation sums; keep the best round's branch.
+
+    Round 0 is the branch as trained with the model, so a refit can only keep or lower validation error.
+    """
+    keys = branch_keys(model)
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in model.state_dict().items() if k in keys}
+
+    first = validation(model)
+    if first[0] < 2:
+        return {"status": "skipped: fewer than 2 validation cases with a T-score", "n_val": int(first[0])}
+    best = (first[1] / first[0], 0, snapshot())
+    history = [float(best[0])]
+    for r in range(1, rounds + 1):
+        train(model, steps_per_round)
+        sums = validation(model)
+        mse = sums[1] / sums[0]
+        history.append(float(mse))
+        if mse < best[0]:
+            best = (mse, r, snapshot())
+    model.load_state_dict(best[2], strict=False)
+    return {
+        "status": "refitted",
+        "kept_round": best[1],
+        "steps_per_round": steps_per_round,
+        "val_mse_before": history[0],
+        "val_mse": float(best[0]),
+        "n_val": int(first[0]),
+        "val_mse_history": history,
+    }
+
+
+def refit_centralized(
+    model: nn.Module,
+    train_df: pd.DataFrame,
+    val_df: pd.DataFrame,
+    preprocess: PreprocessParams,
+    cache: PreprocessCache | None,
+    device: torch.device,
+    *,
+    rounds: int = 60,
+    steps_per_round: int = 25,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+) -> dict[str, Any]:
+    train = BranchData.of(model, train_df, preprocess, cache, device)
+    val = BranchData.of(model, val_df, preprocess, cache, device)
+    if len(train) < 2:
+        return {"status": "skipped: fewer than 2 training cases with a T-score", "n_train": len(train)}
+    model.cpu()  # the cached features are on the CPU, and the branch is small
+    info = refit(
+        model,
+        lambda m, steps: local_steps(m, train, steps, lr, weight_decay),
+        lambda m: branch_sums(m, val),
+        rounds=rounds,
+        steps_per_round=steps_per_round,
+    )
+    model.to(device)
+    return info | {"n_train": len(train)}
