@@ -27,7 +27,7 @@ from flwr.supercore import log
 from configs.schema import FederationConfig, ThresholdConfig
 from server.pooled import QuorumError, pool, weighted_average
 from server.replies import reply_content, stats_arrays
-from strnet.engine import RecipeSchedule, history_row
+from strnet.engine import RecipeSchedule, history_row, with_site_auroc
 from strnet.errors import SiteError
 from strnet.protocol import PROTOCOL_VERSION, WEIGHT, Field, Key, MessageKind, decode_validation
 from strnet.sufficient import ValidationCounts
@@ -255,7 +255,7 @@ class SiteFedAvg(FedAvg):
             return None
         self.round_pooled[server_round] = pooled
         self.round_sites[server_round] = sorted(per_site)
-        ranking = pooled.ranking()
+        ranking = with_site_auroc(pooled.ranking(), {site: c.ranking() for site, c in per_site.items()})
         if self.schedule.step(ranking[self.monitor]):
             self.best_round, self.best_arrays = server_round, self._evaluated
         row = history_row(self._lr, {k: v for k, v in self._train_row.items() if not k.startswith("site.")}, ranking)

@@ -49,7 +49,9 @@ class TrainParams:
     grad_clip: float = 1.0
     early_stop_patience: int = 30
     min_epochs: int = 0  # early stopping may not stop before this many epochs (federated: rounds)
-    monitor: Literal["auprc", "auroc"] = "auprc"
+    # site_auroc: the mean of the sites' own validation AUROCs, which a model cannot raise by telling the sources
+    # apart (pooled AUROC can: one source is mostly bone loss)
+    monitor: Literal["auprc", "auroc", "site_auroc"] = "auprc"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: bool = True
     max_steps_per_epoch: int | None = None
@@ -367,17 +369,25 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = float(lr)
 
 
-def site_rankings(preds: dict[str, np.ndarray], frame: pd.DataFrame, n_bins: int) -> dict[str, float]:
-    """Each site's own validation AUROC/AUPRC, under the names a federation logs them (``site.<name>.val_…``):
-    a pooled score can rise while one source gets worse, and the learning curve must show it."""
+def site_rankings(preds: dict[str, np.ndarray], frame: pd.DataFrame, n_bins: int) -> dict[str, dict[str, float]]:
+    """Each site's own validation AUROC/AUPRC: a pooled score can rise while one source gets worse, and the
+    learning curve must show it (logged as ``site.<name>.val_…``, the names a federation uses)."""
     if "site" not in frame.columns:
         return {}
     sites = frame["site"].astype(str).to_numpy()[preds["index"]]
-    out: dict[str, float] = {}
-    for site in sorted(set(sites)):
-        part = {k: v[sites == site] for k, v in preds.items()}
-        out |= {f"site.{site}.val_screening_{k}": v for k, v in validation_ranking(part, n_bins).items()}
-    return out
+    return {
+        site: validation_ranking({k: v[sites == site] for k, v in preds.items()}, n_bins) for site in sorted(set(sites))
+    }
+
+
+def with_site_auroc(pooled: dict[str, float], per_site: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The pooled ranking plus ``site_auroc``: the mean over sites (with both classes) of their own AUROC."""
+    values = [r["auroc"] for r in per_site.values() if np.isfinite(r["auroc"])]
+    return pooled | {"site_auroc": float(np.mean(values)) if values else pooled["auroc"]}
+
+
+def site_rows(per_site: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {f"site.{site}.val_screening_{k}": v for site, r in per_site.items() for k, v in r.items()}
 
 
 def validation_ranking(preds: dict[str, np.ndarray], n_bins: int) -> dict[str, float]:
@@ -491,11 +501,12 @@ def fit(
             channels_last=t.channels_last,
             test_time_mirror=test_time_mirror,
         )
-        ranking = validation_ranking(preds, n_bins)
+        per_site = site_rankings(preds, val_df, n_bins)
+        ranking = with_site_auroc(validation_ranking(preds, n_bins), per_site)
         improved = schedule.step(ranking[t.monitor])
         if improved:
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        row = history_row(lr, train_summary(train_stats), ranking) | site_rankings(preds, val_df, n_bins)
+        row = history_row(lr, train_summary(train_stats), ranking) | site_rows(per_site)
         history.append(row)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, row)
