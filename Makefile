@@ -10,7 +10,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: demo test lint real-data real-data-prepare venv
+.PHONY: demo test lint real-data real-data-prepare real-data-experiments venv
 
 venv: $(STAMP)
 
@@ -45,3 +45,18 @@ real-data: real-data-prepare
 	$(BIN)/strnet train --config cpu
 	$(BIN)/python -m simulations.federate --config cpu --out $(REAL)/federated
 	$(BIN)/strnet compare --experiment strnet-real --out $(REAL)/compare
+
+# Every recipe variant and federated strategy behind the README's experiment table (hours on 2 cores; not in CI).
+# Choices are made on validation data: each run logs every site's own validation AUROC per epoch/round to
+# MLflow, and `simulations.inference_variants` compares inference-time variants on the validation split.
+EXP := runs/exp
+VARIANTS := base:train.balance=none balance:train.balance=source_label balance-site:train.balance=source_label,train.monitor=site_auroc
+STRATEGIES := fedavg fedprox fedavgm fedadam fedbn
+real-data-experiments: real-data-prepare
+	for v in $(VARIANTS); do name=$${v%%:*}; sets=$$(echo $${v#*:} | tr ',' ' '); \
+	  $(BIN)/strnet train --config cpu --output-dir $(EXP)/$$name $$(for s in $$sets; do echo --set $$s; done) || exit 1; \
+	  $(BIN)/python -m simulations.inference_variants --bundle $(EXP)/$$name/bundle --manifest $(REAL)/split.csv > $(EXP)/$$name/val_variants.txt || exit 1; done
+	for s in $(STRATEGIES); do \
+	  $(BIN)/python -m simulations.inprocess --config cpu --layout sites --out $(EXP)/fed-$$s --set federation.strategy=$$s || exit 1; done
+	$(BIN)/python -m simulations.experiment_table $(EXP)/* > $(EXP)/table.md
+	cat $(EXP)/table.md

@@ -389,3 +389,17 @@ def test_radiograph_bootstrap_keeps_the_two_knees_of_a_film_together() -> None:
     width = films[1] - films[0]
     assert grouped["auroc"] == pytest.approx(films, abs=0.02)
     assert naive[1] - naive[0] < 0.85 * width
+
+
+def test_paired_radiograph_bootstrap_of_an_auroc_difference() -> None:
+    from simulations.paired_difference import paired_auroc_difference
+
+    rng = np.random.default_rng(3)
+    y = np.repeat((rng.random(60) < 0.6).astype(int), 2)
+    film = np.repeat(np.arange(60), 2)
+    p_a = np.clip(0.3 + 0.3 * y + rng.normal(0, 0.2, 120), 0, 1)
+    same = paired_auroc_difference(y, p_a, p_a, film, n_boot=200)
+    assert same["difference"] == 0 and same["ci_lo"] == same["ci_hi"] == 0  # paired: identical models never differ
+    worse = paired_auroc_difference(y, p_a, p_a + rng.normal(0, 0.3, 120), film, n_boot=400)
+    assert worse["difference"] == pytest.approx(worse["auroc_b"] - roc_auc_score(y, p_a))
+    assert worse["ci_lo"] <= worse["difference"] <= worse["ci_hi"] and worse["ci_hi"] < 0.05
