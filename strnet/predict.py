@@ -38,6 +38,8 @@ OUTPUT_COLUMNS = [
     "prob_bone_loss",
     "threshold",
     "flag_bone_loss",
+    "radiograph_prob_bone_loss",
+    "radiograph_flag_bone_loss",
     "prob_osteoporosis_given_bone_loss",
     "severity",
     "t_score_estimate",
@@ -165,7 +167,20 @@ def predict_files(
     for col in OUTPUT_COLUMNS:
         if col not in out.columns:
             out[col] = ""
+    _radiograph_outputs(out, bundle.threshold)
     return out[OUTPUT_COLUMNS]
+
+
+def _radiograph_outputs(out: pd.DataFrame, threshold: float) -> None:
+    """The film's answer beside each knee's: the mean probability of its judged knees, flagged at τ*.
+
+    Bone loss is systemic, so a bilateral film is one screening decision; its knees are listed separately for
+    the severity, T-score and Grad-CAM, and a knee judged out of distribution does not vote."""
+    ok = out["status"] == "ok"
+    prob = pd.to_numeric(out["prob_bone_loss"].where(ok), errors="coerce")
+    film = prob.groupby(out["file"]).transform("mean")
+    out["radiograph_prob_bone_loss"] = film.where(ok, "")
+    out["radiograph_flag_bone_loss"] = (film >= threshold).astype(int).where(ok & film.notna(), "")
 
 
 def _ood_verdicts(bundle: Bundle, df: pd.DataFrame, problems: list[list[str]]) -> list[tuple[float, str, str]]:

@@ -141,6 +141,10 @@ def test_predict_survives_broken_files(scenario, trained, tmp_path: Path) -> Non
     assert all(errors["error"].str.len() > 0)
     assert ((ok["flag_bone_loss"] == 1) == (ok["prob_bone_loss"] >= ok["threshold"])).all()
     assert all(Path(p).exists() for p in ok["gradcam"])
+    film = ok.groupby("file")["prob_bone_loss"].transform("mean")  # a film's answer: the mean of its knees
+    np.testing.assert_allclose(ok["radiograph_prob_bone_loss"].astype(float), film)
+    assert ((ok["radiograph_flag_bone_loss"] == 1) == (film >= ok["threshold"])).all()
+    assert (errors["radiograph_flag_bone_loss"] == "").all()
 
 
 def test_mlflow_holds_the_run(trained) -> None:  # type: ignore[no-untyped-def]
