@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from scipy.special import expit, log_expit
 
-from strnet.sufficient import Predictions, _Additive
+from strnet.sufficient import Additive, Predictions
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class Platt:
 
 
 @dataclass
-class PlattStats(_Additive):
+class PlattStats(Additive):
     """Σ over cases of the log-loss, its gradient and Hessian in (a, b), and the case count — one Newton step."""
 
     gradient: np.ndarray  # (2,) float64

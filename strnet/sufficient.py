@@ -51,7 +51,7 @@ def _check_counts(name: str, arr: np.ndarray, shape: tuple[int, ...]) -> None:
         raise ValueError(f"{name} holds negative counts")
 
 
-class _Additive:
+class Additive:
     """Element-wise sum of two statistics of the same shape (what pooling over sites is)."""
 
     def __add__(self, other: Any) -> Any:
@@ -64,7 +64,7 @@ class _Additive:
 
 
 @dataclass
-class ValidationCounts(_Additive):
+class ValidationCounts(Additive):
     """Per-class score histogram and tp/fp/tn/fn at every grid threshold: τ* and the monitored AUPRC."""
 
     hist: np.ndarray  # (2, n_bins) int64: row 0 negatives, row 1 positives
@@ -173,7 +173,7 @@ def _confusion(y: np.ndarray, p: np.ndarray, threshold: float) -> np.ndarray:
 
 
 @dataclass
-class EvaluationCounts(_Additive):
+class EvaluationCounts(Additive):
     """A frozen evaluation at τ*: everything the reported metrics need, per knee and per radiograph."""
 
     hist: np.ndarray  # (2, n_bins) int64 screening scores per class (calibrated: what the product outputs)
