@@ -10,15 +10,12 @@ and the run says so.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from flwr.app import ArrayRecord
-from flwr.serverapp import Grid
 
-from configs.schema import Config
 from server.pooled import QuorumError, pool
-from server.replies import ask_sites
+from server.replies import TrainingSites
 from strnet.calibration import Platt, PlattStats, fit_platt, platt_targets
 from strnet.errors import SiteError
 from strnet.protocol import (
@@ -31,15 +28,7 @@ from strnet.protocol import (
 from strnet.sufficient import ValidationCounts
 
 
-def pooled_calibration(
-    grid: Grid,
-    cfg: Config,
-    train_nodes: dict[int, str],
-    arrays: ArrayRecord,
-    counts: ValidationCounts,
-    config_digest: str,
-    problem: Callable[[str], None],
-) -> dict[str, Any]:
+def pooled_calibration(sites: TrainingSites, arrays: ArrayRecord, counts: ValidationCounts) -> dict[str, Any]:
     """The bundle's ``calibration`` entry, fitted on the pooled validation statistics of the kept model.
 
     ``counts`` are the kept round's pooled validation counts: their class totals give Platt's targets.
@@ -52,52 +41,45 @@ def pooled_calibration(
     def stats_at(params: Platt) -> PlattStats:
         first = not answered
         config = {
-            Field.CONFIG_DIGEST: config_digest,
             Field.MODEL_DIGEST: digest,
             Field.PLATT_A: params.a,
             Field.PLATT_B: params.b,
             Field.TARGET_NEG: targets[0],
             Field.TARGET_POS: targets[1],
         }
-        replies = ask_sites(grid, cfg, train_nodes, MessageKind.CALIBRATE, config, arrays if first else None, problem)
+        replies = sites.ask(MessageKind.CALIBRATE, config, arrays if first else None)
         per_site: dict[str, PlattStats] = {}
         for site, values in replies.items():
             try:
                 per_site[site] = decode_platt(site, values)
             except SiteError as exc:
-                problem(f"calibration: {exc}")
+                sites.problem(f"calibration: {exc}")
         if first:
             answered.extend(sorted(per_site))
         elif sorted(per_site) != answered:
             raise QuorumError(f"calibration: sites {sorted(per_site)} answered, the fit started with {answered}")
-        return pool(per_site, quorum=cfg.federation.quorum, what="pooled calibration statistics")
+        return pool(per_site, quorum=sites.cfg.federation.quorum, what="pooled calibration statistics")
 
     try:
         fitted = fit_platt(stats_at, n_pos=n_pos, n_neg=n_neg)
     except QuorumError as exc:
-        problem(str(exc))
+        sites.problem(str(exc))
         fitted = {"method": "platt", "n_pos": n_pos, "n_neg": n_neg} | Platt().to_dict()
         fitted["status"] = f"identity: {exc}"
     return fitted | {"fitted_on": "validation split, pooled Newton statistics over training sites", "sites": answered}
 
 
 def calibrated_validation_counts(
-    grid: Grid,
-    cfg: Config,
-    train_nodes: dict[int, str],
-    arrays: ArrayRecord,
-    platt: Platt,
-    config_digest: str,
-    problem: Callable[[str], None],
+    sites: TrainingSites, arrays: ArrayRecord, platt: Platt
 ) -> tuple[ValidationCounts, list[str]]:
     """The kept model's pooled validation counts on the calibrated scale (what τ* is chosen on)."""
-    th = cfg.threshold
-    config = {Field.CONFIG_DIGEST: config_digest, Field.PLATT_A: platt.a, Field.PLATT_B: platt.b}
+    th = sites.cfg.threshold
+    config = {Field.PLATT_A: platt.a, Field.PLATT_B: platt.b}
     per_site: dict[str, ValidationCounts] = {}
-    for site, values in ask_sites(grid, cfg, train_nodes, MessageKind.VAL_STATS, config, arrays, problem).items():
+    for site, values in sites.ask(MessageKind.VAL_STATS, config, arrays).items():
         try:
             per_site[site] = decode_validation(site, values, n_bins=th.histogram_bins, n_grid=len(th.grid()))
         except SiteError as exc:
-            problem(f"calibrated validation statistics: {exc}")
-    pooled = pool(per_site, quorum=cfg.federation.quorum, what="pooled calibrated validation statistics")
+            sites.problem(f"calibrated validation statistics: {exc}")
+    pooled = pool(per_site, quorum=sites.cfg.federation.quorum, what="pooled calibrated validation statistics")
     return pooled, sorted(per_site)

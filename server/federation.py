@@ -7,7 +7,6 @@ Everything after the Grid is plain Python, testable in-process with a Grid stand
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -21,7 +20,7 @@ from server.discovery import discover_sites
 from server.frozen import frozen_evaluation
 from server.ood import pooled_ood
 from server.pooled import QuorumError, pool, pooled_threshold, weighted_average
-from server.replies import ask_sites
+from server.replies import TrainingSites
 from server.strategy import build_strategy
 from server.tscore import pooled_tscore_refit
 from strnet.calibration import Platt
@@ -42,20 +41,11 @@ def initial_state(cfg: Config) -> tuple[dict[str, torch.Tensor], frozenset[str]]
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, batchnorm_keys(model)
 
 
-def gather_batchnorm(
-    grid: Grid,
-    cfg: Config,
-    train_nodes: dict[int, str],
-    arrays: ArrayRecord,
-    best_round: int,
-    keys: frozenset[str],
-    config_digest: str,
-    problem: Callable[[str], None],
-) -> ArrayRecord:
+def gather_batchnorm(sites: TrainingSites, arrays: ArrayRecord, best_round: int, keys: frozenset[str]) -> ArrayRecord:
     """FedBN after training: each site sends its BatchNorm tensors of the kept round once; their average weighted
     by training cases completes the global model that is calibrated, evaluated everywhere and bundled."""
-    config = {Field.CONFIG_DIGEST: config_digest, Field.SERVER_ROUND: best_round}
-    replies = ask_sites(grid, cfg, train_nodes, MessageKind.BATCHNORM, config, None, problem)
+    cfg, problem = sites.cfg, sites.problem
+    replies = sites.ask(MessageKind.BATCHNORM, {Field.SERVER_ROUND: best_round})
     usable: dict[str, dict[str, np.ndarray]] = {}
     for site, values in replies.items():
         got = set(values) - {WEIGHT}
@@ -103,22 +93,21 @@ def run_federated(
             raise QuorumError(
                 f"no round produced pooled validation statistics (quorum {fed.quorum}): " + "; ".join(strategy.problems)
             )
+        sites = TrainingSites(grid, cfg, train_nodes, digest, run.problem)
         kept = strategy.best_arrays
         if strategy.local_keys:
-            kept = gather_batchnorm(
-                grid, cfg, train_nodes, kept, strategy.best_round, strategy.local_keys, digest, run.problem
-            )
-        kept, tscore = pooled_tscore_refit(grid, cfg, train_nodes, kept, digest, run.problem)
+            kept = gather_batchnorm(sites, kept, strategy.best_round, strategy.local_keys)
+        kept, tscore = pooled_tscore_refit(sites, kept)
         # Calibration and τ* from the kept round's pooled validation statistics, as centralized training fits
         # them on its best epoch: Newton steps on summed statistics, then the calibrated pooled counts.
         best_val = strategy.round_pooled[strategy.best_round]
-        calibration = pooled_calibration(grid, cfg, train_nodes, kept, best_val, digest, run.problem)
+        calibration = pooled_calibration(sites, kept, best_val)
         platt = Platt.from_dict(calibration)
-        cal_val, pooled_sites = calibrated_validation_counts(grid, cfg, train_nodes, kept, platt, digest, run.problem)
+        cal_val, pooled_sites = calibrated_validation_counts(sites, kept, platt)
         excluded = [p for p in strategy.problems if p.startswith(f"round {strategy.best_round} ")]
         threshold = pooled_threshold(cal_val, th, sites=pooled_sites, excluded=excluded)
         tau = float(threshold["value"])
-        ood = pooled_ood(grid, cfg, train_nodes, kept, digest, run.problem) if cfg.ood.enabled else None
+        ood = pooled_ood(sites, kept) if cfg.ood.enabled else None
         frozen = frozen_evaluation(grid, cfg, nodes, kept, tau, platt, digest, run.problem)
 
         def pooled(split: str) -> EvaluationCounts:

@@ -8,32 +8,24 @@ the same additive pieces (:func:`strnet.ood.fit_ood`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from configs.schema import Config
 from server.pooled import QuorumError
-from server.replies import ask_sites
+from server.replies import TrainingSites
 from strnet.ood import FeatureGaussian, FeatureMoments, OODModel, default_edges
 from strnet.protocol import Field, MessageKind
 
 
-def pooled_ood(
-    grid: Any,
-    cfg: Config,
-    train_nodes: dict[int, str],
-    arrays: ArrayRecord,
-    config_digest: str,
-    problem: Callable[[str], None],
-) -> dict[str, Any] | None:
+def pooled_ood(sites: TrainingSites, arrays: ArrayRecord) -> dict[str, Any] | None:
     """The bundle's ``ood`` entry, or None (with the reason reported) when too few sites answered."""
+    cfg, problem = sites.cfg, sites.problem
     quorum = cfg.federation.quorum
-    config = {Field.CONFIG_DIGEST: config_digest}
+    config: dict[str, Any] = {}
     moments: list[FeatureMoments] = []
-    for site, values in ask_sites(grid, cfg, train_nodes, MessageKind.OOD_MOMENTS, config, arrays, problem).items():
+    for site, values in sites.ask(MessageKind.OOD_MOMENTS, config, arrays).items():
         try:
             moments.append(FeatureMoments(int(values["n"][0]), values["sum"], values["sum_outer"]))
         except (KeyError, ValueError, IndexError) as exc:
@@ -46,7 +38,7 @@ def pooled_ood(
         config |= {Field.SHRINKAGE: gaussian.shrinkage, Field.N_CASES: gaussian.n}
         edges = default_edges()
         hists = []
-        replies = ask_sites(grid, cfg, train_nodes, MessageKind.OOD_DISTANCES, config, arrays, problem, stats=sent)
+        replies = sites.ask(MessageKind.OOD_DISTANCES, config, arrays, stats=sent)
         for site, values in replies.items():
             hist = np.asarray(values.get("hist"))
             if hist.shape != (len(edges) - 1,) or (hist < 0).any():

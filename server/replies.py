@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,30 +32,37 @@ def stats_arrays(content: RecordDict, site: str) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in content.array_records[Key.STATS].items()}
 
 
-def ask_sites(
-    grid: Grid,
-    cfg: Config,
-    train_nodes: dict[int, str],
-    kind: str,
-    config: dict[str, Any],
-    arrays: ArrayRecord | None,
-    problem: Callable[[str], None],
-    stats: ArrayRecord | None = None,
-) -> dict[str, dict[str, np.ndarray]]:
-    """Send one instruction (and optionally weights) to every training node; site -> its reply's stats arrays.
-    Failed or malformed replies are reported through ``problem`` and left out."""
-    instruction = ConfigRecord({Field.VERSION: PROTOCOL_VERSION, **config})
-    content = RecordDict(
-        {Key.CONFIG: instruction}
-        | ({Key.ARRAYS: arrays} if arrays is not None else {})
-        | ({Key.STATS: stats} if stats is not None else {})
-    )
-    messages = [Message(content=content, message_type=kind, dst_node_id=n) for n in sorted(train_nodes)]
-    out: dict[str, dict[str, np.ndarray]] = {}
-    for msg in grid.send_and_receive(messages, timeout=cfg.federation.round_timeout):
-        site = train_nodes.get(msg.metadata.src_node_id, f"<unknown node {msg.metadata.src_node_id}>")
-        try:
-            out[site] = stats_arrays(reply_content(msg, site), site)
-        except SiteError as exc:
-            problem(f"{kind}: {exc}")
-    return out
+@dataclass
+class TrainingSites:
+    """The training nodes of a run and how to ask them something after training (calibration, OOD model,
+    T-score refit, FedBN's BatchNorm): one instruction to every node, usable replies back by site name."""
+
+    grid: Grid
+    cfg: Config
+    nodes: dict[int, str]  # node id -> site name
+    config_digest: str
+    problem: Callable[[str], None]
+
+    def ask(
+        self,
+        kind: str,
+        config: dict[str, Any],
+        arrays: ArrayRecord | None = None,
+        stats: ArrayRecord | None = None,
+    ) -> dict[str, dict[str, np.ndarray]]:
+        """site -> its reply's stats arrays; failed or malformed replies are reported and left out."""
+        instruction = ConfigRecord({Field.VERSION: PROTOCOL_VERSION, Field.CONFIG_DIGEST: self.config_digest, **config})
+        content = RecordDict(
+            {Key.CONFIG: instruction}
+            | ({Key.ARRAYS: arrays} if arrays is not None else {})
+            | ({Key.STATS: stats} if stats is not None else {})
+        )
+        messages = [Message(content=content, message_type=kind, dst_node_id=n) for n in sorted(self.nodes)]
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for msg in self.grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout):
+            site = self.nodes.get(msg.metadata.src_node_id, f"<unknown node {msg.metadata.src_node_id}>")
+            try:
+                out[site] = stats_arrays(reply_content(msg, site), site)
+            except SiteError as exc:
+                self.problem(f"{kind}: {exc}")
+        return out

@@ -8,30 +8,22 @@ the frozen branch inputs); later ones carry the branch only (~14 k numbers).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from configs.schema import Config
 from server.pooled import QuorumError, weighted_average
-from server.replies import ask_sites
+from server.replies import TrainingSites
 from strnet.model import build_strnet
 from strnet.protocol import WEIGHT, Field, MessageKind, model_digest
 from strnet.tscore import SUM_KEYS, branch_keys, refit
 
 
-def pooled_tscore_refit(
-    grid: Any,
-    cfg: Config,
-    train_nodes: dict[int, str],
-    arrays: ArrayRecord,
-    config_digest: str,
-    problem: Callable[[str], None],
-) -> tuple[ArrayRecord, dict[str, Any]]:
+def pooled_tscore_refit(sites: TrainingSites, arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, Any]]:
     """The kept weights with the refitted branch, and what the refit did (for the bundle)."""
+    cfg, problem = sites.cfg, sites.problem
     ts = cfg.tscore
     if not ts.rounds:
         return arrays, {"status": "off"}
@@ -40,7 +32,7 @@ def pooled_tscore_refit(
     model.load_state_dict(arrays.to_torch_state_dict())
     keys = branch_keys(model)
     digest = model_digest({k: v.numpy() for k, v in arrays.items()})
-    config = {Field.CONFIG_DIGEST: config_digest, Field.MODEL_DIGEST: digest}
+    config = {Field.MODEL_DIGEST: digest}
     sent_full = False
 
     def branch() -> ArrayRecord:
@@ -52,7 +44,7 @@ def pooled_tscore_refit(
         return ArrayRecord({k: Array(state[k].detach().cpu().numpy()) for k in keys})
 
     def validation(_: torch.nn.Module) -> np.ndarray:
-        replies = ask_sites(grid, cfg, train_nodes, MessageKind.TSCORE_VAL, config, branch(), problem)
+        replies = sites.ask(MessageKind.TSCORE_VAL, config, branch())
         sums = [np.asarray(v.get("sums")) for v in replies.values()]
         good = [s for s in sums if s.shape == (len(SUM_KEYS),) and np.isfinite(s).all()]
         if len(good) < cfg.federation.quorum:
@@ -61,7 +53,7 @@ def pooled_tscore_refit(
 
     def train(_: torch.nn.Module, steps: int) -> None:
         step_config = config | {Field.STEPS: steps}
-        replies = ask_sites(grid, cfg, train_nodes, MessageKind.TSCORE_TRAIN, step_config, branch(), problem)
+        replies = sites.ask(MessageKind.TSCORE_TRAIN, step_config, branch())
         states, weights = [], []
         for site, values in replies.items():
             n = float(np.asarray(values.pop(WEIGHT, [0]))[0])
