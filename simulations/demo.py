@@ -83,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     pred_path = out / "predictions" / "hospital.csv"
     pred.to_csv(pred_path, index=False)
-    print(f"      {len(pred)} knees -> {pred_path}")
+    counts = pred["status"].value_counts()
+    print(
+        f"      {len(pred)} knees -> {pred_path} ({counts.get('ok', 0)} judged, "
+        f"{counts.get('out_of_distribution', 0)} out of distribution, {counts.get('error', 0)} unreadable)"
+    )
     print(f"\ndone in {time.perf_counter() - t0:.0f} s\n")
     print(summary_table({"centralized": out / "centralized", "federated": out / "federated"}))
     print(f"\nreports: {out / 'centralized' / 'test_report' / 'report.html'}; figures: {out}/*/figures")
