@@ -34,7 +34,9 @@ def _pct(m: dict[str, Any], key: str) -> str:
 
 def rows_of(run: Path) -> list[list[str]]:
     summary = json.loads((run / "summary.json").read_text())
-    name = run.name
+    name = run.name if run.name not in ("centralized", "federated") else f"{run.parent.name}/{run.name}"
+    val = summary["metrics"]
+    choice = f"{val['val_screening_auroc']:.3f} / {val['val_screening_auprc']:.3f}"
     tau = summary["threshold"]["value"]
     fell_back = "" if summary["threshold"]["rule"] == "sensitivity-constrained" else " (fallback)"
     cohorts: list[tuple[str, dict[str, Any]]] = [("pooled test", _strip(summary["metrics"], "test_"))]
@@ -45,6 +47,7 @@ def rows_of(run: Path) -> list[list[str]]:
         out.append(
             [
                 name,
+                choice if cohort == "pooled test" else "",
                 f"{tau:.2f}{fell_back}",
                 cohort,
                 f"{m.get('screening_n', 0):.0f} / {m.get('radiograph_n', 0):.0f}",
@@ -65,6 +68,7 @@ def _strip(metrics: dict[str, Any], prefix: str) -> dict[str, Any]:
 
 HEADER = [
     "run",
+    "val AUROC / AUPRC (pooled, the choice)",
     "τ*",
     "cohort",
     "knees / films",
