@@ -212,6 +212,7 @@ class Run:
             "headline": headline(threshold, calibration),
             "threshold": threshold,
             "calibration": calibration,
+            "ood": {k: v for k, v in (ood or {}).items() if k != "gaussian"},
             "recipe": recipe,
             "metrics": metrics,
             "sites": {name: {"role": s.role, **prefixed(s.metrics, "test")} for name, s in sorted(sites.items())},
