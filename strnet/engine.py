@@ -225,7 +225,7 @@ def train_one_epoch(
         if proximal is not None and proximal.mu > 0:
             term = proximal.term(model)
             loss = loss + proximal.mu / 2 * term
-            parts["proximal"] = float(term)
+            parts["proximal"] = float(term.detach())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if params.grad_clip:

@@ -372,7 +372,7 @@ def test_fedprox_sends_mu_and_the_proximal_term_is_the_squared_distance() -> Non
         model.weight.add_(0.5)  # 6 weights moved by 0.5, bias (2) by -0.25
         model.bias.sub_(0.25)
     term = anchor.term(model)
-    assert float(term) == pytest.approx(6 * 0.25 + 2 * 0.0625)
+    assert float(term.detach()) == pytest.approx(6 * 0.25 + 2 * 0.0625)
     term.backward()  # the gradient of (mu/2)·term is mu·(w − w_global)
     np.testing.assert_allclose(model.weight.grad.numpy(), 2 * 0.5 * np.ones((2, 3)), rtol=1e-6)
 
