@@ -75,6 +75,7 @@ class SiteFedAvg(FedAvg):
         # never come back in a reply. The global record keeps its starting values for them.
         self.local_keys = local_keys
         self._global: ArrayRecord | None = None
+        self.last_average: dict[str, np.ndarray] = {}
 
     def summary(self) -> None:
         super().summary()
@@ -213,6 +214,7 @@ class SiteFedAvg(FedAvg):
         for site, _, metrics, _ in usable:
             self._train_row |= {f"site.{site}.{k}": v for k, v in metrics.items()}
         metrics = {k: v for k, v in self._train_row.items() if not k.startswith("site.")}
+        self.last_average = averaged
         if self.local_keys and self._global is not None:  # the sites' own BatchNorm tensors are not averaged
             averaged |= {k: v.numpy() for k, v in self._global.items() if k in self.local_keys}
         return ArrayRecord({k: Array(v) for k, v in averaged.items()}), MetricRecord(
@@ -281,7 +283,30 @@ class SiteFedProx(FedProx, SiteFedAvg):
         self.proximal_mu = float(proximal_mu)
 
 
-class SiteFedAvgM(FedAvgM, SiteFedAvg):
+STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+class ServerOptimizerStatistics:
+    """A server optimizer steps the *parameters*; BatchNorm's running statistics and counters are estimates, not
+    parameters, and an Adam or momentum step on them drives running variances negative (NaN outputs within a
+    few rounds on the real sites). They take the plain weighted average instead."""
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        if arrays is None:
+            return arrays, metrics
+        average = self.last_average  # type: ignore[attr-defined]
+        fixed = ArrayRecord(
+            {k: (Array(average[k]) if k.endswith(STATISTICS) and k in average else v) for k, v in arrays.items()}
+        )
+        if getattr(self, "current_arrays", None) is not None and isinstance(self.current_arrays, ArrayRecord):  # type: ignore[attr-defined]
+            self.current_arrays = fixed  # FedAvgM keeps the last global record
+        return fixed, metrics
+
+
+class SiteFedAvgM(ServerOptimizerStatistics, FedAvgM, SiteFedAvg):
     """FedAvgM: server momentum on the averaged update (Hsu et al. 2019), Flower's implementation."""
 
     def __init__(self, *, server_lr: float, server_momentum: float, **site: Any) -> None:
@@ -293,7 +318,7 @@ class SiteFedAvgM(FedAvgM, SiteFedAvg):
         self.current_arrays = None
 
 
-class SiteFedAdam(FedAdam, SiteFedAvg):
+class SiteFedAdam(ServerOptimizerStatistics, FedAdam, SiteFedAvg):
     """FedAdam: Adam on the averaged update (Reddi et al. 2021), Flower's implementation."""
 
     def __init__(self, *, server_lr: float, beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-9, **site: Any):

@@ -423,3 +423,20 @@ def test_fedbn_keeps_batchnorm_tensors_out_of_every_site_message_but_one(scenari
     key = next(k for k in sorted(bn) if k.endswith("running_mean"))
     expected = sum(site_bn[node][key].double() * n[node] for node in n) / sum(n.values())
     np.testing.assert_allclose(state[key].double().numpy(), expected.numpy(), rtol=1e-5)
+
+
+def test_server_optimizers_leave_batchnorm_statistics_to_the_plain_average() -> None:
+    def state(value: float) -> dict[str, np.ndarray]:
+        return _state(value, 10) | {"bn.running_var": np.full(3, value, np.float32)}
+
+    for cfg in (
+        FederationConfig(strategy="fedadam", server_lr=0.5),
+        FederationConfig(strategy="fedavgm", server_lr=0.5),
+    ):
+        strategy = build_strategy(cfg, **_site_kwargs())
+        arrays = ArrayRecord({k: Array(v) for k, v in state(1.0).items()})
+        list(strategy.configure_train(1, arrays, ConfigRecord(), None))  # type: ignore[arg-type]
+        new, _ = strategy.aggregate_train(1, [_train_reply(11, state(0.2), 10), _train_reply(22, state(0.4), 30)])
+        out = {k: v.numpy() for k, v in new.items()}  # type: ignore[union-attr]
+        np.testing.assert_allclose(out["bn.running_var"], 0.35, rtol=1e-6)  # the weighted average, not a step
+        assert not np.allclose(out["w"], 0.35)  # the parameters did take the server optimizer's step
