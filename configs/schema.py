@@ -194,6 +194,9 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"federation.quorum={fed.quorum} must be between 1 and the {n_train} training site(s)")
     if fed.proximal_mu < 0 or fed.server_lr <= 0 or not 0 <= fed.server_momentum < 1:
         raise ConfigError("federation: proximal_mu >= 0, server_lr > 0 and 0 <= server_momentum < 1 required")
+    ts = cfg.tscore
+    if ts.rounds < 0 or ts.steps_per_round < 1 or not ts.lr > 0 or ts.weight_decay < 0:
+        raise ConfigError(f"tscore: rounds >= 0, steps_per_round >= 1, lr > 0, weight_decay >= 0 required, got {ts}")
     if not 0 < cfg.ood.quantile <= 1 or not cfg.ood.margin > 0:
         raise ConfigError(f"ood: quantile in (0, 1] and margin > 0 required, got {cfg.ood}")
     if cfg.preprocess.size < 16:

@@ -63,6 +63,11 @@ def test_unknown_key_is_rejected_with_its_full_name(tmp_path: Path) -> None:
         ("threshold.histogram_bins=7", "histogram_bins=7: every grid threshold must fall on a bin edge"),
         ("train.min_epochs=-1", "train.min_epochs"),
         ("federation.keep_optimizer_state=maybe", "expected true/false"),
+        ("federation.strategy=fedsgd", "not one of"),
+        ("federation.server_momentum=1.5", "server_momentum"),
+        ("train.balance=site", "not one of"),
+        ("tscore.steps_per_round=0", "tscore: rounds >= 0, steps_per_round >= 1"),
+        ("ood.margin=0", "ood: quantile in"),
         ("noequals", "expected key=value"),
     ],
 )
