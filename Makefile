@@ -50,13 +50,18 @@ real-data: real-data-prepare
 # Choices are made on validation data: each run logs every site's own validation AUROC per epoch/round to
 # MLflow, and `simulations.inference_variants` compares inference-time variants on the validation split.
 EXP := runs/exp
-VARIANTS := base:train.balance=none balance:train.balance=source_label balance-site:train.balance=source_label,train.monitor=site_auroc
-STRATEGIES := fedavg fedprox fedavgm fedadam fedbn
+# name:override,override (the cpu preset is the chosen "balanced + mirror" recipe); strategies run the previous
+# recipe they were compared on (no balancing, no mirror averaging)
+NO_MIRROR := model.test_time_mirror=false
+VARIANTS := base:train.balance=none,$(NO_MIRROR) balance:$(NO_MIRROR) balance-mirror:train.balance=source_label \
+	balance-site:train.monitor=site_auroc,$(NO_MIRROR) balance-site-mirror:train.monitor=site_auroc
+STRATEGIES := fedavg fedprox fedavgm fedadam:federation.server_lr=0.001 fedbn
 real-data-experiments: real-data-prepare
 	for v in $(VARIANTS); do name=$${v%%:*}; sets=$$(echo $${v#*:} | tr ',' ' '); \
 	  $(BIN)/strnet train --config cpu --output-dir $(EXP)/$$name $$(for s in $$sets; do echo --set $$s; done) || exit 1; \
 	  $(BIN)/python -m simulations.inference_variants --bundle $(EXP)/$$name/bundle --manifest $(REAL)/split.csv > $(EXP)/$$name/val_variants.txt || exit 1; done
-	for s in $(STRATEGIES); do \
-	  $(BIN)/python -m simulations.inprocess --config cpu --layout sites --out $(EXP)/fed-$$s --set federation.strategy=$$s || exit 1; done
+	for s in $(STRATEGIES); do name=$${s%%:*}; extra=$$(echo $$s | grep -q : && echo --set $${s#*:}); \
+	  $(BIN)/python -m simulations.inprocess --config cpu --layout sites --out $(EXP)/fed-$$name \
+	    --set federation.strategy=$$name --set train.balance=none --set $(NO_MIRROR) $$extra || exit 1; done
 	$(BIN)/python -m simulations.experiment_table $(EXP)/* > $(EXP)/table.md
 	cat $(EXP)/table.md
