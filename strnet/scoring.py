@@ -89,14 +89,19 @@ def task_metrics(
     without them the histograms stand in. Undefined values (one class only, too few T-scores, no bilateral
     films) are NaN, never dropped, so every run reports the same set of names.
     """
-    knee = _screening(
-        counts.hist,
-        counts.at_threshold,
-        threshold,
-        screening_cases(predictions) if predictions is not None else None,
-        n_boot=n_boot,
-        seed=seed,
-        groups=knee_films(predictions) if predictions is not None else None,
+    raw = predictions is not None
+    # per knee (bootstrap over whole radiographs) and per radiograph (a film = the mean of its knees)
+    knee, film = (
+        _screening(hist, at, threshold, cases, n_boot=n_boot, seed=seed, groups=groups)
+        for hist, at, cases, groups in (
+            (
+                counts.hist,
+                counts.at_threshold,
+                screening_cases(predictions) if raw else None,
+                knee_films(predictions) if raw else None,
+            ),  # type: ignore[arg-type]
+            (counts.film_hist, counts.film_at_threshold, film_scores(predictions) if raw else None, None),  # type: ignore[arg-type]
+        )
     )
     n = knee["n"]
     knee["brier"] = float(counts.brier_sum[0]) / n if n else math.nan
@@ -104,14 +109,6 @@ def task_metrics(
     knee["ece"] = float(M.reliability_from_histogram(counts.hist)["ece"])
     knee["ece_raw"] = float(M.reliability_from_histogram(counts.raw_hist)["ece"])
     out = {f"screening_{k}": v for k, v in knee.items()}
-    film = _screening(
-        counts.film_hist,
-        counts.film_at_threshold,
-        threshold,
-        film_scores(predictions) if predictions is not None else None,
-        n_boot=n_boot,
-        seed=seed,
-    )
     out |= {f"radiograph_{k}": v for k, v in film.items() if k in RADIOGRAPH_METRICS}
     sev_n = int(counts.severity_hist.sum())
     if predictions is not None and sev_n:
