@@ -57,6 +57,7 @@ def rows_of(run: Path) -> list[list[str]]:
                 f"{_pct(m, 'bilateral_flag_disagreement')}, ρ {_fmt(m, 'bilateral_spearman', False)}"
                 f" (n={m.get('bilateral_n_pairs', 0):.0f})",
                 _fmt(m, "t_score_pearson_r", False),
+                _fmt(m, "t_score_who_auroc", False),
             ]
         )
     return out
@@ -77,6 +78,7 @@ HEADER = [
     "sens / spec at τ*",
     "L–R flags differ, Spearman",
     "T-score r",
+    "T-score estimate AUROC",
 ]
 
 

@@ -557,6 +557,16 @@ def _percentile_interval(values: np.ndarray, alpha: float) -> tuple[float, float
 # T-score agreement from additive sums (what a site can share instead of its cases)
 
 TSCORE_SUM_KEYS = ("n", "sum_x", "sum_y", "sum_xx", "sum_yy", "sum_xy", "sum_abs_err", "sum_sq_err")
+# The T-score estimate read as a screening score (WHO: bone loss below -1.0) is histogrammed on this range in
+# 0.1-unit bins, so the WHO cut falls on a bin edge and a site shares counts, not estimates.
+TSCORE_RANGE = (-6.0, 3.0)
+TSCORE_BINS = 90
+
+
+def tscore_screening_score(t_pred: Any) -> np.ndarray:
+    """The T-score estimate as a score in [0, 1] that rises with bone loss (lower T-score), clipped to the range."""
+    lo, hi = TSCORE_RANGE
+    return np.clip((hi - np.asarray(t_pred, dtype=np.float64)) / (hi - lo), 0.0, 1.0)
 
 
 def tscore_sums(t_true: Any, t_pred: Any) -> np.ndarray:

@@ -41,6 +41,10 @@ REGRESSION_NAMES: dict[str, str] = {
     "bland_altman_bias": "Bland–Altman bias (estimate − reference)",
     "bland_altman_loa_low": "Bland–Altman lower limit of agreement",
     "bland_altman_loa_high": "Bland–Altman upper limit of agreement",
+    "who_n": "Knees with a label and a reference T-score",
+    "who_auroc": "AUROC of the T-score estimate for bone loss",
+    "who_sensitivity": "Sensitivity of the WHO read (estimate < −1.0)",
+    "who_specificity": "Specificity of the WHO read (estimate < −1.0)",
 }
 
 THRESHOLD_NAMES: dict[str, str] = {
@@ -256,7 +260,9 @@ def _blocks(
         reg = {k: v for k, v in regression.items() if k != "pearson_ci"}
         agree.tables.append((["Measure", "Value", "95% CI"], _metric_rows(reg, REGRESSION_NAMES, reg_cis)))
         agree.paragraphs.append(
-            "95% of differences between estimated and reference T-score are expected within the limits of agreement."
+            "95% of differences between estimated and reference T-score are expected within the limits of agreement. "
+            "The WHO read calls bone loss when the estimate is below −1.0; unlike the screening probability it "
+            "also reads age, sex and BMI, so it answers partly from risk factors rather than the image."
         )
     else:
         agree.paragraphs.append("Not computable: fewer than two knees with a reference T-score.")

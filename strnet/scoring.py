@@ -29,6 +29,7 @@ from strnet.sufficient import (
     knee_films,
     screening_cases,
     severity_cases,
+    tscore_screening_cases,
 )
 
 TASKS = ("screening", "radiograph", "severity", "t_score", "bilateral", "mirror")
@@ -117,6 +118,20 @@ def task_metrics(
         severity = histogram_ranking(counts.severity_hist)
     out |= {"severity_n": float(sev_n), "severity_auroc": severity["auroc"], "severity_auprc": severity["auprc"]}
     out |= {f"t_score_{k}": float(v) for k, v in M.regression_from_sums(counts.tscore_sums).items()}
+    # The T-score estimate read through the WHO cut (-1.0) as a screening answer, on the T-score cohort: the
+    # paper's second route to a bone-loss call, and the one that carries the covariates (age, sex, BMI).
+    if predictions is not None:
+        ty, t_pred = tscore_screening_cases(predictions)
+        who_rank = M.ranking_metrics(ty, M.tscore_screening_score(t_pred)) if len(ty) else {"auroc": math.nan}
+    else:
+        who_rank = histogram_ranking(counts.tscore_hist)
+    tp, fp, tn, fn = (float(v) for v in counts.tscore_who)
+    out |= {
+        "t_score_who_n": tp + fp + tn + fn,
+        "t_score_who_auroc": float(who_rank["auroc"]),
+        "t_score_who_sensitivity": tp / (tp + fn) if tp + fn else math.nan,
+        "t_score_who_specificity": tn / (tn + fp) if tn + fp else math.nan,
+    }
     pairs, disagree, abs_dp = (float(v) for v in counts.bilateral_sums)
     if predictions is not None:
         right, left = bilateral_pairs(predictions)

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from strnet import metrics as M
+from strnet.data.manifest import WHO_NORMAL_MIN
 
 Predictions = dict[str, np.ndarray]  # engine.predict_loader's output: y_screen, prob_screen, ..., NaN = unknown
 
@@ -159,6 +160,16 @@ def bilateral_pairs(preds: Predictions) -> tuple[np.ndarray, np.ndarray]:
     return pairs[("mean", 1)].to_numpy(np.float64), pairs[("mean", 2)].to_numpy(np.float64)
 
 
+def tscore_screening_cases(preds: Predictions) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, T-score estimates) of the knees with a screening label *and* a reference T-score.
+
+    Restricted to the T-score cohort (the knees whose site records T-scores and the covariates the branch
+    reads), so this reads the same knees as the T-score agreement, not knees whose covariates were imputed.
+    """
+    known = ~np.isnan(preds["y_screen"]) & ~np.isnan(preds["t_true"]) & ~np.isnan(preds["t_pred"])
+    return preds["y_screen"][known].astype(np.int64), preds["t_pred"][known]
+
+
 def _confusion(y: np.ndarray, p: np.ndarray, threshold: float) -> np.ndarray:
     flag = p >= threshold
     return np.array(
@@ -188,6 +199,8 @@ class EvaluationCounts(Additive):
     bilateral_sums: np.ndarray  # (3,) float64: pairs, flag disagreements at τ*, Σ |P_right − P_left|
     bilateral_hist: np.ndarray  # (BILATERAL_BINS, BILATERAL_BINS) int64 joint (right, left) probabilities
     mirror_sums: np.ndarray  # (3,) float64: knees, flag changes at τ*, Σ |P − P_mirror|  (all zero: not measured)
+    tscore_hist: np.ndarray  # (2, M.TSCORE_BINS) int64 the T-score estimate per screening class (T-score cohort)
+    tscore_who: np.ndarray  # (4,) int64: tp, fp, tn, fn of the WHO read (estimate < -1.0 = bone loss)
 
     @classmethod
     def from_predictions(cls, preds: Predictions, *, threshold: float, n_bins: int) -> EvaluationCounts:
@@ -203,6 +216,8 @@ class EvaluationCounts(Additive):
             pm, pa = preds["prob_screen_mirror"], preds["prob_screen"]
             flips = ((pa >= threshold) != (pm >= threshold)).sum()
             mirror = np.array([len(pa), flips, np.abs(pa - pm).sum()], np.float64)
+        ty, t_pred = tscore_screening_cases(preds)
+        who = _confusion(ty, (t_pred < WHO_NORMAL_MIN).astype(np.float64), 0.5)
         return cls(
             hist=score_histogram(y, p, n_bins),
             at_threshold=_confusion(y, p, threshold),
@@ -219,6 +234,8 @@ class EvaluationCounts(Additive):
             ),
             bilateral_hist=joint.astype(np.int64),
             mirror_sums=mirror,
+            tscore_hist=score_histogram(ty, M.tscore_screening_score(t_pred), M.TSCORE_BINS),
+            tscore_who=who,
         )
 
     @classmethod
@@ -238,13 +255,20 @@ class EvaluationCounts(Additive):
             bilateral_sums=np.zeros(3),
             bilateral_hist=np.zeros((b, b), np.int64),
             mirror_sums=np.zeros(3),
+            tscore_hist=np.zeros((2, M.TSCORE_BINS), np.int64),
+            tscore_who=np.zeros(4, np.int64),
         )
 
     def check(self, *, n_bins: int) -> None:
         for name in ("hist", "raw_hist", "severity_hist", "film_hist"):
             _check_counts(name, getattr(self, name), (2, n_bins))
         _check_counts("bilateral_hist", self.bilateral_hist, (BILATERAL_BINS, BILATERAL_BINS))
-        for name, hist in (("at_threshold", self.hist), ("film_at_threshold", self.film_hist)):
+        _check_counts("tscore_hist", self.tscore_hist, (2, M.TSCORE_BINS))
+        for name, hist in (
+            ("at_threshold", self.hist),
+            ("film_at_threshold", self.film_hist),
+            ("tscore_who", self.tscore_hist),
+        ):
             counts = getattr(self, name)
             _check_counts(name, counts, (4,))
             tp, fp, tn, fn = (int(v) for v in counts)

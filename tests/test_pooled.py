@@ -128,11 +128,37 @@ def test_pooled_evaluation_metrics_match_scikit_learn_and_scipy() -> None:
         assert m[f"t_score_{key}"] == pytest.approx(reference[key])
     assert (m["t_score_pearson_r_ci_lo"], m["t_score_pearson_r_ci_hi"]) == pytest.approx(reference["pearson_ci"])
 
+    # the T-score estimate read through the WHO cut, on knees with a label and a reference T-score
+    w = known & t
+    yw, tw = cat["y_screen"][w].astype(int), cat["t_pred"][w]
+    assert m["t_score_who_n"] == w.sum()
+    assert m["t_score_who_sensitivity"] == pytest.approx(recall_score(yw, tw < -1.0))
+    assert m["t_score_who_specificity"] == pytest.approx(recall_score(1 - yw, tw >= -1.0))
+    assert abs(m["t_score_who_auroc"] - roc_auc_score(yw, -tw)) < 1e-2  # 0.1-unit bins: ties within a bin
+
     # the same function on the raw predictions: the same names, exact ranking, the same counts
     raw = task_metrics(sum(counts[1:], counts[0]), tau, predictions=cat, n_boot=400, seed=1)
     assert set(raw) == set(m)
     assert raw["screening_auroc"] == pytest.approx(roc_auc_score(y, p))
     assert raw["screening_tp"] == m["screening_tp"] and raw["t_score_mae"] == pytest.approx(m["t_score_mae"])
+    assert raw["t_score_who_auroc"] == pytest.approx(roc_auc_score(yw, -tw))
+
+
+def test_who_read_of_the_tscore_estimate_puts_minus_one_in_normal() -> None:
+    """WHO: normal >= -1.0, so an estimate of exactly -1.0 is a 'normal' answer, whatever the bins do."""
+    nan = np.nan
+    preds = {
+        "y_screen": np.array([1.0, 0.0, 1.0, 0.0, 1.0]),
+        "prob_screen": np.full(5, 0.5),
+        "y_severity": np.full(5, nan),
+        "prob_severity": np.full(5, 0.5),
+        "t_true": np.array([-2.0, 0.0, -1.5, 0.5, nan]),  # the last knee has no reference: not in the cohort
+        "t_pred": np.array([-1.0, -1.0, -3.0, 1.0, -4.0]),
+    }
+    counts = EvaluationCounts.from_predictions(preds, threshold=0.5, n_bins=BINS)
+    assert counts.tscore_who.tolist() == [1, 0, 2, 1]  # tp, fp, tn, fn
+    m = task_metrics(counts, 0.5, n_boot=10, seed=0)
+    assert (m["t_score_who_n"], m["t_score_who_sensitivity"], m["t_score_who_specificity"]) == (4.0, 0.5, 1.0)
 
 
 def test_histogram_bootstrap_agrees_with_the_case_bootstrap() -> None:
