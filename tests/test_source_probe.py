@@ -61,11 +61,12 @@ def test_grouped_cv_keeps_the_knees_of_a_film_together() -> None:
 
 def test_joint_crop_is_square_and_inside_the_image() -> None:
     img = np.zeros((300, 100), np.float32)
-    img[:, 30:70] = 1.0
-    img[140:160, 20:80] = 1.0  # the widest bone band: the "joint"
+    img[:, 15:85] = 0.3  # soft tissue
+    img[:, 35:65] = 0.8  # shaft
+    img[200:220, 22:78] = 0.9  # the widest bone band: the "joint", off the image centre
     crop = joint_crop(img)
     assert crop.shape[0] == crop.shape[1] and crop.size > 0
-    widest = int(np.argmax((crop > 0.5).sum(axis=1)))
+    widest = int(np.argmax((crop > 0.85).sum(axis=1)))
     assert crop.shape[0] / 3 <= widest <= 2 * crop.shape[0] / 3  # the joint sits in the middle third
 
 
