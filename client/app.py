@@ -9,6 +9,7 @@ in-process by :func:`strnet.site.site_cases`). Replies carry weights, a few scal
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -19,6 +20,7 @@ from flwr.clientapp import ClientApp
 from client.site import site_for_node
 from configs.schema import Config, config_from_dict
 from strnet.calibration import Platt, PlattStats
+from strnet.engine import resolve_device
 from strnet.errors import ConfigError
 from strnet.model import batchnorm_keys
 from strnet.ood import FeatureGaussian
@@ -64,9 +66,15 @@ def _config(message: Message, context: Context) -> Config:
 
 
 def runner_for(message: Message, context: Context) -> SiteRunner:
+    """This node's site, with what its hospital set in ``site.yaml`` (cache, device, threads) over the run's."""
     cfg = _config(message, context)
-    name, role, manifest = site_for_node(cfg, dict(context.node_config))
-    return SiteRunner(cfg, name, manifest, role=role)
+    node = site_for_node(cfg, dict(context.node_config))
+    if node.cache_dir is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache_dir=node.cache_dir))
+    if node.threads is not None:
+        torch.set_num_threads(node.threads)
+    device = resolve_device(node.device) if node.device is not None else None
+    return SiteRunner(cfg, node.name, node.manifest, role=node.role, device=device)
 
 
 def _reply(message: Message, runner: SiteRunner, **records: ArrayRecord | MetricRecord) -> Message:

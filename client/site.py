@@ -2,21 +2,43 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from configs.schema import Config
 from strnet.errors import ConfigError
 
 
-def site_for_node(cfg: Config, node_config: dict[str, Any]) -> tuple[str, str, str]:
-    """(site name, role, manifest path) for this node, from its node config and the federation's site list."""
+@dataclass(frozen=True)
+class NodeSite:
+    """The site a node plays, and what its hospital set for it in ``site.yaml`` (None: the run config's value)."""
+
+    name: str
+    role: str
+    manifest: str
+    cache_dir: str | None = None
+    device: str | None = None
+    threads: int | None = None
+
+
+def site_for_node(cfg: Config, node_config: dict[str, Any]) -> NodeSite:
+    """This node's site, from its node config and the federation's site list."""
     sites = {s.name: s for s in cfg.federation.sites}
     if "site-id" in node_config:
         name = str(node_config["site-id"])
         if name not in sites:
             raise ConfigError(f"node config site-id={name!r} is not one of federation.sites {sorted(sites)}")
-        manifest = str(node_config.get("manifest") or sites[name].manifest)
-        return name, sites[name].role, manifest
+        threads = node_config.get("threads")
+        if threads is not None and (isinstance(threads, bool) or int(threads) < 1):
+            raise ConfigError(f"node config threads={threads!r} must be a whole number >= 1")
+        return NodeSite(
+            name,
+            sites[name].role,
+            str(node_config.get("manifest") or sites[name].manifest),
+            cache_dir=str(node_config["cache-dir"]) if node_config.get("cache-dir") else None,
+            device=str(node_config["device"]) if node_config.get("device") else None,
+            threads=int(threads) if threads is not None else None,
+        )
     if "partition-id" in node_config:
         pid = int(node_config["partition-id"])
         if not 0 <= pid < len(cfg.federation.sites):
@@ -25,5 +47,5 @@ def site_for_node(cfg: Config, node_config: dict[str, Any]) -> tuple[str, str, s
                 "(run the simulation with num-supernodes equal to the number of sites)"
             )
         site = cfg.federation.sites[pid]
-        return site.name, site.role, site.manifest
+        return NodeSite(site.name, site.role, site.manifest)
     raise ConfigError("node config has neither site-id (deployment) nor partition-id (simulation)")
