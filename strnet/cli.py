@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from strnet.errors import StrnetError
+from strnet.errors import ConfigError, StrnetError
 
 
 def _print_problems(problems: Sequence[str], limit: int = 30) -> None:
@@ -174,6 +174,87 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+INSECURE_WARNING = (
+    "WARNING: --insecure-local-test: no TLS and no node authentication. Anyone who can reach this port can join "
+    "or read the federation. Use it only on a loopback test host, never with patient data."
+)
+
+
+def cmd_deploy_certs(args: argparse.Namespace) -> int:
+    from server.deploy import make_certificates
+
+    certs = make_certificates(args.out, args.host, days=args.days)
+    print(
+        f"CA {certs.ca_cert} (give to every site), server certificate {certs.server_cert} for {args.host} and "
+        f"127.0.0.1; keys {certs.ca_key}, {certs.server_key} (0600, stay with the coordinator)"
+    )
+    return 0
+
+
+def cmd_deploy_keygen(args: argparse.Namespace) -> int:
+    from client.node import keygen
+
+    private, public, fingerprint = keygen(args.site, args.out)
+    print(
+        f"private key {private} (0600: never leaves this site)\npublic key {public} -> send to the coordinator\n"
+        f"fingerprint {fingerprint}\nsite file template {Path(args.out) / 'site.yaml.example'}"
+    )
+    return 0
+
+
+def cmd_deploy_superlink(args: argparse.Namespace) -> int:
+    from server.deploy import Certificates, node_public_keys, register_keys, start_superlink, write_handout
+
+    if args.insecure_local_test:
+        print(INSECURE_WARNING, file=sys.stderr)
+        certs = None
+    elif args.certs is None or args.node_keys is None:
+        raise ConfigError("--certs and --node-keys are required (or --insecure-local-test on a loopback test host)")
+    else:
+        certs = Certificates.in_dir(args.certs)
+        certs.check()
+    keys = node_public_keys(args.node_keys) if certs is not None else {}
+    link = start_superlink(args.state, port=args.port, certs=certs, host=args.host)
+    try:
+        fingerprints = register_keys(link, keys) if certs is not None else {}
+        if certs is not None:
+            handout = Path(args.handout or Path(args.state) / "handout.json")
+            write_handout(
+                handout,
+                address=args.address or f"{args.host}:{args.port}",
+                ca_cert=certs.ca_cert,
+                fingerprints=fingerprints,
+            )
+            print(f"registered {len(fingerprints)} node key(s): {', '.join(fingerprints)}; hand-out {handout}")
+        print(
+            f"SuperLink pid {link.proc.pid} on {args.host}:{args.port}; log {Path(args.state) / 'superlink.log'}; "
+            f"FLWR_HOME for `flwr run . strnet`: {link.home}. Ctrl-C stops it."
+        )
+        return link.proc.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        link.stop()
+
+
+def cmd_deploy_node(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from client.node import node_env, supernode_command
+    from strnet.deployment import load_site_file
+
+    site = load_site_file(args.site_config)
+    if args.insecure_local_test:
+        print(INSECURE_WARNING, file=sys.stderr)
+    work = Path(args.workdir or site.cache_dir / "supernode")
+    work.mkdir(parents=True, exist_ok=True)
+    cmd = supernode_command(site, port=args.port, insecure=args.insecure_local_test)
+    try:
+        return subprocess.run(cmd, env=node_env(site, work / "flwr-home"), cwd=work).returncode
+    except KeyboardInterrupt:
+        return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="strnet", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, help="step of the data -> model -> report flow")
@@ -276,6 +357,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", action="append", help="compare these runs instead of the newest of each mode")
     p.add_argument("--out", default="runs/compare", help="folder for the comparison table and figure")
     p.set_defaults(func=cmd_compare)
+
+    deploy = sub.add_parser("deploy", help="certificates, node keys, SuperLink and SuperNode for a real federation")
+    dep = deploy.add_subparsers(dest="deploy_command", required=True, help="deployment step")
+    p = dep.add_parser("certs", help="(coordinator) a CA and a server certificate for the SuperLink")
+    p.add_argument("--out", required=True, help="folder for ca.crt, ca.key, server.pem, server.key")
+    p.add_argument("--host", nargs="+", required=True, help="names/IPs nodes dial (127.0.0.1 is always added)")
+    p.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    p.set_defaults(func=cmd_deploy_certs)
+    p = dep.add_parser("keygen", help="(site) an OpenSSH ECDSA key pair; only the .pub goes to the coordinator")
+    p.add_argument("--site", required=True, help="the site's name in the federation")
+    p.add_argument("--out", required=True, help="folder for <site>.key (0600) and <site>.pub")
+    p.set_defaults(func=cmd_deploy_keygen)
+    p = dep.add_parser("superlink", help="(coordinator) flower-superlink with TLS and node authentication")
+    p.add_argument("--certs", help="folder from `strnet deploy certs`")
+    p.add_argument("--state", required=True, help="folder for the SuperLink database, logs and FLWR_HOME")
+    p.add_argument("--node-keys", help="folder of the sites' <site>.pub keys to register")
+    p.add_argument("--port", type=int, default=9092, help="the one HTTPS port (default 9092)")
+    p.add_argument("--host", default="0.0.0.0", help="interface to listen on (default all)")
+    p.add_argument("--address", help="host:port the sites dial, for the hand-out (default host:port)")
+    p.add_argument("--handout", help="hand-out file to write (default STATE/handout.json)")
+    p.add_argument("--insecure-local-test", action="store_true", help="no TLS, no node auth: loopback tests only")
+    p.set_defaults(func=cmd_deploy_superlink)
+    p = dep.add_parser("node", help="(site) flower-supernode from the hospital's site.yaml")
+    p.add_argument("--site-config", required=True, help="the site file (site_id, manifest, superlink, ...)")
+    p.add_argument("--port", type=int, default=9094, help="local port of the node's runtime API (default 9094)")
+    p.add_argument("--workdir", help="folder for the node's logs and FLWR_HOME (default CACHE_DIR/supernode)")
+    p.add_argument("--insecure-local-test", action="store_true", help="no TLS, no node auth: loopback tests only")
+    p.set_defaults(func=cmd_deploy_node)
     return parser
 
 
