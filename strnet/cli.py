@@ -255,6 +255,16 @@ def cmd_deploy_node(args: argparse.Namespace) -> int:
         return 0
 
 
+def cmd_site_check(args: argparse.Namespace) -> int:
+    from client.preflight import FAIL, render, site_check
+
+    checks = site_check(args.site_config, timeout=args.timeout)
+    print(render(checks))
+    failed = [c.name for c in checks if c.status == FAIL]
+    print(f"{len(failed)} check(s) failed: {', '.join(failed)}" if failed else "ready to join")
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="strnet", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, help="step of the data -> model -> report flow")
@@ -385,6 +395,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", help="folder for the node's logs and FLWR_HOME (default CACHE_DIR/supernode)")
     p.add_argument("--insecure-local-test", action="store_true", help="no TLS, no node auth: loopback tests only")
     p.set_defaults(func=cmd_deploy_node)
+
+    site = sub.add_parser("site", help="a hospital's checks before and while joining").add_subparsers(
+        dest="site_command", required=True, help="site step"
+    )
+    p = site.add_parser("check", help="pre-flight: manifest, images, cache, CA, key, SuperLink, versions")
+    p.add_argument("--site-config", required=True, help="the site file (site.yaml)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the SuperLink (default 5)")
+    p.set_defaults(func=cmd_site_check)
     return parser
 
 
