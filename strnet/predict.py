@@ -23,7 +23,7 @@ from tqdm import tqdm
 from strnet.bundle import Bundle
 from strnet.data.bilateral import split_bilateral
 from strnet.data.dataset import KneeDataset
-from strnet.data.imageio import is_image_file, read_radiograph
+from strnet.data.imageio import dicom_identifiers, is_image_file, read_radiograph
 from strnet.data.manifest import normalize, who_label
 from strnet.errors import DataError
 from strnet.evaluation import predict_frame
@@ -32,6 +32,10 @@ from strnet.ood import STATUS_OK, STATUS_OOD, OODModel, extract_features, image_
 OUTPUT_COLUMNS = [
     "file",
     "side",
+    "study_instance_uid",
+    "sop_instance_uid",
+    "accession_number",
+    "laterality",
     "status",
     "error",
     "ood_score",
@@ -168,6 +172,10 @@ def predict_files(
         if col not in out.columns:
             out[col] = ""
     _radiograph_outputs(out, bundle.threshold)
+    # PACS identifiers, so a hospital can match every row back to its study and image
+    ids = {f: dicom_identifiers(f) for f in out["file"].unique()}
+    for key in ("study_instance_uid", "sop_instance_uid", "accession_number", "laterality"):
+        out[key] = [ids[f][key] for f in out["file"]]
     return out[OUTPUT_COLUMNS]
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
@@ -145,6 +146,12 @@ def test_predict_survives_broken_files(scenario, trained, tmp_path: Path) -> Non
     np.testing.assert_allclose(ok["radiograph_prob_bone_loss"].astype(float), film)
     assert ((ok["radiograph_flag_bone_loss"] == 1) == (film >= ok["threshold"])).all()
     assert (errors["radiograph_flag_bone_loss"] == "").all()
+    # PACS identifiers travel from the DICOM tags into every row of that file, and are empty for other files
+    for _, row in ok.iterrows():
+        ds = pydicom.dcmread(row["file"], stop_before_pixels=True)
+        assert (row["study_instance_uid"], row["sop_instance_uid"]) == (ds.StudyInstanceUID, ds.SOPInstanceUID)
+        assert (row["accession_number"], row["laterality"]) == (ds.AccessionNumber, ds.ImageLaterality)
+    assert (errors.loc[["truncated.jpg", "notes.txt"], "sop_instance_uid"] == "").all()
 
 
 def test_mlflow_holds_the_run(trained) -> None:  # type: ignore[no-untyped-def]

@@ -139,3 +139,27 @@ def dicom_laterality(path: str | Path) -> str:
         if value in ("R", "L"):
             return value
     return ""
+
+
+DICOM_IDENTIFIERS = {
+    "study_instance_uid": "StudyInstanceUID",
+    "sop_instance_uid": "SOPInstanceUID",
+    "accession_number": "AccessionNumber",
+}
+
+
+def dicom_identifiers(path: str | Path) -> dict[str, str]:
+    """The tags a hospital matches results back by (study, instance, accession, laterality); '' for each one a
+    file lacks, and all '' for a file that is not DICOM — so every output row has the same columns."""
+    empty = dict.fromkeys(DICOM_IDENTIFIERS, "") | {"laterality": ""}
+    p = Path(path)
+    if not p.is_file() or not _is_dicom(p):
+        return empty
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(p, stop_before_pixels=True)
+    except Exception:
+        return empty
+    out = {key: str(getattr(ds, tag, "") or "").strip() for key, tag in DICOM_IDENTIFIERS.items()}
+    return out | {"laterality": dicom_laterality(p)}
