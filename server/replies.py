@@ -59,7 +59,10 @@ class TrainingSites:
         )
         messages = [Message(content=content, message_type=kind, dst_node_id=n) for n in sorted(self.nodes)]
         out: dict[str, dict[str, np.ndarray]] = {}
-        for msg in self.grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout):
+        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout))
+        for node in sorted(set(self.nodes) - {msg.metadata.src_node_id for msg in replies}):
+            self.problem(f"{kind}: site {self.nodes[node]!r}: no reply (node lost or round timed out)")
+        for msg in replies:
             site = self.nodes.get(msg.metadata.src_node_id, f"<unknown node {msg.metadata.src_node_id}>")
             try:
                 out[site] = stats_arrays(reply_content(msg, site), site)

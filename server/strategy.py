@@ -90,6 +90,12 @@ class SiteFedAvg(FedAvg):
         if self._problem_sink is not None:
             self._problem_sink(text)
 
+    def _silent(self, server_round: int, step: str, replies: list[Message]) -> None:
+        """Name every training site that sent nothing back: a lost node times out silently in Flower."""
+        answered = {msg.metadata.src_node_id for msg in replies}
+        for node in sorted(set(self.train_nodes) - answered):
+            self._problem(server_round, step, SiteError(self.site_of(node), "no reply (node lost or round timed out)"))
+
     def _instruction(self, server_round: int, **values: Any) -> ConfigRecord:
         return ConfigRecord(
             {
@@ -196,11 +202,13 @@ class SiteFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         usable: list[tuple[str, dict[str, np.ndarray], dict[str, float], float]] = []
+        replies = list(replies)
         for msg in replies:
             try:
                 usable.append(self.check_train_reply(msg))
             except SiteError as exc:
                 self._problem(server_round, "train", exc)
+        self._silent(server_round, "train", replies)
         if len(usable) < self.quorum:
             raise QuorumError(
                 f"round {server_round}: {len(usable)} of {len(self.train_nodes)} training site(s) replied usably "
@@ -243,6 +251,8 @@ class SiteFedAvg(FedAvg):
         """
         th = self.threshold
         per_site: dict[str, ValidationCounts] = {}
+        replies = list(replies)
+        self._silent(server_round, "validation statistics", replies)
         for msg in replies:
             site = self.site_of(msg.metadata.src_node_id)
             try:

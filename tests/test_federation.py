@@ -125,6 +125,23 @@ def test_malformed_train_reply_is_named_and_quorum_enforced() -> None:
     assert "gamma" in str(info.value) and "num-examples" in str(info.value)
 
 
+def test_a_site_that_sends_nothing_is_named_and_the_quorum_decides() -> None:
+    """A killed node's messages time out silently in Flower: the round goes on without it while the quorum
+    holds, names it, and fails naming it below the quorum."""
+    reference = ArrayRecord({k: Array(v) for k, v in _state(0.0, 0).items()})
+    replies = [_train_reply(11, _state(1.0, 1), 5), _train_reply(33, _state(3.0, 1), 5)]  # beta lost
+    holds = _strategy(quorum=2)
+    list(holds.configure_train(4, reference, ConfigRecord(), grid=None))  # type: ignore[arg-type]
+    arrays, _ = holds.aggregate_train(4, replies)
+    assert arrays is not None and holds.problems == [
+        "round 4 train: site 'beta': no reply (node lost or round timed out)"
+    ]
+    below = _strategy(quorum=3)
+    list(below.configure_train(4, reference, ConfigRecord(), grid=None))  # type: ignore[arg-type]
+    with pytest.raises(QuorumError, match=r"2 of 3 .*quorum is 3.*'beta': no reply"):
+        below.aggregate_train(4, replies)
+
+
 def test_round_validation_counts_are_pooled_and_drive_the_recipe() -> None:
     strategy = _strategy(quorum=2, lr=0.01, plateau_patience=0, plateau_factor=0.5)
     reference = ArrayRecord({k: Array(v) for k, v in _state(0.0, 0).items()})
