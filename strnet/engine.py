@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import pickle
 import random
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from strnet.data.augment import AugmentParams
 from strnet.data.cache import PreprocessCache
 from strnet.data.dataset import KneeDataset, screening_pos_weight
 from strnet.data.preprocess import PreprocessParams
+from strnet.errors import DataError
 from strnet.losses import LossWeights, MultiTaskLoss
 from strnet.sufficient import histogram_ranking, score_histogram, screening_cases
 
@@ -467,7 +469,13 @@ def fit(
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     history: list[dict[str, float]] = []
     if resume and checkpoint_path is not None and checkpoint_path.exists():
-        ckpt = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        # weights_only: a checkpoint is data, never code — a tampered file fails to load instead of running
+        try:
+            ckpt = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise DataError(
+                checkpoint_path, f"not a plain-data checkpoint, refused ({str(exc).splitlines()[0]})"
+            ) from exc
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["schedule"])

@@ -169,7 +169,9 @@ class SiteRunner:
         t = self.cfg.train
         optimizer = build_optimizer(self.model, t)
         if optimizer_state is not None:
-            optimizer.load_state_dict(torch.load(io.BytesIO(optimizer_state), map_location=self.device))
+            optimizer.load_state_dict(
+                torch.load(io.BytesIO(optimizer_state), map_location=self.device, weights_only=True)
+            )
         set_learning_rate(optimizer, lr)
         train = self.splits["train"]
         loss_fn = MultiTaskLoss(pos_weight=class_weight(train, t), weights=self.cfg.loss).to(self.device)

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from configs import load_config
@@ -80,6 +81,27 @@ def test_same_seed_gives_same_metrics(scenario, trained, tmp_path: Path) -> None
     b = [h["train_loss_total"] for h in again.history]
     assert a == pytest.approx(b, rel=1e-6)
     assert again.threshold["value"] == first.threshold["value"]
+
+
+class _Payload:
+    """What a tampered checkpoint could carry: unpickling it would run code (here: create a file)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (Path.touch, (self.marker,))
+
+
+def test_a_tampered_checkpoint_is_refused_without_running_its_code(scenario, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg = tiny_config(tmp_path / "run", scenario.manifest, **{"train.epochs": "1"})
+    marker = tmp_path / "pwned"
+    checkpoint = Path(cfg.output_dir) / "checkpoint.pt"
+    checkpoint.parent.mkdir(parents=True)
+    torch.save({"model": {}, "epoch": 0, "history": [_Payload(marker)]}, checkpoint)
+    with pytest.raises(DataError, match=r"checkpoint\.pt.*not a plain-data checkpoint"):
+        run_centralized(cfg, resume=True, progress=False)
+    assert not marker.exists()
 
 
 def test_resume_continues_from_checkpoint(scenario, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
