@@ -17,6 +17,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.kept import KeptState, load_run_config, save_run_config
 from client.site import site_for_node
 from configs.schema import Config, config_from_dict
 from strnet.calibration import Platt, PlattStats
@@ -54,15 +55,33 @@ def _config(message: Message, context: Context) -> Config:
     """The run's configuration: taken from a site-info query, else the copy this node kept from it."""
     instruction = message.content[Key.CONFIG]
     check_version(instruction.get(Field.VERSION), "server")
+    node_cache = context.node_config.get("cache-dir")  # a deployed node's own folder (site.yaml)
     if Field.CONFIG_JSON in instruction:
         text = str(instruction[Field.CONFIG_JSON])
-        context.state[RUN_STATE] = ConfigRecord({Field.CONFIG_JSON: text, Field.CONFIG_DIGEST: config_digest(text)})
+        _keep_config(context, text, str(instruction.get(Field.FEDERATION_ID, "")))
+        if node_cache:
+            save_run_config(str(node_cache), config_digest(text), text, str(instruction.get(Field.FEDERATION_ID, "")))
+    elif RUN_STATE not in context.state and node_cache and Field.CONFIG_DIGEST in instruction:
+        # this node was restarted mid-run: it takes the run up again from what it kept of the site-info query
+        found = load_run_config(str(node_cache), str(instruction[Field.CONFIG_DIGEST]))
+        if found is not None:
+            _keep_config(context, *found)
     kept = context.state.get(RUN_STATE)
     if kept is None:
         raise ConfigError("this node has no configuration for the run: the server's site-info query never reached it")
     if instruction.get(Field.CONFIG_DIGEST, kept[Field.CONFIG_DIGEST]) != kept[Field.CONFIG_DIGEST]:
         raise ConfigError("the server's configuration digest differs from the one this node received")
     return config_from_dict(json.loads(str(kept[Field.CONFIG_JSON])))
+
+
+def _keep_config(context: Context, config_json: str, federation_id: str) -> None:
+    context.state[RUN_STATE] = ConfigRecord(
+        {
+            Field.CONFIG_JSON: config_json,
+            Field.CONFIG_DIGEST: config_digest(config_json),
+            Field.FEDERATION_ID: federation_id,
+        }
+    )
 
 
 def runner_for(message: Message, context: Context) -> SiteRunner:
@@ -75,6 +94,13 @@ def runner_for(message: Message, context: Context) -> SiteRunner:
         torch.set_num_threads(node.threads)
     device = resolve_device(node.device) if node.device is not None else None
     return SiteRunner(cfg, node.name, node.manifest, role=node.role, device=device)
+
+
+def _kept(context: Context, runner: SiteRunner) -> KeptState | None:
+    """This site's state on disk for the federation (what survives a resume), if the server named one."""
+    run = context.state.get(RUN_STATE)
+    federation_id = str(run.get(Field.FEDERATION_ID, "")) if run is not None else ""
+    return KeptState(runner.cfg.data.cache_dir, federation_id, runner.site) if federation_id else None
 
 
 def _reply(message: Message, runner: SiteRunner, **records: ArrayRecord | MetricRecord) -> Message:
@@ -98,10 +124,18 @@ def _weights(
     if not missing:
         return weights
     instruction = message.content[Key.CONFIG]
-    kept = context.state.get(_bn_key(int(instruction.get(Field.SERVER_ROUND, -1)))) or context.state.get(BN_LATEST)
-    if kept is None:
+    server_round = int(instruction.get(Field.SERVER_ROUND, -1))
+    kept = context.state.get(_bn_key(server_round)) or context.state.get(BN_LATEST)
+    if kept is not None:
+        return weights | kept.to_torch_state_dict()
+    # a resumed federation: this run has not trained yet; training continues from the round before
+    store = _kept(context, runner)
+    on_disk = (
+        store.batchnorm(server_round, before=message.metadata.message_type == MessageKind.TRAIN) if store else None
+    )
+    if on_disk is None:
         raise ConfigError(f"site {runner.site}: FedBN weights without BatchNorm tensors, and none kept at this site")
-    return weights | kept.to_torch_state_dict()
+    return weights | on_disk
 
 
 def _bn_key(server_round: int) -> str:
@@ -121,21 +155,29 @@ def train(message: Message, context: Context) -> Message:
     instruction = message.content[Key.CONFIG]
     server_round = int(instruction[Field.SERVER_ROUND])
     keep = runner.cfg.federation.keep_optimizer_state
+    store = _kept(context, runner)
     kept = context.state.get(OPTIMIZER_STATE) if keep else None
+    optimizer_state = bytes(kept["state"]) if kept is not None else None
+    if keep and optimizer_state is None and store is not None and server_round > 1:  # a resumed federation
+        optimizer_state = store.optimizer(server_round - 1)
     new_state, metrics, n, optimizer = runner.train(
         _weights(message, context, runner),
         lr=float(instruction[Field.LEARNING_RATE]),
         server_round=server_round,
-        optimizer_state=bytes(kept["state"]) if kept is not None else None,
+        optimizer_state=optimizer_state,
         proximal_mu=float(instruction.get(Field.PROXIMAL_MU, 0.0)),
     )
     if keep:  # AdamW moments are local state: they stay at the site, never in a reply
         context.state[OPTIMIZER_STATE] = ConfigRecord({"state": optimizer, Field.SERVER_ROUND: server_round})
+        if store is not None:
+            store.save_optimizer(optimizer, server_round)
     if runner.cfg.federation.strategy == "fedbn":  # BatchNorm tensors stay here (FedBN)
         local = batchnorm_keys(runner.model)
         kept = ArrayRecord({k: v for k, v in new_state.items() if k in local})
         context.state[_bn_key(server_round)] = kept
         context.state[BN_LATEST] = kept
+        if store is not None:
+            store.save_batchnorm({k: v for k, v in new_state.items() if k in local}, server_round)
         new_state = {k: v for k, v in new_state.items() if k not in local}
     return _reply(
         message,
@@ -150,9 +192,15 @@ def batchnorm(message: Message, context: Context) -> Message:
     runner = runner_for(message, context)
     server_round = int(message.content[Key.CONFIG][Field.SERVER_ROUND])
     kept = context.state.get(_bn_key(server_round))
-    if kept is None:
+    store = _kept(context, runner)
+    if kept is not None:
+        tensors = {k: v.numpy() for k, v in kept.items()}
+    else:  # a resumed federation: the round was trained by the run before
+        on_disk = store.batchnorm(server_round) if store is not None else None
+        tensors = {k: v.numpy() for k, v in (on_disk or {}).items()}
+    if not tensors:
         raise ConfigError(f"site {runner.site}: no BatchNorm tensors kept for round {server_round}")
-    values = {k: v.numpy() for k, v in kept.items()} | {WEIGHT: np.array([len(runner.splits["train"])], np.int64)}
+    values = tensors | {WEIGHT: np.array([len(runner.splits["train"])], np.int64)}
     return _reply(message, runner, **{Key.STATS: _arrays(values)})
 
 

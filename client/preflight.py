@@ -38,8 +38,8 @@ from strnet.errors import StrnetError
 PASS, WARN, FAIL = "pass", "warn", "fail"
 # Up to this share of undecodable images is a warning (training drops them, with reasons); above it, a failure.
 MAX_BAD_IMAGE_SHARE = 0.05
-# Free space asked of the cache: one float32 knee at the paper's 512² per row, plus 10 %.
-CACHE_BYTES_PER_ROW = 512 * 512 * 4 * 1.1
+# Free space asked of the cache: one uint16 knee (the cache format) at the paper's 512² per row, plus 10 %.
+CACHE_BYTES_PER_ROW = 512 * 512 * 2 * 1.1
 LISTED_FAILURES = 10
 
 

@@ -39,7 +39,8 @@ def config_from_run_config(run_config: dict[str, Any]) -> Config:
 def main(grid: Grid, context: Context) -> None:
     cfg = config_from_run_config(dict(context.run_config))
     tracker = Tracker(uri=cfg.tracking.uri, experiment=cfg.tracking.experiment, enabled=cfg.tracking.enabled)
-    result = run_federated(grid, cfg, tracker=tracker)
+    resume = str(context.run_config.get("resume", False)).lower() in ("true", "1", "yes")
+    result = run_federated(grid, cfg, tracker=tracker, resume=resume)
     m = result.metrics
     log(
         INFO,

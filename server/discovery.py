@@ -26,14 +26,19 @@ class SiteNode:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def discover_sites(grid: Grid, cfg: Config, config_json: str, problem: Callable[[str], None]) -> dict[int, SiteNode]:
-    """Send every connected node the run's configuration and ask which site it plays; enforce the quorum."""
+def discover_sites(
+    grid: Grid, cfg: Config, config_json: str, problem: Callable[[str], None], *, federation_id: str = ""
+) -> dict[int, SiteNode]:
+    """Send every connected node the run's configuration (and the federation id a resume carries over) and ask
+    which site it plays; enforce the quorum."""
     expected = len(cfg.federation.sites)
     deadline = time.monotonic() + cfg.federation.round_timeout
     while len(nodes := sorted(grid.get_node_ids())) < expected and time.monotonic() < deadline:
         log(INFO, "waiting for nodes: %d of %d connected", len(nodes), expected)
         time.sleep(1.0)
-    record = ConfigRecord({Field.VERSION: PROTOCOL_VERSION, Field.CONFIG_JSON: config_json})
+    record = ConfigRecord(
+        {Field.VERSION: PROTOCOL_VERSION, Field.CONFIG_JSON: config_json, Field.FEDERATION_ID: federation_id}
+    )
     messages = [
         Message(content=RecordDict({Key.CONFIG: record}), message_type=MessageKind.SITE_INFO, dst_node_id=n)
         for n in nodes

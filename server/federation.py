@@ -7,6 +7,7 @@ Everything after the Grid is plain Python, testable in-process with a Grid stand
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ from flwr.serverapp import Grid
 
 from configs.schema import Config
 from server.calibration import calibrated_validation_counts, pooled_calibration
+from server.checkpoint import RoundCheckpoint
 from server.discovery import discover_sites
 from server.frozen import frozen_evaluation
 from server.ood import pooled_ood
@@ -62,13 +64,25 @@ def gather_batchnorm(sites: TrainingSites, arrays: ArrayRecord, best_round: int,
 
 
 def run_federated(
-    grid: Grid, cfg: Config, *, tracker: Tracker | None = None, tags: dict[str, str] | None = None
+    grid: Grid,
+    cfg: Config,
+    *,
+    tracker: Tracker | None = None,
+    tags: dict[str, str] | None = None,
+    resume: bool = False,
 ) -> RunResult:
+    """The whole federated run; ``resume`` continues from ``<output_dir>/federation-checkpoint.pt`` (the last
+    completed round of a stopped run with the same configuration) and reaches the same final weights."""
     fed, th = cfg.federation, cfg.threshold
-    with Run(cfg, mode="federated", tracker=tracker, tags={"strategy": fed.strategy, **(tags or {})}) as run:
-        config_json = json.dumps(cfg.to_dict())
-        digest = config_digest(config_json)
-        nodes = discover_sites(grid, cfg, config_json, run.problem)
+    config_json = json.dumps(cfg.to_dict())
+    digest = config_digest(config_json)
+    checkpoint = RoundCheckpoint.load(cfg.output_dir, config_digest=digest) if resume else None
+    federation_id = checkpoint.federation_id if checkpoint is not None else uuid.uuid4().hex
+    run_tags = {"strategy": fed.strategy, "federation_id": federation_id, **(tags or {})}
+    if checkpoint is not None:
+        run_tags["resumed_from_round"] = str(checkpoint.server_round)
+    with Run(cfg, mode="federated", tracker=tracker, tags=run_tags) as run:
+        nodes = discover_sites(grid, cfg, config_json, run.problem, federation_id=federation_id)
         roles = {e.site: e.role for e in nodes.values()}
         site_table = {e.site: {"role": e.role, "node_id": n, **e.counts} for n, e in nodes.items()}
         train_nodes = {n: e.site for n, e in nodes.items() if e.role == "train"}
@@ -88,7 +102,28 @@ def run_federated(
             problem=run.problem,
             local_keys=bn_keys,
         )
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(state), num_rounds=fed.rounds, timeout=fed.round_timeout)
+        arrays, start_round, finished = ArrayRecord(state), 1, False
+        if checkpoint is not None:
+            strategy.load_state_dict(checkpoint.strategy)
+            arrays, start_round, finished = checkpoint.arrays, checkpoint.server_round + 1, checkpoint.finished
+            run.problems.extend(strategy.problems)
+            for row in checkpoint.history:  # the resumed run's record holds the whole curve
+                run.log_step(int(row["step"]), {k: v for k, v in row.items() if k != "step"})
+
+        def save(server_round: int, arrays: ArrayRecord, finished: bool) -> None:
+            RoundCheckpoint(
+                server_round, federation_id, digest, arrays, strategy.state_dict(), run.history, finished
+            ).save(cfg.output_dir)
+
+        if not finished:
+            strategy.start(
+                grid=grid,
+                initial_arrays=arrays,
+                num_rounds=fed.rounds,
+                timeout=fed.round_timeout,
+                start_round=start_round,
+                on_round_end=save,
+            )
         if strategy.best_round is None or strategy.best_arrays is None:
             raise QuorumError(
                 f"no round produced pooled validation statistics (quorum {fed.quorum}): " + "; ".join(strategy.problems)
@@ -123,6 +158,8 @@ def run_federated(
         val_counts, test_counts = pooled("val"), pooled("test")
         training: dict[str, Any] = {
             "rounds_run": strategy.rounds_run,
+            "resumed_from_round": checkpoint.server_round if checkpoint is not None else None,
+            "federation_id": federation_id,
             "stopped_early": strategy.rounds_run < fed.rounds,
             "best_score": strategy.schedule.best_score,
             "quorum": fed.quorum,

@@ -29,7 +29,7 @@ from server.pooled import QuorumError, pool, weighted_average
 from server.replies import reply_content, stats_arrays
 from strnet.engine import RecipeSchedule, history_row, with_site_auroc
 from strnet.errors import SiteError
-from strnet.protocol import PROTOCOL_VERSION, WEIGHT, Field, Key, MessageKind, decode_validation
+from strnet.protocol import PROTOCOL_VERSION, WEIGHT, Field, Key, MessageKind, decode_validation, encode
 from strnet.sufficient import ValidationCounts
 
 
@@ -77,6 +77,39 @@ class SiteFedAvg(FedAvg):
         self._global: ArrayRecord | None = None
         self.last_average: dict[str, np.ndarray] = {}
 
+    # The server optimizer's state in Flower's FedAvgM (current_arrays, momentum_vector) and FedOpt/FedAdam
+    # (current_arrays, m_t, v_t): what a resumed run must restore to take the same steps.
+    SERVER_OPTIMIZER_STATE = ("current_arrays", "momentum_vector", "m_t", "v_t")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the next round depends on, as plain data (see :mod:`server.checkpoint`)."""
+        return {
+            "schedule": self.schedule.state_dict(),
+            "rounds_run": self.rounds_run,
+            "best_round": -1 if self.best_round is None else self.best_round,
+            "best_arrays": self.best_arrays,
+            "round_pooled": {str(r): encode(c) for r, c in self.round_pooled.items()},
+            "round_sites": {str(r): v for r, v in self.round_sites.items()},
+            "problems": list(self.problems),
+            "server_optimizer": {k: getattr(self, k) for k in self.SERVER_OPTIMIZER_STATE if hasattr(self, k)},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        th = self.threshold
+        self.schedule.load_state_dict(state["schedule"])
+        self._lr = self.schedule.lr
+        self.rounds_run = int(state["rounds_run"])
+        self.best_round = None if int(state["best_round"]) < 0 else int(state["best_round"])
+        self.best_arrays = state["best_arrays"]
+        self.round_pooled = {
+            int(r): decode_validation("checkpoint", c, n_bins=th.histogram_bins, n_grid=len(th.grid()))
+            for r, c in state["round_pooled"].items()
+        }
+        self.round_sites = {int(r): list(v) for r, v in state["round_sites"].items()}
+        self.problems = list(state["problems"])
+        for key, value in state["server_optimizer"].items():
+            setattr(self, key, value)
+
     def summary(self) -> None:
         super().summary()
         log(INFO, "\t└──> Training sites: %s (quorum %d)", ", ".join(sorted(self.train_nodes.values())), self.quorum)
@@ -123,13 +156,19 @@ class SiteFedAvg(FedAvg):
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        *,
+        start_round: int = 1,
+        on_round_end: Callable[[int, ArrayRecord, bool], None] | None = None,
     ) -> Result:
-        """Flower's round loop (train, then pooled validation), ended early by the recipe's early stopping."""
+        """Flower's round loop (train, then pooled validation), ended early by the recipe's early stopping.
+
+        ``start_round`` > 1 continues a run restored with :meth:`load_state_dict` from ``initial_arrays``;
+        ``on_round_end(round, arrays, finished)`` follows every completed round (the checkpoint)."""
         self.summary()
         result = Result()
         arrays = initial_arrays
         t0 = time.time()
-        for server_round in range(1, num_rounds + 1):
+        for server_round in range(start_round, num_rounds + 1):
             log(INFO, "[ROUND %s/%s] lr %.3g", server_round, num_rounds, self.schedule.lr)
             replies = grid.send_and_receive(
                 self.configure_train(server_round, arrays, train_config or ConfigRecord(), grid), timeout=timeout
@@ -147,7 +186,10 @@ class SiteFedAvg(FedAvg):
             if val_metrics is not None:
                 result.evaluate_metrics_clientapp[server_round] = val_metrics
             self.rounds_run = server_round
-            if self.schedule.should_stop:
+            stop = self.schedule.should_stop
+            if on_round_end is not None:
+                on_round_end(server_round, arrays, stop or server_round == num_rounds)
+            if stop:
                 log(INFO, "early stop after round %d: no better pooled validation %s", server_round, self.monitor)
                 break
         log(INFO, "%d round(s) in %.0f s; kept round %s", self.rounds_run, time.time() - t0, self.best_round)

@@ -62,6 +62,7 @@ class Field:
     VERSION = "protocol-version"
     CONFIG_JSON = "config-json"
     CONFIG_DIGEST = "config-digest"
+    FEDERATION_ID = "federation-id"  # names a federation across a resume; sites key their kept state by it
     SERVER_ROUND = "server-round"
     LEARNING_RATE = "lr"
     PROXIMAL_MU = "proximal-mu"  # FedProx (Flower's key): weight of the proximal term in a site's loss

@@ -1,15 +1,20 @@
-"""A real deployment on loopback: TLS, node authentication, three SuperNodes as separate processes, `flwr run`.
+"""A real deployment on loopback: TLS, node authentication, SuperNodes as separate processes, `flwr run`.
 
-Certificates and keys are made on the fly with the `strnet deploy` functions; every site sees only its own
-manifest through its `site.yaml`; an unregistered node is refused; every process is stopped by its PID.
+One SuperLink serves every scenario (a module fixture): the end-to-end run, an unregistered node, a node lost
+mid-round with the quorum holding (and coming back), and one lost below the quorum. Certificates and keys are
+made on the fly with the `strnet deploy` functions; every site sees only its own manifest through its
+`site.yaml`; every process is stopped by its PID. Rounds time out after 20 s instead of Flower's 60 s heartbeat.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -17,11 +22,11 @@ import pytest
 import yaml
 
 from client.node import keygen, start_supernode
-from configs.schema import load_config
+from configs.schema import Config, load_config
 from server.deploy import (
     BIN,
     CONNECTION,
-    Certificates,
+    SuperLink,
     make_certificates,
     node_public_keys,
     register_keys,
@@ -33,8 +38,12 @@ from simulations.flower_sim import REPO
 from simulations.scenario import build_synthetic_scenario
 from strnet.deployment import Handout, load_site_file
 
+pytestmark = pytest.mark.slow
+
 REFUSED_EXIT = 305  # the exit code flower-supernode logs when the SuperLink does not know its key (flwr 1.42;
 # the process itself exits 1)
+SITES = {"stage1": "train", "hospital": "train", "stage2": "external"}
+ROUND_TIMEOUT = 20
 
 
 def free_port() -> int:
@@ -56,117 +65,183 @@ def live_group_members(pgid: int) -> list[int]:
     return live
 
 
-def site_file(folder: Path, site: str, manifest: Path, link_port: int, certs: Certificates, key: Path) -> Path:
-    path = folder / f"{site}.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "site_id": site,
-                "manifest": str(manifest),
-                "superlink": f"127.0.0.1:{link_port}",
-                "ca_cert": str(certs.ca_cert),
-                "private_key": str(key),
-                "handout": str(folder / "handout.json"),
-                "cache_dir": str(folder / f"cache-{site}"),
-                "device": "cpu",
-                "threads": 1,
-            }
+@dataclass
+class Federation:
+    root: Path
+    link: SuperLink
+    site_files: dict[str, Path]
+    manifests: dict[str, Path]
+    nodes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    started: list[subprocess.Popen] = field(default_factory=list)
+
+    def start_node(self, site: str) -> subprocess.Popen:
+        proc = start_supernode(
+            load_site_file(self.site_files[site]), workdir=self.root / "sites" / site / "run", port=free_port()
         )
-    )
+        self.nodes[site] = proc
+        self.started.append(proc)
+        return proc
+
+    def log(self, site: str) -> Path:
+        return self.root / "sites" / site / "run" / "supernode.log"
+
+    def config(self, name: str, *overrides: str) -> tuple[Config, Path]:
+        federation = [{"name": s, "role": r, "manifest": str(self.manifests[s])} for s, r in SITES.items()]
+        cfg = load_config(
+            "demo",
+            [
+                "model.backbone=tiny",
+                "preprocess.size=32",
+                "train.batch_size=8",
+                "train.precision=fp32",
+                "federation.rounds=2",
+                "federation.quorum=2",
+                f"federation.round_timeout={ROUND_TIMEOUT}",
+                "tscore.rounds=1",  # each message starts a ClientApp process (~4 s) in deployment: keep them few
+                f"federation.sites={json.dumps(federation)}",
+                f"output_dir={json.dumps(str(self.root / name))}",
+                f"tracking.uri={json.dumps('sqlite:///' + str(self.root / 'mlflow.db'))}",
+                f"tracking.experiment={name}",
+                *overrides,
+            ],
+        )
+        path = self.root / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg.to_dict()))
+        return cfg, path
+
+    def run(self, config_path: Path) -> subprocess.Popen:
+        return subprocess.Popen(
+            [str(BIN / "flwr"), "run", str(REPO), CONNECTION, "--run-config", f'config="{config_path}"', "--stream"],
+            env=self.link.env(),
+            cwd=self.link.state,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+
+def site_file(folder: Path, site: str, manifest: Path, port: int, ca_cert: Path, key: Path) -> Path:
+    path = folder / "site.yaml"
+    values = {
+        "site_id": site,
+        "manifest": str(manifest),
+        "superlink": f"127.0.0.1:{port}",
+        "ca_cert": str(ca_cert),
+        "private_key": str(key),
+        "handout": str(folder / "handout.json"),
+        "cache_dir": str(folder / "cache"),
+        "device": "cpu",
+        "threads": 1,
+    }
+    path.write_text(yaml.safe_dump(values))
     return path
 
 
-@pytest.mark.slow
-def test_tls_authenticated_deployment_end_to_end(tmp_path: Path) -> None:
-    t0 = time.perf_counter()
-    scenario = build_synthetic_scenario(tmp_path / "data", seed=42, n_patients=20, image_size=64)
-    m = scenario.site_manifests
-    sites = {"stage1": "train", "hospital": "train", "stage2": "external"}
-    certs = make_certificates(tmp_path / "certs", ["localhost"])
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    root = tmp_path_factory.mktemp("deployment")
+    manifests = build_synthetic_scenario(root / "data", seed=42, n_patients=20, image_size=48).site_manifests
+    certs = make_certificates(root / "certs", ["localhost"])
     assert certs.ca_key.stat().st_mode & 0o777 == 0o600 and certs.server_key.stat().st_mode & 0o777 == 0o600
-
-    keys_dir, site_dir = tmp_path / "node-keys", tmp_path / "sites"
+    keys_dir = root / "node-keys"
     keys_dir.mkdir()
     private_keys = {}
-    for site in [*sites, "intruder"]:
-        private, public, _ = keygen(site, site_dir / site)
+    for site in [*SITES, "intruder"]:
+        private, public, _ = keygen(site, root / "sites" / site)
         assert private.stat().st_mode & 0o777 == 0o600
         if site != "intruder":  # only public keys travel to the coordinator
             (keys_dir / public.name).write_bytes(public.read_bytes())
         private_keys[site] = private
-
-    db = tmp_path / "mlflow.db"
-    federation = [{"name": s, "role": r, "manifest": str(m[s])} for s, r in sites.items()]
-    cfg = load_config(
-        "demo",
-        [
-            "model.backbone=tiny",
-            "preprocess.size=32",
-            "train.batch_size=8",
-            "train.precision=fp32",
-            "federation.rounds=2",
-            "federation.quorum=2",
-            "tscore.rounds=1",  # each message starts a ClientApp process (~4 s) in deployment: keep them few
-            f"federation.sites={json.dumps(federation)}",
-            f"output_dir={json.dumps(str(tmp_path / 'run'))}",
-            f"tracking.uri={json.dumps(f'sqlite:///{db}')}",
-            "tracking.experiment=deploy-e2e",
-        ],
-    )
-    config_path = tmp_path / "federated.yaml"
-    config_path.write_text(yaml.safe_dump(cfg.to_dict()))
-
     port = free_port()
-    link = start_superlink(tmp_path / "superlink", port=port, certs=certs, host="127.0.0.1")
-    nodes: dict[str, subprocess.Popen] = {}
+    link = start_superlink(root / "superlink", port=port, certs=certs, host="127.0.0.1")
+    fed = Federation(root, link, {}, {**manifests, "intruder": manifests["stage1"]})
     try:
         fingerprints = register_keys(link, node_public_keys(keys_dir))
-        handout = write_handout(
-            site_dir / "handout.json", address=link.address, ca_cert=certs.ca_cert, fingerprints=fingerprints
-        )
-        assert set(Handout.read(site_dir / "handout.json").fingerprints) == set(sites) == set(handout.fingerprints)
-
-        for site in [*sites, "intruder"]:
-            manifest = m[site] if site in m else m["stage1"]
-            path = site_file(
-                site_dir / site, site if site != "intruder" else "stage1", manifest, port, certs, private_keys[site]
+        write_handout(root / "handout.json", address=link.address, ca_cert=certs.ca_cert, fingerprints=fingerprints)
+        assert set(Handout.read(root / "handout.json").fingerprints) == set(SITES)
+        for site in [*SITES, "intruder"]:
+            folder = root / "sites" / site
+            (folder / "handout.json").write_bytes((root / "handout.json").read_bytes())
+            # the intruder claims to be stage1, with a key the coordinator never registered
+            fed.site_files[site] = site_file(
+                folder,
+                "stage1" if site == "intruder" else site,
+                fed.manifests[site],
+                port,
+                certs.ca_cert,
+                private_keys[site],
             )
-            (site_dir / site / "handout.json").write_bytes((site_dir / "handout.json").read_bytes())
-            nodes[site] = start_supernode(load_site_file(path), workdir=site_dir / site / "run", port=free_port())
-
-        # the intruder's key was never registered: the SuperLink refuses it and its node exits
-        assert nodes["intruder"].wait(timeout=90) != 0
-        refusal = (site_dir / "intruder" / "run" / "supernode.log").read_text()
-        assert f"Exit Code: {REFUSED_EXIT}" in refusal and "Failed to activate SuperNode" in refusal
-
-        run = subprocess.run(
-            [str(BIN / "flwr"), "run", str(REPO), CONNECTION, "--run-config", f'config="{config_path}"', "--stream"],
-            env=link.env(),
-            cwd=link.state,
-            capture_output=True,
-            text=True,
-            timeout=420,
-        )
-        log = run.stdout + run.stderr
-        assert run.returncode == 0, log[-4000:]
+        for site in SITES:
+            fed.start_node(site)
+        yield fed
     finally:
-        for proc in nodes.values():
+        for proc in fed.started:
             stop_process_group(proc)
         link.stop()
+    for proc in [*fed.started, link.proc]:
+        assert live_group_members(proc.pid) == [], proc.args[0]
 
+
+def wait_for(path: Path, text: str, count: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and path.read_text().count(text) >= count:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{path}: {text!r} not seen {count} time(s) in {timeout:.0f} s")
+
+
+def test_an_unregistered_node_is_refused(federation: Federation) -> None:
+    intruder = federation.start_node("intruder")
+    assert intruder.wait(timeout=90) != 0
+    refusal = federation.log("intruder").read_text()
+    assert f"Exit Code: {REFUSED_EXIT}" in refusal and "Failed to activate SuperNode" in refusal
+
+
+def test_tls_authenticated_deployment_end_to_end(federation: Federation) -> None:
+    t0 = time.perf_counter()
+    cfg, path = federation.config("e2e")
+    run = federation.run(path)
+    log, _ = run.communicate(timeout=420)
+    # flwr 1.42's `flwr run --stream` exits 0 even when the ServerApp raised: read its log too
+    assert run.returncode == 0 and "ServerApp raised an exception" not in log, log[-4000:]
     bundle = Path(cfg.output_dir) / "bundle"
-    assert (bundle / "metadata.json").is_file(), (
-        log[-4000:] + (tmp_path / "superlink" / "superlink.log").read_text()[-4000:]
-    )
+    assert (bundle / "metadata.json").is_file(), log[-4000:]
     meta = json.loads((bundle / "metadata.json").read_text())
     assert meta["training"]["mode"] == "federated"
     assert meta["threshold"]["sites"] == ["hospital", "stage1"]
-    # each site preprocessed into the cache its site.yaml names, not the run config's
-    for site in sites:
-        assert any((site_dir / site / f"cache-{site}").rglob("*")), site
-    mlflow.set_tracking_uri(f"sqlite:///{db}")
-    runs = mlflow.search_runs(experiment_names=["deploy-e2e"])
+    for site in SITES:  # each site preprocessed into the cache its site.yaml names, not the run config's
+        assert any((federation.root / "sites" / site / "cache").rglob("*.npy")), site
+    mlflow.set_tracking_uri(f"sqlite:///{federation.root / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["e2e"])
     assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
-    for proc in [*nodes.values(), link.proc]:
-        assert live_group_members(proc.pid) == [], proc.args[0]
     print(f"deployment end to end: {time.perf_counter() - t0:.1f} s")
+
+
+def test_a_node_lost_mid_round_is_named_and_rejoins_while_the_quorum_holds(federation: Federation) -> None:
+    cfg, path = federation.config("lost-node", "federation.quorum=1", "tscore.rounds=0")
+    seen = federation.log("hospital").read_text().count("Receiving: train")
+    run = federation.run(path)
+    wait_for(federation.log("hospital"), "Receiving: train", seen + 1)
+    stop_process_group(federation.nodes["hospital"])  # killed while it trains round 1
+    federation.start_node("hospital")  # and back: the same key, so the same node, for round 2
+    log, _ = run.communicate(timeout=420)
+    assert run.returncode == 0 and "ServerApp raised an exception" not in log, log[-4000:]
+    problems = json.loads((Path(cfg.output_dir) / "summary.json").read_text())["problems"]
+    assert "round 1 train: site 'hospital': no reply (node lost or round timed out)" in problems, problems
+    assert not [p for p in problems if p.startswith("round 2") and "hospital" in p], problems  # it rejoined
+
+
+def test_a_node_lost_below_the_quorum_fails_the_run_naming_it(federation: Federation) -> None:
+    _, path = federation.config("below-quorum", "tscore.rounds=0")
+    seen = federation.log("hospital").read_text().count("Receiving: train")
+    run = federation.run(path)
+    wait_for(federation.log("hospital"), "Receiving: train", seen + 1)
+    federation.nodes["hospital"].send_signal(signal.SIGKILL)
+    stop_process_group(federation.nodes["hospital"])
+    try:
+        log, _ = run.communicate(timeout=300)
+    finally:
+        federation.start_node("hospital")
+    assert "ServerApp raised an exception" in log and "QuorumError" in log, log[-4000:]
+    assert "quorum is 2" in log and "site 'hospital': no reply" in log, log[-4000:]

@@ -10,6 +10,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import roc_auc_score
@@ -28,6 +29,7 @@ from strnet.calibration import fit_platt_to_logits
 from strnet.data.cache import PreprocessCache
 from strnet.data.manifest import read_manifest
 from strnet.engine import RecipeSchedule, TrainParams
+from strnet.errors import ConfigError, DataError
 from strnet.evaluation import predict_frame
 from strnet.protocol import PROTOCOL_VERSION, Field, Key, MessageKind, encode
 from strnet.sufficient import ValidationCounts
@@ -457,3 +459,80 @@ def test_server_optimizers_leave_batchnorm_statistics_to_the_plain_average() -> 
         out = {k: v.numpy() for k, v in new.items()}  # type: ignore[union-attr]
         np.testing.assert_allclose(out["bn.running_var"], 0.35, rtol=1e-6)  # the weighted average, not a step
         assert not np.allclose(out["w"], 0.35)  # the parameters did take the server optimizer's step
+
+
+class ServerStopped(Exception):
+    """Stands in for a SuperLink or ServerApp that dies: raised when round ``stop_at``'s training is sent."""
+
+
+class StoppingGrid(InProcessGrid):
+    def __init__(self, n_nodes: int, stop_at: int) -> None:
+        super().__init__(n_nodes)
+        self.stop_at = stop_at
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        messages = list(messages)
+        if any(
+            m.metadata.message_type == MessageKind.TRAIN
+            and int(m.content[Key.CONFIG][Field.SERVER_ROUND]) == self.stop_at
+            for m in messages
+        ):
+            # the sites train round stop_at (their state moves on), then the server dies before recording it
+            super().send_and_receive(messages, timeout=timeout)
+            raise ServerStopped(f"server stopped during round {self.stop_at}")
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+@pytest.mark.parametrize("strategy", ["fedavgm", "fedbn"])
+def test_a_stopped_federation_resumes_to_the_same_final_weights(scenario, tmp_path: Path, strategy: str) -> None:
+    """Server momentum (FedAvgM) or site BatchNorm (FedBN), AdamW moments kept at the sites, the recipe's
+    schedule and the pooled history all survive a stop; the resumed run is a new Flower run (fresh node state)."""
+    extra = [f"federation.strategy={strategy}", "federation.rounds=3", "tracking.enabled=false", "tscore.rounds=2"]
+    full = load_config("demo", [*_overrides(scenario, tmp_path / "full"), *extra])
+    run_federated(InProcessGrid(3), full)  # type: ignore[arg-type]
+
+    cfg = load_config("demo", [*_overrides(scenario, tmp_path / "stopped"), *extra])
+    with pytest.raises(ServerStopped):
+        run_federated(StoppingGrid(3, stop_at=3), cfg)  # type: ignore[arg-type]
+    checkpoint = torch.load(Path(cfg.output_dir) / "federation-checkpoint.pt", weights_only=True)
+    assert checkpoint["server_round"] == 2 and not checkpoint["finished"]
+    resumed = run_federated(InProcessGrid(3), cfg, resume=True)  # type: ignore[arg-type]
+
+    # the last round's global weights (whatever round is kept) and the bundles are identical
+    last = [torch.load(Path(c.output_dir) / "federation-checkpoint.pt", weights_only=True) for c in (full, cfg)]
+    assert last[0]["server_round"] == last[1]["server_round"] == 3 and last[1]["finished"]
+    ga, gb = (c["arrays"]["__arrayrecord__"] for c in last)
+    assert set(ga) == set(gb) and all(torch.equal(ga[k], gb[k]) for k in ga)
+    a = load_bundle(Path(full.output_dir) / "bundle")
+    b = load_bundle(Path(cfg.output_dir) / "bundle")
+    wa, wb = a.model.state_dict(), b.model.state_dict()
+    assert set(wa) == set(wb)
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+    assert a.threshold == b.threshold
+    assert [r["step"] for r in resumed.history] == [1.0, 2.0, 3.0]
+    assert (
+        json.loads((Path(cfg.output_dir) / "bundle" / "metadata.json").read_text())["training"]["resumed_from_round"]
+        == 2
+    )
+
+
+def test_resume_refuses_another_configuration_and_a_tampered_checkpoint(scenario, tmp_path: Path) -> None:
+    extra = ["federation.rounds=1", "tracking.enabled=false", "tscore.rounds=0"]
+    cfg = load_config("demo", [*_overrides(scenario, tmp_path), *extra])
+    with pytest.raises(ConfigError, match="no federation checkpoint"):
+        run_federated(InProcessGrid(3), cfg, resume=True)  # type: ignore[arg-type]
+    run_federated(InProcessGrid(3), cfg)  # type: ignore[arg-type]
+    other = load_config("demo", [*_overrides(scenario, tmp_path), *extra, "train.lr=0.5"])
+    with pytest.raises(ConfigError, match="another configuration"):
+        run_federated(InProcessGrid(3), other, resume=True)  # type: ignore[arg-type]
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            return (Path.touch, (marker,))
+
+    torch.save({"format": 1, "history": [Payload()]}, Path(cfg.output_dir) / "federation-checkpoint.pt")
+    with pytest.raises(DataError, match="not a plain-data checkpoint"):
+        run_federated(InProcessGrid(3), cfg, resume=True)  # type: ignore[arg-type]
+    assert not marker.exists()

@@ -1,0 +1,102 @@
+"""What a site keeps between rounds, on its own disk, so a resumed federation finds it.
+
+A node keeps its AdamW moments and (FedBN) its BatchNorm tensors in ``context.state``, which lives as long as
+one Flower run. A resumed federation is a new run, so the same state is also written under the site's cache,
+in a folder named by the federation id the server sends: ``<cache_dir>/federation-state/<id>/<site>/``.
+Files are per round because the server's checkpoint can lag the sites by one round (a site may have trained
+round r when the server stopped before recording it; the resume then repeats round r from round r − 1's
+state). Optimizer states are large (twice the model), so only the two latest rounds are kept; BatchNorm tensors
+are small and any round may be the one the federation keeps, so all of them stay. Files load with
+``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+from strnet.errors import DataError
+
+KEPT_OPTIMIZER_ROUNDS = 2
+
+
+class KeptState:
+    def __init__(self, cache_dir: str | Path, federation_id: str, site: str) -> None:
+        if not re.fullmatch(r"[0-9a-f]{8,64}", federation_id):
+            raise ValueError(f"federation id {federation_id!r} is not a hex id")
+        self.folder = Path(cache_dir) / "federation-state" / federation_id / site
+
+    def _write(self, name: str, payload: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".{name}.tmp"
+        torch.save(payload, tmp)
+        os.replace(tmp, self.folder / name)
+
+    def _read(self, name: str) -> dict | None:
+        path = self.folder / name
+        if not path.is_file():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise DataError(path, f"not a plain-data state file, refused ({str(exc).splitlines()[0]})") from exc
+
+    def _rounds(self, prefix: str) -> list[int]:
+        if not self.folder.is_dir():
+            return []
+        found = (re.fullmatch(rf"{prefix}-round-(\d+)\.pt", p.name) for p in self.folder.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def save_optimizer(self, state: bytes, server_round: int) -> None:
+        self._write(
+            f"optimizer-round-{server_round}.pt", {"state": torch.frombuffer(bytearray(state), dtype=torch.uint8)}
+        )
+        for old in self._rounds("optimizer")[:-KEPT_OPTIMIZER_ROUNDS]:
+            (self.folder / f"optimizer-round-{old}.pt").unlink(missing_ok=True)
+
+    def optimizer(self, server_round: int) -> bytes | None:
+        """The optimizer state this site had after training ``server_round``, if it kept it."""
+        payload = self._read(f"optimizer-round-{server_round}.pt")
+        return None if payload is None else payload["state"].numpy().tobytes()
+
+    def save_batchnorm(self, tensors: dict[str, torch.Tensor], server_round: int) -> None:
+        self._write(f"batchnorm-round-{server_round}.pt", {k: v.detach().cpu() for k, v in tensors.items()})
+
+    def batchnorm(self, server_round: int, *, before: bool = False) -> dict[str, torch.Tensor] | None:
+        """BatchNorm tensors after ``server_round`` — or, with ``before``, after the latest round before it."""
+        if before:
+            earlier = [r for r in self._rounds("batchnorm") if r < server_round]
+            if not earlier:
+                return None
+            server_round = earlier[-1]
+        return self._read(f"batchnorm-round-{server_round}.pt")
+
+
+def _configs(cache_dir: str | Path) -> Path:
+    return Path(cache_dir) / "federation-state" / "configs"
+
+
+def save_run_config(cache_dir: str | Path, digest: str, config_json: str, federation_id: str) -> None:
+    """The run's configuration, by digest, so a node restarted mid-run (empty ``context.state``) can rejoin: the
+    server sends the configuration once, with the site-info query, and only its digest afterwards."""
+    folder = _configs(cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{digest}.tmp"
+    tmp.write_text(json.dumps({"config_json": config_json, "federation_id": federation_id}))
+    os.replace(tmp, folder / f"{digest}.json")
+
+
+def load_run_config(cache_dir: str | Path, digest: str) -> tuple[str, str] | None:
+    """(configuration JSON, federation id) kept for ``digest``, if this node saw that run before."""
+    if not re.fullmatch(r"[0-9a-f]{8,128}", digest):
+        return None
+    path = _configs(cache_dir) / f"{digest}.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return str(data["config_json"]), str(data["federation_id"])
