@@ -1,0 +1,52 @@
+"""What a site keeps on disk for a resume: per-round files, pruned optimizer states, plain-data loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from client.kept import KeptState, load_run_config, save_run_config
+from strnet.errors import DataError
+
+
+def test_optimizer_states_keep_the_two_latest_rounds(tmp_path: Path) -> None:
+    kept = KeptState(tmp_path, "ab12cd34", "hospital")
+    for r in (1, 2, 3):
+        kept.save_optimizer(f"state-{r}".encode(), r)
+    assert kept.optimizer(1) is None
+    assert kept.optimizer(2) == b"state-2" and kept.optimizer(3) == b"state-3"
+
+
+def test_batchnorm_by_round_and_the_latest_before_a_round(tmp_path: Path) -> None:
+    kept = KeptState(tmp_path, "ab12cd34", "hospital")
+    for r in (1, 2, 4):
+        kept.save_batchnorm({"bn.running_mean": torch.full((2,), float(r))}, r)
+    assert kept.batchnorm(2)["bn.running_mean"].tolist() == [2.0, 2.0]
+    assert kept.batchnorm(4, before=True)["bn.running_mean"].tolist() == [2.0, 2.0]  # training round 4 starts from 2
+    assert kept.batchnorm(3) is None and kept.batchnorm(1, before=True) is None
+
+
+def test_a_tampered_state_file_is_refused_and_ids_are_checked(tmp_path: Path) -> None:
+    kept = KeptState(tmp_path, "ab12cd34", "hospital")
+    kept.save_batchnorm({"x": torch.zeros(1)}, 1)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            return (Path.touch, (marker,))
+
+    torch.save({"x": Payload()}, kept.folder / "batchnorm-round-1.pt")
+    with pytest.raises(DataError, match="not a plain-data state file"):
+        kept.batchnorm(1)
+    assert not marker.exists()
+    with pytest.raises(ValueError, match="hex id"):
+        KeptState(tmp_path, "../../etc", "hospital")
+
+
+def test_run_config_is_kept_by_digest(tmp_path: Path) -> None:
+    save_run_config(tmp_path, "0123456789abcdef", '{"seed": 1}', "ab12cd34")
+    assert load_run_config(tmp_path, "0123456789abcdef") == ('{"seed": 1}', "ab12cd34")
+    assert load_run_config(tmp_path, "fedcba9876543210") is None
+    assert load_run_config(tmp_path, "../x") is None
