@@ -19,6 +19,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 import yaml
 
 from client.node import keygen, start_supernode
@@ -26,6 +27,7 @@ from configs.schema import Config, load_config
 from server.deploy import (
     BIN,
     CONNECTION,
+    Certificates,
     SuperLink,
     make_certificates,
     node_public_keys,
@@ -98,6 +100,8 @@ class Federation:
                 "federation.quorum=2",
                 f"federation.round_timeout={ROUND_TIMEOUT}",
                 "tscore.rounds=1",  # each message starts a ClientApp process (~4 s) in deployment: keep them few
+                "ood.enabled=false",  # (the simulation e2e covers the OOD messages)
+                "evaluate.bootstrap=50",
                 f"federation.sites={json.dumps(federation)}",
                 f"output_dir={json.dumps(str(self.root / name))}",
                 f"tracking.uri={json.dumps('sqlite:///' + str(self.root / 'mlflow.db'))}",
@@ -178,7 +182,8 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
         for proc in fed.started:
             stop_process_group(proc)
         link.stop()
-    for proc in [*fed.started, link.proc]:
+        fed.link.stop()  # a scenario may have started the SuperLink again
+    for proc in [*fed.started, link.proc, fed.link.proc]:
         assert live_group_members(proc.pid) == [], proc.args[0]
 
 
@@ -245,3 +250,35 @@ def test_a_node_lost_below_the_quorum_fails_the_run_naming_it(federation: Federa
         federation.start_node("hospital")
     assert "ServerApp raised an exception" in log and "QuorumError" in log, log[-4000:]
     assert "quorum is 2" in log and "site 'hospital': no reply" in log, log[-4000:]
+
+
+def test_a_stopped_superlink_resumes_the_run_from_its_last_round(federation: Federation) -> None:
+    """The SuperLink (and its ServerApp) killed after round 1, started again on its database: the nodes
+    reconnect by themselves and `resume=true` continues from the round checkpoint."""
+    cfg, path = federation.config("resumed", "tscore.rounds=0")
+    run = federation.run(path)
+    checkpoint = Path(cfg.output_dir) / "federation-checkpoint.pt"
+    deadline = time.monotonic() + 240
+    while not checkpoint.is_file():
+        assert time.monotonic() < deadline and run.poll() is None, "no round checkpoint was written"
+        time.sleep(0.5)
+    link = federation.link
+    link.stop()  # SuperLink and ServerApp, mid-run
+    run.communicate(timeout=60)
+    stopped_at = int(torch.load(checkpoint, weights_only=True)["server_round"])
+    federation.link = start_superlink(
+        link.state, port=link.port, certs=Certificates.in_dir(federation.root / "certs"), host="127.0.0.1"
+    )
+    resumed = subprocess.run(
+        [str(BIN / "flwr"), "run", str(REPO), CONNECTION, "--run-config", f'config="{path}" resume=true', "--stream"],
+        env=federation.link.env(),
+        cwd=federation.link.state,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
+    log = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0 and "ServerApp raised an exception" not in log, log[-4000:]
+    meta = json.loads((Path(cfg.output_dir) / "bundle" / "metadata.json").read_text())
+    assert meta["training"]["resumed_from_round"] == stopped_at < 2
+    assert int(torch.load(checkpoint, weights_only=True)["server_round"]) == 2 or meta["training"]["stopped_early"]
