@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,8 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from server.deploy import stop_process_group
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -36,23 +37,6 @@ def _healthy(port: int) -> bool:
             return r.status == 200
     except OSError:
         return False
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL, to the process group we created (SuperLink, ServerApp, simulation, Ray)."""
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-        try:  # the leader is gone; give the rest of its group the same signal
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
 
 
 @dataclass
@@ -135,4 +119,4 @@ def local_superlink(workdir: str | Path, *, ready_timeout: float = 60) -> Iterat
             time.sleep(0.3)
         yield LocalSuperLink(env=env, workdir=work, proc=proc)
     finally:
-        stop_group(proc)
+        stop_process_group(proc)

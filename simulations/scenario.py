@@ -31,6 +31,10 @@ class SyntheticScenario:
     audit: dict
 
 
+# The smallest model and inputs that still run every step of the pipeline (end-to-end tests of the federation).
+TINY_RUN = ("model.backbone=tiny", "preprocess.size=32", "train.batch_size=8", "train.precision=fp32")
+
+
 def build_synthetic_scenario(
     out: str | Path,
     *,

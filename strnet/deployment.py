@@ -77,6 +77,16 @@ def split_host_port(address: str) -> tuple[str, int]:
     return match["host"].strip("[]"), int(match["port"])
 
 
+def _parsed(path: Path, what: str) -> Any:
+    """The YAML (or JSON, a subset of it) in ``path``; a missing or unparsable file is a ConfigError naming it."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: {what} not found") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: {what} does not parse ({exc})") from exc
+
+
 @dataclass(frozen=True)
 class Handout:
     """What the coordinator gives every site (written by ``strnet deploy superlink``)."""
@@ -95,12 +105,9 @@ class Handout:
     @classmethod
     def read(cls, path: str | Path) -> Handout:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError as exc:
-            raise ConfigError(f"{path}: hand-out file not found (the coordinator gives it to every site)") from exc
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: hand-out is not valid JSON ({exc.msg}, line {exc.lineno})") from exc
+        data = _parsed(path, "hand-out (the coordinator gives it to every site)")
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: hand-out is not a JSON object")
         names = {f.name for f in fields(cls)}
         missing = sorted(names - set(data) - {"version"})
         if missing:
@@ -147,12 +154,7 @@ def load_site_file(path: str | Path) -> SiteFile:
     """Read and validate ``site.yaml``; every error names the file and the key. Relative paths are resolved
     against the file's folder, so the file works wherever the node is started from."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: site file not found") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    data = _parsed(path, "site file")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of {', '.join(SITE_KEYS)}")
     unknown = sorted(set(data) - set(SITE_KEYS))

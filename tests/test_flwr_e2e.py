@@ -16,7 +16,7 @@ import yaml
 
 from configs.schema import load_config
 from simulations.flower_sim import REPO, local_superlink
-from simulations.scenario import build_synthetic_scenario
+from simulations.scenario import TINY_RUN, build_synthetic_scenario
 
 
 @pytest.mark.slow
@@ -32,10 +32,7 @@ def test_flwr_run_end_to_end(tmp_path: Path) -> None:
     cfg = load_config(
         "demo",
         [
-            "model.backbone=tiny",
-            "preprocess.size=32",
-            "train.batch_size=8",
-            "train.precision=fp32",
+            *TINY_RUN,
             "federation.rounds=2",
             "federation.quorum=2",
             f"federation.sites={json.dumps(sites)}",
