@@ -17,7 +17,9 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.audit import audit_mod
 from client.kept import KeptState, load_run_config, save_run_config
+from client.sanitize import sanitize_errors_mod
 from client.site import site_for_node
 from configs.schema import Config, config_from_dict
 from strnet.calibration import Platt, PlattStats
@@ -39,7 +41,8 @@ from strnet.protocol import (
 from strnet.site import SiteRunner
 from strnet.tscore import BranchData, branch_keys, branch_sums, local_steps
 
-app = ClientApp()
+# failures leave the site as kind + generic reason (client.sanitize); STRNET_MESSAGE_AUDIT logs every reply
+app = ClientApp(mods=[sanitize_errors_mod, audit_mod])
 
 RUN_STATE = "strnet.run"  # ConfigRecord: config-json, config-digest
 OPTIMIZER_STATE = "strnet.optimizer"  # ConfigRecord: state (bytes), server-round
