@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -100,3 +101,27 @@ def start_supernode(
         )
     finally:
         log.close()
+
+
+# A node that exits this fast never joined: most often the SuperLink refused its activation because a crashed
+# run of this node is still held as connected (until its heartbeat expires, about a minute; flwr code 2004).
+QUICK_EXIT_S = 30.0
+
+
+def run_with_retries(cmd: list[str], *, env: dict[str, str], cwd: Path, retries: int, wait_s: float, say=print) -> int:
+    """Run ``flower-supernode``; when it exits non-zero within :data:`QUICK_EXIT_S`, wait and start it again, up
+    to ``retries`` times — long enough to outlast the SuperLink's hold on a crashed node. Returns its exit code."""
+    attempt = 0
+    while True:
+        started = time.monotonic()
+        code = subprocess.run(cmd, env=env, cwd=cwd).returncode
+        quick = time.monotonic() - started < QUICK_EXIT_S
+        if code == 0 or not quick or attempt >= retries:
+            return code
+        attempt += 1
+        say(
+            f"flower-supernode exited with {code} at once; if the SuperLink refused this node (code 2004: a "
+            f"crashed run of it is held as connected for about a minute) a retry will pass. Retry {attempt} of "
+            f"{retries} in {wait_s:.0f} s (--retries 0 turns this off)."
+        )
+        time.sleep(wait_s)

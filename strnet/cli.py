@@ -238,9 +238,7 @@ def cmd_deploy_superlink(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_node(args: argparse.Namespace) -> int:
-    import subprocess
-
-    from client.node import node_env, supernode_command
+    from client.node import node_env, run_with_retries, supernode_command
     from strnet.deployment import load_site_file
 
     site = load_site_file(args.site_config)
@@ -250,7 +248,14 @@ def cmd_deploy_node(args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     cmd = supernode_command(site, port=args.port, insecure=args.insecure_local_test)
     try:
-        return subprocess.run(cmd, env=node_env(site, work / "flwr-home"), cwd=work).returncode
+        return run_with_retries(
+            cmd,
+            env=node_env(site, work / "flwr-home"),
+            cwd=work,
+            retries=args.retries,
+            wait_s=args.retry_wait,
+            say=lambda text: print(text, file=sys.stderr),
+        )
     except KeyboardInterrupt:
         return 0
 
@@ -393,6 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--site-config", required=True, help="the site file (site_id, manifest, superlink, ...)")
     p.add_argument("--port", type=int, default=9094, help="local port of the node's runtime API (default 9094)")
     p.add_argument("--workdir", help="folder for the node's logs and FLWR_HOME (default CACHE_DIR/supernode)")
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=6,
+        help="restarts after a quick failure, e.g. a refused activation after a crash (default 6)",
+    )
+    p.add_argument("--retry-wait", type=float, default=15.0, help="seconds between restarts (default 15)")
     p.add_argument("--insecure-local-test", action="store_true", help="no TLS, no node auth: loopback tests only")
     p.set_defaults(func=cmd_deploy_node)
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from cryptography import x509
 
-from client.node import keygen, supernode_command
+from client.node import keygen, run_with_retries, supernode_command
 from client.site import site_for_node
 from configs.schema import load_config
 from server.deploy import make_certificates, node_public_keys, superlink_command
@@ -152,3 +154,13 @@ def test_handout_round_trips_and_versions_compare_python_by_minor(tmp_path: Path
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ConfigError, match=r"bad\.json: hand-out .*does not parse"):
         Handout.read(tmp_path / "bad.json")
+
+
+def test_a_node_that_fails_at_once_is_restarted_and_one_that_ran_is_not(tmp_path: Path) -> None:
+    said: list[str] = []
+    counter = tmp_path / "starts"
+    fail = [sys.executable, "-c", f"open({str(counter)!r}, 'a').write('x'); raise SystemExit(3)"]
+    code = run_with_retries(fail, env=dict(os.environ), cwd=tmp_path, retries=2, wait_s=0, say=said.append)
+    assert code == 3 and counter.read_text() == "xxx" and len(said) == 2 and "2004" in said[0]
+    ok = [sys.executable, "-c", "pass"]
+    assert run_with_retries(ok, env=dict(os.environ), cwd=tmp_path, retries=2, wait_s=0, say=said.append) == 0
