@@ -252,8 +252,9 @@ def test_a_node_lost_below_the_quorum_fails_the_run_naming_it(federation: Federa
 def test_a_stopped_superlink_resumes_the_run_from_its_last_round(federation: Federation) -> None:
     """The SuperLink (and its ServerApp) killed after round 1, started again on its database: the nodes
     reconnect by themselves and `resume=true` continues from the round checkpoint."""
-    # nodes retry a lost SuperLink with a backoff of up to 20 s (flwr's MAX_RETRY_DELAY): give discovery longer
-    cfg, path = federation.config("resumed", "tscore.rounds=0", "federation.round_timeout=60")
+    # After the restart, nodes come back with a retry backoff of up to 20 s (flwr's MAX_RETRY_DELAY) and may still
+    # be finishing the stopped run's message first: a round timeout that leaves room for both.
+    cfg, path = federation.config("resumed", "tscore.rounds=0", "federation.round_timeout=180")
     run = federation.run(path)
     checkpoint = Path(cfg.output_dir) / "federation-checkpoint.pt"
     deadline = time.monotonic() + 240
