@@ -17,7 +17,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from strnet.deployment import SiteFile, public_key_fingerprint, site_file_template
+from strnet.deployment import SiteFile, flower_env, public_key_fingerprint, site_file_template
 from strnet.errors import ConfigError
 
 BIN = Path(sys.executable).parent
@@ -71,16 +71,7 @@ def supernode_command(site: SiteFile, *, port: int = 9094, insecure: bool = Fals
 
 def node_env(site: SiteFile, flwr_home: Path) -> dict[str, str]:
     threads = str(site.threads)
-    return {
-        **os.environ,
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "OMP_NUM_THREADS": threads,
-        "MKL_NUM_THREADS": threads,
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
+    return flower_env(flwr_home, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
 
 
 def start_supernode(

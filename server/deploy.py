@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from strnet.deployment import Handout, public_key_fingerprint, software_versions
+from strnet.deployment import Handout, flower_env, public_key_fingerprint, software_versions
 from strnet.errors import ConfigError
 
 BIN = Path(sys.executable).parent
@@ -125,18 +125,6 @@ def node_public_keys(folder: str | Path) -> dict[str, Path]:
     if not keys:
         raise ConfigError(f"{folder}: no <site>.pub public keys to register")
     return keys
-
-
-def flower_env(home: Path) -> dict[str, str]:
-    """Environment for Flower's executables: its own FLWR_HOME, no runtime pip installs, no telemetry."""
-    return {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
 
 
 def write_connection(home: Path, address: str, ca_cert: Path | None) -> None:

@@ -9,7 +9,6 @@ would fetch a multi-GB CUDA torch), hence the environment below.
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.deploy import stop_process_group
+from strnet.deployment import flower_env
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -69,17 +69,12 @@ def local_superlink(workdir: str | Path, *, ready_timeout: float = 60) -> Iterat
     home = work / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
     http_port, control_port = _free_port(), _free_port()
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
+    env = flower_env(
+        home,
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(http_port),
+        FLWR_LOCAL_CONTROL_API_PORT=str(control_port),
+        RAY_USAGE_STATS_ENABLED="0",
+    )
     proc = subprocess.Popen(
         [
             str(BIN / "flower-superlink"),

@@ -16,8 +16,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import platform
 import re
+import sys
 from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
@@ -32,6 +34,21 @@ HANDOUT_VERSION = 1
 VERSIONED_PACKAGES = ("torch", "flwr", "strnet")
 DEVICES = ("auto", "cpu", "cuda")
 _HOST_PORT = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):(?P<port>\d{1,5})$")
+
+
+def flower_env(home: str | Path, **extra: str) -> dict[str, str]:
+    """Environment for Flower's executables (coordinator, node, simulation): its own FLWR_HOME, never a runtime
+    pip install (it would fetch a multi-GB CUDA torch), no update check or telemetry, this venv's tools first."""
+    bin_dir = Path(sys.executable).parent
+    return {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        **extra,
+    }
 
 
 def software_versions() -> dict[str, str]:
