@@ -19,6 +19,8 @@ from strnet.data.preprocess import PreprocessParams
 from strnet.engine import TrainParams
 from strnet.errors import ConfigError
 from strnet.losses import LossWeights
+from strnet.privacy import DPParams
+from strnet.released import StatisticsPrivacy
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,14 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """DP-SGD at the sites (``dp``) and protection of the statistics they return (``statistics``)."""
+
+    dp: DPParams = field(default_factory=DPParams)
+    statistics: StatisticsPrivacy = field(default_factory=StatisticsPrivacy)
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = "strnet"
     seed: int = 42
@@ -147,6 +157,7 @@ class Config:
     tscore: TScoreConfig = field(default_factory=TScoreConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
