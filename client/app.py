@@ -50,6 +50,7 @@ BN_STATE = "strnet.batchnorm"  # FedBN: ArrayRecord of this site's BatchNorm ten
 BN_LATEST = f"{BN_STATE}.latest"
 TSCORE_DATA = "strnet.tscore-data"  # ArrayRecord: frozen T-score branch inputs of the kept model (train, val)
 TSCORE_DIGEST = "strnet.tscore-digest"  # ConfigRecord: model-digest they came from
+PRIVACY_STATE = "strnet.privacy"  # ConfigRecord: state (JSON) of this site's DP accountant, the whole run
 VAL_LOGITS = "strnet.val-logits"  # ArrayRecord: the kept model's validation logits and labels, for calibration
 VAL_LOGITS_DIGEST = "strnet.val-logits-digest"  # ConfigRecord: model-digest of the weights they came from
 
@@ -163,13 +164,18 @@ def train(message: Message, context: Context) -> Message:
     optimizer_state = bytes(kept["state"]) if kept is not None else None
     if keep and optimizer_state is None and store is not None and server_round > 1:  # a resumed federation
         optimizer_state = store.optimizer(server_round - 1)
-    new_state, metrics, n, optimizer = runner.train(
+    new_state, metrics, n, optimizer, privacy = runner.train(
         _weights(message, context, runner),
         lr=float(instruction[Field.LEARNING_RATE]),
         server_round=server_round,
         optimizer_state=optimizer_state,
         proximal_mu=float(instruction.get(Field.PROXIMAL_MU, 0.0)),
+        privacy_state=_privacy_state(context, store),
     )
+    if privacy is not None:  # the accountant outlives the round, the run (on disk) and never leaves the site
+        context.state[PRIVACY_STATE] = ConfigRecord({"state": json.dumps(privacy)})
+        if store is not None:
+            store.save_privacy(privacy)
     if keep:  # AdamW moments are local state: they stay at the site, never in a reply
         context.state[OPTIMIZER_STATE] = ConfigRecord({"state": optimizer, Field.SERVER_ROUND: server_round})
         if store is not None:
@@ -187,6 +193,14 @@ def train(message: Message, context: Context) -> Message:
         runner,
         **{Key.ARRAYS: ArrayRecord(new_state), Key.METRICS: MetricRecord({**metrics, WEIGHT: n})},
     )
+
+
+def _privacy_state(context: Context, store: KeptState | None) -> dict | None:
+    """This site's DP accountant so far: from the node state, else (a restarted node, a resumed run) its disk."""
+    kept = context.state.get(PRIVACY_STATE)
+    if kept is not None:
+        return json.loads(str(kept["state"]))
+    return store.privacy() if store is not None else None
 
 
 @app.query(MessageKind.action(MessageKind.BATCHNORM))

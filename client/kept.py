@@ -76,6 +76,23 @@ class KeptState:
             server_round = earlier[-1]
         return self._read(f"batchnorm-round-{server_round}.pt")
 
+    def save_privacy(self, state: dict) -> None:
+        """The DP accountant's history after the latest round this site trained (append-only: a round the
+        server repeats after a resume is counted twice, as it was released twice)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / ".privacy-accountant.tmp"
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.folder / "privacy-accountant.json")
+
+    def privacy(self) -> dict | None:
+        path = self.folder / "privacy-accountant.json"
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise DataError(path, f"privacy accountant state is not JSON ({exc})") from exc
+
 
 def _configs(cache_dir: str | Path) -> Path:
     return Path(cache_dir) / "federation-state" / "configs"

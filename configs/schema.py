@@ -7,7 +7,7 @@ package itself defines, so a preset, a model bundle and a federated site can nev
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +19,7 @@ from strnet.data.preprocess import PreprocessParams
 from strnet.engine import TrainParams
 from strnet.errors import ConfigError
 from strnet.losses import LossWeights
+from strnet.model import STRNet, build_strnet
 from strnet.privacy import DPParams
 from strnet.released import StatisticsPrivacy
 
@@ -42,6 +43,9 @@ class ModelConfig:
     dropout: float = 0.3
     # Serve the mean output of a knee and its left-right mirror (stored in the bundle; predict applies it).
     test_time_mirror: bool = False
+    # batch | group (GroupNorm, no in-place ops: the form DP-SGD needs) | auto: group exactly when privacy.dp is
+    # on. Loading resolves auto, so a bundle and every site record the form they built.
+    norm: Literal["auto", "batch", "group"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -167,16 +171,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """Read a YAML preset (path or bare preset name), apply ``key=value`` overrides, validate."""
     data: dict[str, Any] = read_yaml(path) if path is not None else {}
     apply_overrides(data, list(overrides))
-    cfg = from_dict(Config, data)
-    _check(cfg)
-    return cfg
+    return _resolved(from_dict(Config, data))
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a Config from ``Config.to_dict()`` (bundles and federated sites carry it as JSON)."""
-    cfg = from_dict(Config, data)
+    return _resolved(from_dict(Config, data))
+
+
+def _resolved(cfg: Config) -> Config:
     _check(cfg)
+    if cfg.model.norm == "auto":
+        norm = "group" if cfg.privacy.dp.enabled else "batch"
+        cfg = replace(cfg, model=replace(cfg.model, norm=norm))
     return cfg
+
+
+def build_model(cfg: Config, *, weights: str | None = None) -> STRNet:
+    """STR-Net as the configuration describes it (``weights`` None: the configured initialisation)."""
+    m = cfg.model
+    norm = m.norm if m.norm != "auto" else ("group" if cfg.privacy.dp.enabled else "batch")
+    return build_strnet(
+        backbone=m.backbone,
+        weights=m.weights if weights is None else weights,
+        neck_dim=m.neck_dim,
+        dropout=m.dropout,
+        norm=norm,
+    )
 
 
 def _check(cfg: Config) -> None:
@@ -212,3 +233,30 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"ood: quantile in (0, 1] and margin > 0 required, got {cfg.ood}")
     if cfg.preprocess.size < 16:
         raise ConfigError(f"preprocess.size={cfg.preprocess.size} is too small (>= 16)")
+    _check_dp(cfg)
+
+
+def _check_dp(cfg: Config) -> None:
+    """DP-SGD's preconditions, each refused with the setting to change."""
+    dp = cfg.privacy.dp
+    problems = dp.problems()
+    if dp.enabled:
+        if cfg.model.norm == "batch":
+            problems.append("model.norm=batch: DP-SGD cannot clip one case's gradient through BatchNorm (use auto)")
+        if cfg.train.balance != "none":
+            problems.append(
+                f"train.balance={cfg.train.balance}: DP-SGD's accounting assumes uniform Poisson sampling; set "
+                "train.balance=none (the class weight then balances the classes)"
+            )
+        if cfg.federation.strategy in ("fedprox", "fedbn"):
+            problems.append(
+                f"federation.strategy={cfg.federation.strategy}: "
+                + (
+                    "FedProx's proximal gradient bypasses the per-case clipping"
+                    if cfg.federation.strategy == "fedprox"
+                    else "FedBN keeps BatchNorm layers, and the DP model has none"
+                )
+                + "; use fedavg, fedavgm or fedadam"
+            )
+    if problems:
+        raise ConfigError("; ".join(problems))

@@ -15,7 +15,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp import Grid
 
-from configs.schema import Config
+from configs.schema import Config, build_model
 from server.calibration import calibrated_validation_counts, pooled_calibration
 from server.checkpoint import RoundCheckpoint
 from server.discovery import discover_sites
@@ -27,7 +27,8 @@ from server.strategy import build_strategy
 from server.tscore import pooled_tscore_refit
 from strnet.calibration import Platt
 from strnet.engine import RecipeSchedule, seed_everything
-from strnet.model import batchnorm_keys, build_strnet
+from strnet.model import batchnorm_keys
+from strnet.privacy import run_privacy, site_reports_from_history
 from strnet.protocol import WEIGHT, Field, MessageKind, config_digest
 from strnet.run import Run, RunResult, SiteResult, Tracker, recipe
 from strnet.scoring import task_metrics
@@ -38,8 +39,7 @@ def initial_state(cfg: Config) -> tuple[dict[str, torch.Tensor], frozenset[str]]
     """The global model's starting weights, built as ``strnet train`` builds its model (same seed, same init);
     pretrained weights load here, on the server, from a path. Also the model's BatchNorm keys (FedBN)."""
     seed_everything(cfg.seed)
-    m = cfg.model
-    model = build_strnet(backbone=m.backbone, weights=m.weights, neck_dim=m.neck_dim, dropout=m.dropout)
+    model = build_model(cfg)
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, batchnorm_keys(model)
 
 
@@ -156,6 +156,7 @@ def run_federated(
             return task_metrics(counts, tau, n_boot=cfg.evaluate.bootstrap, seed=cfg.seed)
 
         val_counts, test_counts = pooled("val"), pooled("test")
+        dp = cfg.privacy.dp
         training: dict[str, Any] = {
             "rounds_run": strategy.rounds_run,
             "resumed_from_round": checkpoint.server_round if checkpoint is not None else None,
@@ -179,4 +180,5 @@ def run_federated(
             val_counts=val_counts,
             test_counts=test_counts,
             best_step=strategy.best_round,
+            privacy=run_privacy(dp, site_reports_from_history(dp, run.history)) if dp.enabled else None,
         )

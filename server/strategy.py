@@ -29,6 +29,7 @@ from server.pooled import QuorumError, pool, weighted_average
 from server.replies import reply_content, stats_arrays
 from strnet.engine import RecipeSchedule, history_row, with_site_auroc
 from strnet.errors import SiteError
+from strnet.privacy import PRIVACY_METRICS
 from strnet.protocol import PROTOCOL_VERSION, WEIGHT, Field, Key, MessageKind, decode_validation, encode
 from strnet.sufficient import ValidationCounts
 
@@ -259,8 +260,11 @@ class SiteFedAvg(FedAvg):
             )
         averaged = weighted_average([u[1] for u in usable], [u[3] for u in usable], self._reference)
         total = sum(u[3] for u in usable)
-        common = set.intersection(*(set(u[2]) for u in usable))
+        common = set.intersection(*(set(u[2]) for u in usable)) - set(PRIVACY_METRICS)
         self._train_row = {k: sum(u[2][k] * u[3] for u in usable) / total for k in sorted(common)}
+        spent = [u[2]["privacy_epsilon"] for u in usable if "privacy_epsilon" in u[2]]
+        if spent:  # DP-SGD: the run's ε is the largest site's, never an average
+            self._train_row["privacy_epsilon"] = max(spent)
         for site, _, metrics, _ in usable:
             self._train_row |= {f"site.{site}.{k}": v for k, v in metrics.items()}
         metrics = {k: v for k, v in self._train_row.items() if not k.startswith("site.")}

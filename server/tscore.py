@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+from configs.schema import build_model
 from server.pooled import QuorumError, weighted_average
 from server.replies import TrainingSites
-from strnet.model import build_strnet
 from strnet.protocol import WEIGHT, Field, MessageKind, model_digest
-from strnet.tscore import SUM_KEYS, branch_keys, refit
+from strnet.tscore import DP_OFF, SUM_KEYS, branch_keys, refit
 
 
 def pooled_tscore_refit(sites: TrainingSites, arrays: ArrayRecord) -> tuple[ArrayRecord, dict[str, Any]]:
@@ -27,8 +27,9 @@ def pooled_tscore_refit(sites: TrainingSites, arrays: ArrayRecord) -> tuple[Arra
     ts = cfg.tscore
     if not ts.rounds:
         return arrays, {"status": "off"}
-    m = cfg.model
-    model = build_strnet(backbone=m.backbone, weights="none", neck_dim=m.neck_dim, dropout=m.dropout)
+    if cfg.privacy.dp.enabled:
+        return arrays, {"status": DP_OFF}
+    model = build_model(cfg, weights="none")
     model.load_state_dict(arrays.to_torch_state_dict())
     keys = branch_keys(model)
     digest = model_digest({k: v.numpy() for k, v in arrays.items()})

@@ -156,6 +156,7 @@ def load_bundle(path: str | Path, map_location: str | torch.device = "cpu") -> B
         weights="none",
         neck_dim=int(m.get("neck_dim", 128)),
         dropout=float(m.get("dropout", 0.3)),
+        norm=str(m.get("norm", "batch")),
     )
     state = torch.load(weights, map_location=map_location, weights_only=True)
     model.load_state_dict(state)

@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from configs.schema import Config
+from configs.schema import Config, build_model
 from strnet.bundle import Bundle
 from strnet.calibration import Platt, calibrated, fit_platt_to_logits, labelled_logits
 from strnet.cases import (
@@ -37,11 +37,11 @@ from strnet.engine import (
 )
 from strnet.errors import DataError
 from strnet.evaluation import EvaluationResult, evaluate_bundle, frame_metrics
-from strnet.model import build_strnet
 from strnet.ood import fit_ood
+from strnet.privacy import run_privacy
 from strnet.run import Run, RunResult, SiteResult, Tracker, headline, recipe
 from strnet.sufficient import ValidationCounts
-from strnet.tscore import refit_centralized
+from strnet.tscore import DP_OFF, refit_centralized
 
 
 def run_centralized(
@@ -76,8 +76,7 @@ def run_centralized(
         run.log_data({"data": summary, "audit": audit}, data_fingerprint=summary["fingerprint"])
 
         device = resolve_device()
-        m = cfg.model
-        model = build_strnet(backbone=m.backbone, weights=m.weights, neck_dim=m.neck_dim, dropout=m.dropout)
+        model = build_model(cfg)
         result = fit(
             model,
             splits["train"],
@@ -97,8 +96,10 @@ def run_centralized(
             on_epoch_end=run.log_step,
             progress=progress,
             test_time_mirror=cfg.model.test_time_mirror,
+            dp=cfg.privacy.dp,
         )
         model.load_state_dict(result.best_state)
+        privacy = run_privacy(cfg.privacy.dp, {"centralized": result.privacy}) if result.privacy else None
         ts = cfg.tscore
         tscore = (
             refit_centralized(
@@ -113,8 +114,8 @@ def run_centralized(
                 lr=ts.lr,
                 weight_decay=ts.weight_decay,
             )
-            if ts.rounds
-            else {"status": "off"}
+            if ts.rounds and not cfg.privacy.dp.enabled
+            else {"status": DP_OFF if ts.rounds else "off"}
         )
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         # Calibrate the kept model on validation, then choose τ* on the calibrated scale (the same Newton fit
@@ -138,7 +139,7 @@ def run_centralized(
         metadata = {
             "threshold": threshold,
             "calibration": calibration,
-            "headline": headline(threshold, calibration),
+            "headline": headline(threshold, calibration, privacy),
             "preprocess": cfg.preprocess.to_dict(),
             "model": {"test_time_mirror": cfg.model.test_time_mirror},
         }
@@ -185,6 +186,7 @@ def run_centralized(
             test_counts=test_counts,
             best_step=result.best_epoch,
             artifacts=reports,
+            privacy=privacy,
         )
 
 

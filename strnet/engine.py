@@ -30,6 +30,7 @@ from strnet.data.dataset import KneeDataset, screening_pos_weight
 from strnet.data.preprocess import PreprocessParams
 from strnet.errors import DataError
 from strnet.losses import LossWeights, MultiTaskLoss
+from strnet.privacy import DPParams, PrivateTraining, steps_per_epoch
 from strnet.sufficient import histogram_ranking, score_histogram, screening_cases
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -230,7 +231,7 @@ def train_one_epoch(
             parts["proximal"] = float(term.detach())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if params.grad_clip:
+        if params.grad_clip and not _is_private(optimizer):  # DP-SGD clips every case's gradient instead
             nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
         optimizer.step()
         bs = int(batch["image"].shape[0])
@@ -243,6 +244,12 @@ def train_one_epoch(
     result = {f"loss_{k}": v / max(n_seen, 1) for k, v in sums.items()}
     result.update(num_examples=float(n_seen), images_per_s=n_seen / max(elapsed, 1e-9), seconds=elapsed)
     return result
+
+
+def _is_private(optimizer: torch.optim.Optimizer) -> bool:
+    from opacus.optimizers import DPOptimizer
+
+    return isinstance(optimizer, DPOptimizer)
 
 
 @torch.no_grad()
@@ -406,6 +413,7 @@ class FitResult:
     history: list[dict[str, float]]
     stopped_early: bool
     seconds: float
+    privacy: dict[str, Any] | None = None  # DP-SGD: ε, δ, σ, q, steps (strnet.privacy.PrivateTraining.report)
 
 
 def build_optimizer(model: nn.Module, params: TrainParams) -> torch.optim.Optimizer:
@@ -434,12 +442,15 @@ def fit(
     on_epoch_end: EpochCallback | None = None,
     progress: bool = True,
     test_time_mirror: bool = False,
+    dp: DPParams | None = None,
 ) -> FitResult:
     """The paper's recipe: AdamW, plateau and early stopping on validation AUPRC (:class:`RecipeSchedule`),
     clipping, warm-up.
 
-    Writes a resumable checkpoint (model, optimizer, schedule, epoch, config, best state, history) after every
-    epoch when ``checkpoint_path`` is given; epochs are seeded by (seed, epoch), so no RNG state is needed.
+    Writes a resumable checkpoint (model, optimizer, schedule, epoch, config, best state, history, privacy
+    accountant) after every epoch when ``checkpoint_path`` is given; epochs are seeded by (seed, epoch), so no
+    RNG state is needed. With ``dp`` enabled the training steps are DP-SGD (:mod:`strnet.privacy`) and every
+    epoch's row records the ε spent so far (``privacy_epsilon``).
     """
     t = params
     device = device or resolve_device()
@@ -448,7 +459,19 @@ def fit(
     if t.channels_last:
         model.to(memory_format=torch.channels_last)
     amp_dtype = autocast_dtype(t.precision, device)
-    loss_fn = MultiTaskLoss(pos_weight=class_weight(train_df, t), weights=loss_weights).to(device)
+    private = (
+        PrivateTraining(
+            dp,
+            n_train=len(train_df),
+            batch_size=t.batch_size,
+            planned_steps=t.epochs * steps_per_epoch(len(train_df), t.batch_size, t.max_steps_per_epoch),
+        )
+        if dp is not None and dp.enabled
+        else None
+    )
+    loss_fn = MultiTaskLoss(
+        pos_weight=class_weight(train_df, t), weights=loss_weights, per_case=private is not None
+    ).to(device)
     optimizer = build_optimizer(model, t)
     schedule = RecipeSchedule(t)
     loader_args = {"num_workers": num_workers, "seed": seed}
@@ -479,6 +502,8 @@ def fit(
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["schedule"])
+        if private is not None:
+            private.load_state(ckpt.get("privacy"))
         start_epoch = ckpt["epoch"] + 1
         best_state, history = ckpt["best_state"], ckpt["history"]
         for i, row in enumerate(history):  # the resumed run's record holds the whole curve
@@ -486,14 +511,17 @@ def fit(
                 on_epoch_end(i + 1, row)
     t0 = time.perf_counter()
     epoch = start_epoch - 1
+    step_model, step_optimizer, step_loader = (
+        private.attach(model, optimizer, train_loader) if private else (model, optimizer, train_loader)
+    )
     for epoch in range(start_epoch, t.epochs):
         lr = schedule.lr
-        set_learning_rate(optimizer, lr)
+        set_learning_rate(step_optimizer, lr)
         train_stats = train_one_epoch(
-            model,
-            train_loader,
+            step_model,
+            step_loader,
             loss_fn,
-            optimizer,
+            step_optimizer,
             params=t,
             epoch=epoch,
             seed=seed,
@@ -515,6 +543,8 @@ def fit(
         if improved:
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         row = history_row(lr, train_summary(train_stats), ranking) | site_rows(per_site)
+        if private is not None:
+            row["privacy_epsilon"] = private.epsilon()
         history.append(row)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, row)
@@ -536,12 +566,15 @@ def fit(
                     "config": config_dict or {},
                     "best_state": best_state,
                     "history": history,
+                    "privacy": private.state() if private is not None else None,
                 },
                 tmp,
             )
             tmp.replace(checkpoint_path)
         if schedule.should_stop:
             break
+    if private is not None:
+        private.detach()
     return FitResult(
         best_state=best_state,
         best_epoch=schedule.best_step,
@@ -550,4 +583,5 @@ def fit(
         history=history,
         stopped_early=epoch + 1 < t.epochs,
         seconds=time.perf_counter() - t0,
+        privacy=private.report() if private is not None else None,
     )

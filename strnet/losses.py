@@ -5,6 +5,11 @@ from epoch ``warmup_epochs`` on). Each term is the mean over the samples that ca
 NaN and is masked out as in torchxrayvision (``mask = ~torch.isnan(target)``), because most radiographs have no
 T-score and normal knees have no severity. The warm-up lets the classification tasks shape the routed features before
 the (detached) T-score branch starts fitting them.
+
+Under DP-SGD (``per_case=True``) every case's loss must be its own: a mean over the cases that carry a label
+divides by a count that depends on the other cases of the batch. There the loss is the batch mean of each
+case's weighted sum of its own terms (a missing label contributes an exact 0, still in the graph, so every
+parameter gets a per-case gradient), i.e. the severity and T-score terms are averaged over the whole batch.
 """
 
 from __future__ import annotations
@@ -53,11 +58,12 @@ class MultiTaskLoss(nn.Module):
 
     pos_weight: torch.Tensor
 
-    def __init__(self, pos_weight: float, weights: LossWeights | None = None) -> None:
+    def __init__(self, pos_weight: float, weights: LossWeights | None = None, *, per_case: bool = False) -> None:
         super().__init__()
         if isinstance(pos_weight, bool) or not math.isfinite(float(pos_weight)) or float(pos_weight) <= 0:
             raise ValueError(f"pos_weight must be a finite number > 0 (n_normal / n_bone_loss), got {pos_weight!r}")
         self.weights = weights if weights is not None else LossWeights()
+        self.per_case = per_case
         self.register_buffer("pos_weight", torch.tensor(float(pos_weight)), persistent=False)
 
     def forward(
@@ -73,6 +79,8 @@ class MultiTaskLoss(nn.Module):
                     f"{out_key!r} output shape {tuple(outputs[out_key].shape)} != "
                     f"{y_key!r} target shape {tuple(batch[y_key].shape)}"
                 )
+        if self.per_case:
+            return self._per_case(outputs, batch, epoch)
         terms: dict[str, torch.Tensor] = {}
         for out_key, y_key in OUTPUT_KEYS.items():
             pred = outputs[out_key].float()
@@ -89,5 +97,30 @@ class MultiTaskLoss(nn.Module):
         if epoch >= self.weights.warmup_epochs:
             total = total + self.weights.t_score * terms["t_score"]
         parts = {k: float(v.detach()) for k, v in terms.items()}
+        parts["total"] = float(total.detach())
+        return total, parts
+
+    def _per_case(
+        self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], epoch: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Σ_i (w_i·bce_i + 0.3·bce_sev_i + 0.1·sl1_i) / n, each term 0 where case i lacks that label."""
+        per_case: dict[str, torch.Tensor] = {}
+        for out_key, y_key in OUTPUT_KEYS.items():
+            pred = outputs[out_key].float()
+            target = batch[y_key].to(device=pred.device, dtype=torch.float32)
+            known = ~torch.isnan(target)
+            y = torch.nan_to_num(target)  # a NaN target would make 0·(NaN gradient) = NaN
+            if out_key == "screen":
+                loss = F.binary_cross_entropy_with_logits(pred, y, pos_weight=self.pos_weight, reduction="none")
+            elif out_key == "severity":
+                loss = F.binary_cross_entropy_with_logits(pred, y, reduction="none")
+            else:
+                loss = F.smooth_l1_loss(pred, y, reduction="none")
+            per_case[out_key] = torch.where(known, loss, torch.zeros_like(loss))
+        t_weight = self.weights.t_score if epoch >= self.weights.warmup_epochs else 0.0
+        case = per_case["screen"] + self.weights.severity * per_case["severity"] + t_weight * per_case["t_score"]
+        n = max(int(case.shape[0]), 1)  # an empty Poisson batch: loss 0, and Opacus adds the noise alone
+        total = case.sum() / n
+        parts = {k: float(v.detach().sum()) / n for k, v in per_case.items()}
         parts["total"] = float(total.detach())
         return total, parts

@@ -382,15 +382,74 @@ class STRNet(nn.Module):
         return self.neck[0](self.backbone(image))
 
 
+NORMS = ("batch", "group")
+
+
 def build_strnet(
-    *, backbone: str = "resnet50", weights: str = "none", neck_dim: int = 128, dropout: float = 0.3
+    *,
+    backbone: str = "resnet50",
+    weights: str = "none",
+    neck_dim: int = 128,
+    dropout: float = 0.3,
+    norm: str = "batch",
 ) -> STRNet:
+    """``norm="group"`` is the DP-SGD form (:func:`per_case_form`): the same network with GroupNorm for
+    BatchNorm, so every case's gradient is its own. A bundle records its norm; both forms load anywhere."""
     if isinstance(neck_dim, bool) or not isinstance(neck_dim, int) or neck_dim < 1:
         raise ValueError(f"neck_dim must be a positive integer, got {neck_dim!r}")
     if not isinstance(dropout, int | float) or not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     trunk, feat_dim = build_backbone(backbone, weights)
-    return STRNet(trunk, feat_dim, backbone, neck_dim=neck_dim, dropout=float(dropout))
+    model = STRNet(trunk, feat_dim, backbone, neck_dim=neck_dim, dropout=float(dropout))
+    return per_case_form(model) if norm == "group" else model
+
+
+class _PerCaseBasicBlock(torchvision.models.resnet.BasicBlock):
+    """torchvision's block with ``out = out + identity``: its ``out += identity`` writes into a tensor Opacus's
+    backward hooks still hold ("Output 0 of BackwardHookFunction is a view and is being modified inplace")."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class _PerCaseBottleneck(torchvision.models.resnet.Bottleneck):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+_PER_CASE_BLOCKS = {
+    torchvision.models.resnet.BasicBlock: _PerCaseBasicBlock,
+    torchvision.models.resnet.Bottleneck: _PerCaseBottleneck,
+}
+
+
+def per_case_form(model: STRNet) -> STRNet:
+    """The model with no coupling between the cases of a batch and no in-place activation: what DP-SGD needs.
+
+    BatchNorm mixes the cases of a batch (one case's gradient then depends on the others, so it cannot be
+    clipped alone); Opacus's ``ModuleValidator.fix`` swaps it for GroupNorm with gcd(32, channels) groups and
+    fresh affine weights (the pretrained convolutions stay). In-place activations and residual additions
+    would overwrite tensors that Opacus's hooks keep, so they become out-of-place; names and state-dict keys
+    of everything else are unchanged.
+    """
+    from opacus.validators import ModuleValidator
+
+    fixed = ModuleValidator.fix(model)
+    for module in fixed.modules():
+        if isinstance(module, nn.ReLU | nn.ReLU6) or hasattr(module, "inplace"):
+            module.inplace = False
+        if type(module) in _PER_CASE_BLOCKS:
+            module.__class__ = _PER_CASE_BLOCKS[type(module)]
+    return fixed
 
 
 def count_params(model: nn.Module) -> dict[str, int]:

@@ -22,12 +22,12 @@ import pandas as pd
 import torch
 
 from configs.loader import flatten
-from configs.schema import Config
+from configs.schema import Config, build_model
 from strnet import metrics as M
 from strnet import plots
 from strnet.bundle import save_bundle
 from strnet.evaluation import strict_json
-from strnet.model import build_strnet, count_params
+from strnet.model import count_params
 from strnet.scoring import prefixed
 from strnet.sufficient import EvaluationCounts
 
@@ -171,8 +171,13 @@ class Run:
         test_counts: EvaluationCounts | None,
         best_step: int,
         artifacts: dict[str, Path] | None = None,
+        privacy: dict[str, Any] | None = None,
     ) -> RunResult:
-        """Write every output of a finished run, log it, and end the tracked run as FINISHED."""
+        """Write every output of a finished run, log it, and end the tracked run as FINISHED.
+
+        ``privacy`` (DP-SGD runs, :func:`strnet.privacy.run_privacy`): ε per site goes into the bundle, the
+        summary, the headline every report opens with, and MLflow."""
+        first_line = headline(threshold, calibration, privacy)
         bundle_dir = save_bundle(
             self.out_dir / "bundle",
             state_dict=state_dict,
@@ -186,9 +191,9 @@ class Run:
                 **training,
                 "config": self.cfg.to_dict(),
                 "problems": self.problems,
-            },
-            extra={"calibration": calibration, "headline": headline(threshold, calibration)}
-            | ({"ood": ood} if ood else {}),
+            }
+            | ({"privacy": privacy} if privacy else {}),
+            extra={"calibration": calibration, "headline": first_line} | ({"ood": ood} if ood else {}),
         )
         seconds = time.perf_counter() - self._t0
         metrics = {
@@ -209,7 +214,7 @@ class Run:
         )
         summary = {
             "mode": self.mode,
-            "headline": headline(threshold, calibration),
+            "headline": first_line,
             "threshold": threshold,
             "calibration": calibration,
             "ood": {k: v for k, v in (ood or {}).items() if k != "gaussian"},
@@ -217,12 +222,15 @@ class Run:
             "metrics": metrics,
             "sites": {name: {"role": s.role, **prefixed(s.metrics, "test")} for name, s in sorted(sites.items())},
             "problems": self.problems,
-        }
+        } | ({"privacy": privacy} if privacy else {})
         summary_path = self.out_dir / "summary.json"
         summary_path.write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False))
         if self.tracker is not None:
             self.tracker.set_tags({f"recipe.{k}": v for k, v in recipe.items()})
             self.tracker.log_metrics(metrics)
+            if privacy:
+                self.tracker.set_tags({"privacy": "dp-sgd"})
+                self.tracker.log_metrics(privacy_metrics(privacy))
             for name, s in sites.items():
                 self.tracker.log_metrics(prefixed(s.metrics, "test", site=name))
             for path in (summary_path, self.out_dir / "evaluation.csv"):
@@ -249,8 +257,30 @@ class Run:
         )
 
 
-def headline(threshold: dict[str, Any], calibration: dict[str, Any]) -> str:
-    """The first line of every summary and report: how τ* was found, and loudly when the paper's rule fell back."""
+def privacy_metrics(privacy: dict[str, Any]) -> dict[str, float]:
+    """``privacy_epsilon`` (the largest over sites) and ``site.<name>.privacy_epsilon`` for MLflow."""
+    out = {"privacy_epsilon": float(privacy["epsilon"]), "privacy_delta": float(privacy["delta"])}
+    out |= {f"site.{name}.privacy_epsilon": float(r["epsilon"]) for name, r in privacy["sites"].items()}
+    return out
+
+
+def privacy_sentence(privacy: dict[str, Any] | None) -> str:
+    if not privacy:
+        return ""
+    per_site = ", ".join(f"{name} {r['epsilon']:.2f}" for name, r in sorted(privacy["sites"].items()))
+    return (
+        f" DP-SGD: ε = {privacy['epsilon']:.2f} at δ = {privacy['delta']:g} (largest over sites; {per_site}; "
+        f"clip {privacy['max_grad_norm']:g})."
+    )
+
+
+def headline(threshold: dict[str, Any], calibration: dict[str, Any], privacy: dict[str, Any] | None = None) -> str:
+    """The first line of every summary and report: how τ* was found, and loudly when the paper's rule fell back;
+    a DP-SGD run's ε per site follows."""
+    return _threshold_headline(threshold, calibration) + privacy_sentence(privacy)
+
+
+def _threshold_headline(threshold: dict[str, Any], calibration: dict[str, Any]) -> str:
     cal = (
         f"Platt calibration a={calibration['a']:.3g}, b={calibration['b']:.3g}"
         if calibration.get("status") == "fitted"
@@ -299,7 +329,7 @@ def recipe(cfg: Config, mode: Mode) -> dict[str, Any]:
 
 def model_config(cfg: Config) -> dict[str, Any]:
     """The bundle's model section: the config's model, weights loaded from the bundle, parameter counts."""
-    model = build_strnet(backbone=cfg.model.backbone, weights="none", neck_dim=cfg.model.neck_dim)
+    model = build_model(cfg, weights="none")
     return {**cfg.model.__dict__, "weights": "none", "init_weights": cfg.model.weights, **count_params(model)}
 
 

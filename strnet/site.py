@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from configs.schema import Config
+from configs.schema import Config, build_model
 from strnet.calibration import Platt, calibrated, labelled_logits
 from strnet.cases import warm_cache
 from strnet.data.cache import PreprocessCache
@@ -43,8 +43,8 @@ from strnet.engine import (
 )
 from strnet.errors import DataError
 from strnet.losses import MultiTaskLoss
-from strnet.model import build_strnet
 from strnet.ood import FeatureGaussian, FeatureMoments, site_distance_histogram, site_moments
+from strnet.privacy import PrivateTraining, steps_per_epoch
 from strnet.sufficient import EvaluationCounts, ValidationCounts, with_films
 
 ROLES = ("train", "external")
@@ -93,9 +93,8 @@ class SiteRunner:
     @property
     def model(self) -> torch.nn.Module:
         if self._model is None:
-            m = self.cfg.model
             # the server's weights overwrite every parameter: never touch the disk or network for weights here
-            model = build_strnet(backbone=m.backbone, weights="none", neck_dim=m.neck_dim, dropout=m.dropout)
+            model = build_model(self.cfg, weights="none")
             model.to(self.device)
             if self.cfg.train.channels_last:
                 model.to(memory_format=torch.channels_last)
@@ -153,12 +152,15 @@ class SiteRunner:
         server_round: int,
         optimizer_state: bytes | None,
         proximal_mu: float = 0.0,
-    ) -> tuple[dict[str, torch.Tensor], dict[str, float], int, bytes]:
+        privacy_state: dict[str, Any] | None = None,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float], int, bytes, dict[str, Any] | None]:
         """``federation.local_epochs`` epochs from the global weights at the server's learning rate.
 
         Global epoch numbers ((round − 1) · local_epochs + e) drive the warm-up and seed every draw, exactly as
         the centralized run's epochs do. Returns the new weights, the last epoch's training numbers, the FedAvg
-        weight (train-split size) and the optimizer state to keep for the next round.
+        weight (train-split size), the optimizer state to keep for the next round and, under DP-SGD, the
+        privacy accountant's state to keep (``privacy_state`` is the one kept after the previous round: the
+        site's ε accumulates over the run; the metrics carry it as ``privacy_epsilon``).
         """
         if self.role != "train":
             raise ValueError(f"site {self.site} is an external site: it evaluates only, it does not train")
@@ -174,7 +176,10 @@ class SiteRunner:
             )
         set_learning_rate(optimizer, lr)
         train = self.splits["train"]
-        loss_fn = MultiTaskLoss(pos_weight=class_weight(train, t), weights=self.cfg.loss).to(self.device)
+        private = self.private_training()
+        loss_fn = MultiTaskLoss(
+            pos_weight=class_weight(train, t), weights=self.cfg.loss, per_case=private is not None
+        ).to(self.device)
         loader = make_loader(
             train,
             self.cfg.preprocess,
@@ -188,12 +193,16 @@ class SiteRunner:
         )
         stats: dict[str, float] = {}
         proximal = Proximal.of(self.model, proximal_mu) if proximal_mu > 0 else None
+        model, step_optimizer = self.model, optimizer
+        if private is not None:
+            private.load_state(privacy_state)
+            model, step_optimizer, loader = private.attach(self.model, optimizer, loader)
         for e in range(epochs):
             stats = train_one_epoch(
-                self.model,
+                model,
                 loader,
                 loss_fn,
-                optimizer,
+                step_optimizer,
                 params=t,
                 epoch=(server_round - 1) * epochs + e,
                 seed=self.cfg.seed,
@@ -203,9 +212,26 @@ class SiteRunner:
                 desc=f"{self.site} train",
                 proximal=proximal,
             )
+        summary = train_summary(stats)
+        if private is not None:
+            private.detach()
+            summary |= private.metrics()
         buf = io.BytesIO()
         torch.save(optimizer.state_dict(), buf)
-        return self.state_dict(), train_summary(stats), len(train), buf.getvalue()
+        kept_privacy = private.state() if private is not None else None
+        return self.state_dict(), summary, len(train), buf.getvalue(), kept_privacy
+
+    def private_training(self) -> PrivateTraining | None:
+        """This site's DP-SGD for the run (None without ``privacy.dp``): σ from the site's own sampling rate and
+        the run's planned steps (rounds × local epochs), the same every round."""
+        dp, t, fed = self.cfg.privacy.dp, self.cfg.train, self.cfg.federation
+        if not dp.enabled:
+            return None
+        n = len(self.splits["train"])
+        per_epoch = steps_per_epoch(n, t.batch_size, t.max_steps_per_epoch)
+        return PrivateTraining(
+            dp, n_train=n, batch_size=t.batch_size, planned_steps=fed.rounds * fed.local_epochs * per_epoch
+        )
 
     def validation_logits(self, state_dict: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
         """The kept model's labelled validation logits: the site's part of the pooled calibration fit (they stay

@@ -31,6 +31,9 @@ from strnet.data.preprocess import PreprocessParams
 BRANCH = ("t_image", "t_tabular", "t_fusion")
 SUM_KEYS = ("n", "sum_sq_err", "sum_abs_err")
 
+# Under DP-SGD the refit would train on the cases outside the privacy guarantee, so it does not run.
+DP_OFF = "off: under DP-SGD the refit would train on the training cases outside the privacy guarantee"
+
 
 def branch_keys(model: nn.Module) -> list[str]:
     """State-dict keys of the T-score branch (what a federated refit exchanges)."""
