@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 
 from client.audit import audit_mod
 from client.kept import KeptState, load_run_config, save_run_config
+from client.released import released_mod
 from client.sanitize import sanitize_errors_mod
 from client.site import site_for_node
 from configs.schema import Config, config_from_dict
@@ -27,6 +28,7 @@ from strnet.engine import resolve_device
 from strnet.errors import ConfigError
 from strnet.model import batchnorm_keys
 from strnet.ood import FeatureGaussian
+from strnet.released import StatisticsPrivacy
 from strnet.protocol import (
     PROTOCOL_VERSION,
     WEIGHT,
@@ -41,8 +43,9 @@ from strnet.protocol import (
 from strnet.site import SiteRunner
 from strnet.tscore import BranchData, branch_keys, branch_sums, local_steps
 
-# failures leave the site as kind + generic reason (client.sanitize); STRNET_MESSAGE_AUDIT logs every reply
-app = ClientApp(mods=[sanitize_errors_mod, audit_mod])
+# failures leave the site as kind + generic reason (client.sanitize); STRNET_MESSAGE_AUDIT logs every reply, after
+# privacy.statistics protected its statistics (client.released)
+app = ClientApp(mods=[sanitize_errors_mod, audit_mod, released_mod(lambda context: _statistics_policy(context))])
 
 RUN_STATE = "strnet.run"  # ConfigRecord: config-json, config-digest
 OPTIMIZER_STATE = "strnet.optimizer"  # ConfigRecord: state (bytes), server-round
@@ -76,6 +79,14 @@ def _config(message: Message, context: Context) -> Config:
     if instruction.get(Field.CONFIG_DIGEST, kept[Field.CONFIG_DIGEST]) != kept[Field.CONFIG_DIGEST]:
         raise ConfigError("the server's configuration digest differs from the one this node received")
     return config_from_dict(json.loads(str(kept[Field.CONFIG_JSON])))
+
+
+def _statistics_policy(context: Context) -> StatisticsPrivacy | None:
+    """The run's ``privacy.statistics``, once the node knows the run (None before the site-info query)."""
+    kept = context.state.get(RUN_STATE)
+    if kept is None:
+        return None
+    return config_from_dict(json.loads(str(kept[Field.CONFIG_JSON]))).privacy.statistics
 
 
 def _keep_config(context: Context, config_json: str, federation_id: str) -> None:

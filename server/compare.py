@@ -26,6 +26,8 @@ HEADLINE = (
     "tau_star",
     "best_step",
     "wall_seconds",
+    "privacy_epsilon",  # DP-SGD runs: the largest site's ε over the whole run, at privacy_delta
+    "privacy_delta",
 )
 SITE_KEYS = (
     "test_screening_auroc",
@@ -33,6 +35,7 @@ SITE_KEYS = (
     "test_screening_sensitivity",
     "test_screening_specificity",
     "test_t_score_mae",
+    "privacy_epsilon",
 )
 
 

@@ -130,6 +130,9 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
+ALIAS_PREFIX = "backbone.last_block."
+
+
 def load_bundle(path: str | Path, map_location: str | torch.device = "cpu") -> Bundle:
     """Load a bundle folder, verifying the weights' SHA-256 against the metadata before unpickling."""
     root = Path(path)
@@ -159,6 +162,8 @@ def load_bundle(path: str | Path, map_location: str | torch.device = "cpu") -> B
         norm=str(m.get("norm", "batch")),
     )
     state = torch.load(weights, map_location=map_location, weights_only=True)
+    # bundles written before trunks exposed ``last_block`` as a property carry its tensors a second time
+    state = {k: v for k, v in state.items() if not k.startswith(ALIAS_PREFIX)}
     model.load_state_dict(state)
     model.eval()
     return Bundle(model=model, metadata=metadata, path=root)

@@ -63,7 +63,9 @@ def available_backbones() -> list[str]:
 def build_backbone(name: str, weights: str = "none") -> tuple[nn.Module, int]:
     """A trunk mapping [B,1,H,W] -> pooled [B,feat_dim], and feat_dim.
 
-    Every trunk exposes ``last_block`` (the module whose output Grad-CAM explains).
+    Every trunk exposes ``last_block`` (the module whose output Grad-CAM explains) as a property, never as a
+    second registered name: an aliased submodule puts its tensors twice into the state dict (and on the wire)
+    and gets Opacus's hooks twice, which doubles its per-case gradients.
     """
     if name not in _BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; valid backbones: {', '.join(available_backbones())}")
@@ -121,7 +123,10 @@ class _ResNetTrunk(nn.Module):
     def __init__(self, body: torchvision.models.ResNet) -> None:
         super().__init__()
         self.body = body
-        self.last_block = body.layer4[-1]
+
+    @property
+    def last_block(self) -> nn.Module:
+        return self.body.layer4[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -234,7 +239,10 @@ class EfficientNetLite0(nn.Module):
         self._head_act = nn.ReLU6(inplace=False)  # own module so Grad-CAM can hook the final activation map
         self.act = nn.ReLU6(inplace=True)
         self._fc = nn.Linear(1280, num_classes) if num_classes else None
-        self.last_block = self._head_act
+
+    @property
+    def last_block(self) -> nn.Module:
+        return self._head_act
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self._bn0(self._conv_stem(x)))
@@ -287,8 +295,11 @@ class _TinyTrunk(nn.Module):
             )
             cin = w
         self.blocks = nn.Sequential(*layers)
-        self.last_block = layers[-1]
         self.pool = nn.AdaptiveAvgPool2d(1)
+
+    @property
+    def last_block(self) -> nn.Module:
+        return self.blocks[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.pool(self.blocks(x)), 1)
@@ -485,7 +496,7 @@ def batchnorm_keys(model: nn.Module) -> frozenset[str]:
     """State-dict keys of every BatchNorm layer (affine parameters and running statistics): what FedBN keeps at
     each site, because they encode the site's own image statistics (scanner, exposure, processing)."""
     keys: set[str] = set()
-    for name, module in model.named_modules():
+    for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             prefix = f"{name}." if name else ""
             keys |= {prefix + k for k in module.state_dict()}
