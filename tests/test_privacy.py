@@ -25,7 +25,7 @@ from strnet.errors import ConfigError
 from strnet.losses import LossWeights, MultiTaskLoss
 from strnet.model import batchnorm_keys, build_strnet
 from strnet.privacy import DPParams, PrivateTraining, noise_multiplier, sample_rate
-from tests.test_federation import _overrides
+from tests.test_federation import ServerStopped, StoppingGrid, _overrides
 from tests.test_training import tiny_config
 
 NAN = float("nan")
@@ -194,3 +194,25 @@ def test_settings_dp_sgd_cannot_honour_are_refused(overrides: list[str], message
 def test_no_dp_keeps_the_batchnorm_model() -> None:
     cfg = load_config("demo")
     assert cfg.model.norm == "batch" and not math.isnan(cfg.privacy.dp.delta)
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+def test_a_resumed_federation_keeps_counting_every_round_a_site_released(scenario, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The server dies after the sites trained round 3 and before it recorded it; the resumed run (a new Flower
+    run: empty node state) repeats round 3. Each site's accountant comes back from its disk and counts all four
+    trained rounds: round 3 was released twice, so ε is that of four rounds, never restarted from zero."""
+    cfg = load_config(
+        "demo",
+        _fed_overrides(
+            scenario, tmp_path, "federation.rounds=3", "tracking.enabled=false", "train.early_stop_patience=9"
+        ),
+    )
+    with pytest.raises(ServerStopped):
+        run_federated(StoppingGrid(3, stop_at=3), cfg)  # type: ignore[arg-type]
+    resumed = run_federated(InProcessGrid(3), cfg, resume=True)  # type: ignore[arg-type]
+    last = resumed.history[-1]
+    per_round = resumed.history[0]["site.stage1.privacy_steps"]
+    assert last["site.stage1.privacy_steps"] == 4 * per_round
+    acc = RDPAccountant()
+    acc.history = [(1.1, last["site.stage1.privacy_sample_rate"], int(4 * per_round))]
+    assert last["site.stage1.privacy_epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
