@@ -28,7 +28,6 @@ from strnet.engine import resolve_device
 from strnet.errors import ConfigError
 from strnet.model import batchnorm_keys
 from strnet.ood import FeatureGaussian
-from strnet.released import StatisticsPrivacy
 from strnet.protocol import (
     PROTOCOL_VERSION,
     WEIGHT,
@@ -40,6 +39,7 @@ from strnet.protocol import (
     encode,
     encode_splits,
 )
+from strnet.released import StatisticsPrivacy
 from strnet.site import SiteRunner
 from strnet.tscore import BranchData, branch_keys, branch_sums, local_steps
 

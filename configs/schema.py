@@ -234,6 +234,8 @@ def _check(cfg: Config) -> None:
     if cfg.preprocess.size < 16:
         raise ConfigError(f"preprocess.size={cfg.preprocess.size} is too small (>= 16)")
     _check_dp(cfg)
+    if problems := cfg.privacy.statistics.problems():
+        raise ConfigError("; ".join(problems))
 
 
 def _check_dp(cfg: Config) -> None:

@@ -25,6 +25,7 @@ from strnet.protocol import (
     decode_validation,
     model_digest,
 )
+from strnet.released import restore_validation
 from strnet.sufficient import ValidationCounts
 
 
@@ -77,6 +78,8 @@ def calibrated_validation_counts(
     config = {Field.PLATT_A: platt.a, Field.PLATT_B: platt.b}
     per_site: dict[str, ValidationCounts] = {}
     for site, values in sites.ask(MessageKind.VAL_STATS, config, arrays).items():
+        if sites.cfg.privacy.statistics.noised:  # τ-grid counts from the noised histogram
+            values = restore_validation(values, th.grid())
         try:
             per_site[site] = decode_validation(site, values, n_bins=th.histogram_bins, n_grid=len(th.grid()))
         except SiteError as exc:

@@ -30,6 +30,7 @@ from strnet.engine import RecipeSchedule, seed_everything
 from strnet.model import batchnorm_keys
 from strnet.privacy import run_privacy, site_reports_from_history
 from strnet.protocol import WEIGHT, Field, MessageKind, config_digest
+from strnet.released import StatisticsLedger
 from strnet.run import Run, RunResult, SiteResult, Tracker, recipe
 from strnet.scoring import task_metrics
 from strnet.sufficient import EvaluationCounts
@@ -90,6 +91,7 @@ def run_federated(
             {"sites": site_table}, sites=",".join(sorted(roles)), train_sites=",".join(sorted(train_nodes.values()))
         )
         state, bn_keys = initial_state(cfg)
+        ledger = StatisticsLedger(cfg.privacy.statistics)  # every noised statistic of the run, for its ε
         strategy = build_strategy(
             fed,
             train_nodes=train_nodes,
@@ -101,6 +103,7 @@ def run_federated(
             on_round=run.log_step,
             problem=run.problem,
             local_keys=bn_keys,
+            ledger=ledger,
         )
         arrays, start_round, finished = ArrayRecord(state), 1, False
         if checkpoint is not None:
@@ -128,7 +131,7 @@ def run_federated(
             raise QuorumError(
                 f"no round produced pooled validation statistics (quorum {fed.quorum}): " + "; ".join(strategy.problems)
             )
-        sites = TrainingSites(grid, cfg, train_nodes, digest, run.problem)
+        sites = TrainingSites(grid, cfg, train_nodes, digest, run.problem, ledger)
         kept = strategy.best_arrays
         if strategy.local_keys:
             kept = gather_batchnorm(sites, kept, strategy.best_round, strategy.local_keys)
@@ -143,7 +146,11 @@ def run_federated(
         threshold = pooled_threshold(cal_val, th, sites=pooled_sites, excluded=excluded)
         tau = float(threshold["value"])
         ood = pooled_ood(sites, kept) if cfg.ood.enabled else None
-        frozen = frozen_evaluation(grid, cfg, nodes, kept, tau, platt, digest, run.problem)
+        frozen = frozen_evaluation(grid, cfg, nodes, kept, tau, platt, digest, run.problem, ledger)
+        if cfg.privacy.statistics.enabled:  # beside τ*, which it chose: summary.json and the bundle
+            threshold["statistics_privacy"] = ledger.report()
+            if run.tracker is not None and cfg.privacy.statistics.noised:
+                run.tracker.log_metrics({"privacy_statistics_epsilon": threshold["statistics_privacy"]["epsilon"]})
 
         def pooled(split: str) -> EvaluationCounts:
             parts = {s: c[split] for s, c in frozen.items() if roles[s] == "train" and split in c}

@@ -10,10 +10,11 @@ from flwr.serverapp import Grid
 
 from configs.schema import Config
 from server.discovery import SiteNode
-from server.replies import reply_content, stats_arrays
+from server.replies import reply_content, stats_arrays, withheld
 from strnet.calibration import Platt
 from strnet.errors import SiteError
 from strnet.protocol import PROTOCOL_VERSION, Field, Key, MessageKind, decode_splits
+from strnet.released import StatisticsLedger, restore_evaluation
 from strnet.sufficient import EvaluationCounts
 
 
@@ -26,8 +27,14 @@ def frozen_evaluation(
     platt: Platt,
     config_digest: str,
     problem: Callable[[str], None],
+    ledger: StatisticsLedger | None = None,
 ) -> dict[str, dict[str, EvaluationCounts]]:
-    """site -> split (``test``: its evaluation cohort; ``val``: a training site's validation split) -> counts."""
+    """site -> split (``test``: its evaluation cohort; ``val``: a training site's validation split) -> counts.
+
+    Under ``privacy.statistics`` a statistic a site withheld counts as zeros (named in the problems) and the
+    counts at τ* are read off the noised histograms; ``ledger`` counts the noised releases."""
+    policy = cfg.privacy.statistics
+    n_bins = cfg.threshold.histogram_bins
     instruction = ConfigRecord(
         {
             Field.VERSION: PROTOCOL_VERSION,
@@ -46,8 +53,17 @@ def frozen_evaluation(
         try:
             if node not in nodes:
                 raise SiteError(site, "reply from a node that never announced its site")
-            arrays_in = stats_arrays(reply_content(msg, site), site)
-            out[site] = decode_splits(site, arrays_in, n_bins=cfg.threshold.histogram_bins)
+            content = reply_content(msg, site)
+            arrays_in = stats_arrays(content, site)
+            if policy.enabled:
+                if ledger is not None:
+                    ledger.record(site, MessageKind.FROZEN, arrays_in)
+                held = withheld(content, MessageKind.FROZEN, site)
+                for exc in held.values():
+                    problem(f"frozen evaluation: {exc}")
+                empty = EvaluationCounts.empty(n_bins).arrays()
+                arrays_in = restore_evaluation(arrays_in, held, threshold=tau, empty=empty)
+            out[site] = decode_splits(site, arrays_in, n_bins=n_bins, noised=policy.noised)
         except SiteError as exc:
             problem(f"frozen evaluation: {exc}")
     return out

@@ -13,6 +13,7 @@ from flwr.serverapp import Grid
 from configs.schema import Config
 from strnet.errors import SiteError
 from strnet.protocol import PROTOCOL_VERSION, Field, Key, check_version
+from strnet.released import WITHHELD, StatisticsLedger, withheld_problem
 
 
 def reply_content(msg: Message, site: str) -> RecordDict:
@@ -32,6 +33,14 @@ def stats_arrays(content: RecordDict, site: str) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in content.array_records[Key.STATS].items()}
 
 
+def withheld(content: RecordDict, kind: str, site: str) -> dict[str, SiteError]:
+    """Statistics the site withheld under ``privacy.statistics``: id -> the problem, naming site and statistic."""
+    record = content.metric_records.get(WITHHELD)
+    if record is None:
+        return {}
+    return {str(k): SiteError(site, withheld_problem(kind, str(k), int(v))) for k, v in record.items()}  # type: ignore[arg-type]
+
+
 @dataclass
 class TrainingSites:
     """The training nodes of a run and how to ask them something after training (calibration, OOD model,
@@ -42,6 +51,7 @@ class TrainingSites:
     nodes: dict[int, str]  # node id -> site name
     config_digest: str
     problem: Callable[[str], None]
+    ledger: StatisticsLedger | None = None  # privacy.statistics: the noised releases of the run
 
     def ask(
         self,
@@ -50,7 +60,8 @@ class TrainingSites:
         arrays: ArrayRecord | None = None,
         stats: ArrayRecord | None = None,
     ) -> dict[str, dict[str, np.ndarray]]:
-        """site -> its reply's stats arrays; failed or malformed replies are reported and left out."""
+        """site -> its reply's stats arrays; failed, malformed or withheld (``privacy.statistics``) replies are
+        reported and left out."""
         instruction = ConfigRecord({Field.VERSION: PROTOCOL_VERSION, Field.CONFIG_DIGEST: self.config_digest, **config})
         content = RecordDict(
             {Key.CONFIG: instruction}
@@ -65,7 +76,16 @@ class TrainingSites:
         for msg in replies:
             site = self.nodes.get(msg.metadata.src_node_id, f"<unknown node {msg.metadata.src_node_id}>")
             try:
-                out[site] = stats_arrays(reply_content(msg, site), site)
+                content = reply_content(msg, site)
+                arrays = stats_arrays(content, site)
             except SiteError as exc:
                 self.problem(f"{kind}: {exc}")
+                continue
+            if self.ledger is not None:
+                self.ledger.record(site, kind, arrays)
+            held = withheld(content, kind, site)
+            for exc in held.values():
+                self.problem(f"{kind}: {exc}")
+            if not held:
+                out[site] = arrays
         return out

@@ -26,11 +26,12 @@ from flwr.supercore import log
 
 from configs.schema import FederationConfig, ThresholdConfig
 from server.pooled import QuorumError, pool, weighted_average
-from server.replies import reply_content, stats_arrays
+from server.replies import reply_content, stats_arrays, withheld
 from strnet.engine import RecipeSchedule, history_row, with_site_auroc
 from strnet.errors import SiteError
 from strnet.privacy import PRIVACY_METRICS
 from strnet.protocol import PROTOCOL_VERSION, WEIGHT, Field, Key, MessageKind, decode_validation, encode
+from strnet.released import StatisticsLedger, restore_validation
 from strnet.sufficient import ValidationCounts
 
 
@@ -49,6 +50,7 @@ class SiteFedAvg(FedAvg):
         on_round: Callable[[int, dict[str, float]], None] | None = None,
         problem: Callable[[str], None] | None = None,
         local_keys: frozenset[str] = frozenset(),
+        ledger: StatisticsLedger | None = None,
     ) -> None:
         n = len(train_nodes)
         super().__init__(min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n, weighted_by_key=WEIGHT)
@@ -77,6 +79,7 @@ class SiteFedAvg(FedAvg):
         self.local_keys = local_keys
         self._global: ArrayRecord | None = None
         self.last_average: dict[str, np.ndarray] = {}
+        self.ledger = ledger  # privacy.statistics: every noised validation histogram received
 
     # The server optimizer's state in Flower's FedAvgM (current_arrays, momentum_vector) and FedOpt/FedAdam
     # (current_arrays, m_t, v_t): what a resumed run must restore to take the same steps.
@@ -93,6 +96,7 @@ class SiteFedAvg(FedAvg):
             "round_sites": {str(r): v for r, v in self.round_sites.items()},
             "problems": list(self.problems),
             "server_optimizer": {k: getattr(self, k) for k in self.SERVER_OPTIMIZER_STATE if hasattr(self, k)},
+            "statistics_releases": self.ledger.state_dict() if self.ledger is not None else {},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -110,6 +114,8 @@ class SiteFedAvg(FedAvg):
         self.problems = list(state["problems"])
         for key, value in state["server_optimizer"].items():
             setattr(self, key, value)
+        if self.ledger is not None:
+            self.ledger.load_state_dict(state.get("statistics_releases", {}))
 
     def summary(self) -> None:
         super().summary()
@@ -302,7 +308,14 @@ class SiteFedAvg(FedAvg):
         for msg in replies:
             site = self.site_of(msg.metadata.src_node_id)
             try:
-                arrays = stats_arrays(reply_content(msg, site), site)
+                content = reply_content(msg, site)
+                arrays = stats_arrays(content, site)
+                if self.ledger is not None:
+                    self.ledger.record(site, MessageKind.VAL_STATS, arrays)
+                for exc in withheld(content, MessageKind.VAL_STATS, site).values():
+                    raise exc  # privacy.statistics: fewer than k validation cases
+                if self.ledger is not None and self.ledger.policy.noised:  # τ-grid counts from the noised histogram
+                    arrays = restore_validation(arrays, th.grid())
                 per_site[site] = decode_validation(site, arrays, n_bins=th.histogram_bins, n_grid=len(th.grid()))
             except SiteError as exc:
                 self._problem(server_round, "validation statistics", exc)

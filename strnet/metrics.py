@@ -463,10 +463,15 @@ def regression_metrics(y_true: Any, y_pred: Any, alpha: float = 0.05) -> dict[st
 
 
 def histogram_edges(n_bins: int) -> np.ndarray:
-    """Fixed bin edges on [0, 1]; every site must use the same ones for the histograms to be summable."""
+    """Fixed bin edges on [0, 1]; every site must use the same ones for the histograms to be summable.
+
+    Edge k is k / n_bins correctly rounded — the very double a decimal threshold such as 0.29 is — so a count read
+    off the histogram at a grid threshold equals the count ``p >= threshold`` exactly (``linspace`` is an ulp off
+    at some edges).
+    """
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
-    return np.linspace(0.0, 1.0, n_bins + 1)
+    return np.arange(n_bins + 1, dtype=np.float64) / n_bins
 
 
 def score_histogram(y_true: Any, y_prob: Any, n_bins: int) -> np.ndarray:

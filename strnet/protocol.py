@@ -109,7 +109,9 @@ def encode_splits(counts: Mapping[str, EvaluationCounts]) -> dict[str, np.ndarra
     return {f"{split}.{k}": v for split, c in counts.items() for k, v in encode(c).items()}
 
 
-def decode_splits(site: str, arrays: Mapping[str, np.ndarray], *, n_bins: int) -> dict[str, EvaluationCounts]:
+def decode_splits(
+    site: str, arrays: Mapping[str, np.ndarray], *, n_bins: int, noised: bool = False
+) -> dict[str, EvaluationCounts]:
     """The inverse of :func:`encode_splits`, each split checked by :func:`decode_evaluation`."""
     by_split: dict[str, dict[str, np.ndarray]] = {}
     for key, value in arrays.items():
@@ -117,7 +119,7 @@ def decode_splits(site: str, arrays: Mapping[str, np.ndarray], *, n_bins: int) -
         by_split.setdefault(split, {})[name] = value
     if "test" not in by_split or set(by_split) - {"test", "val"}:
         raise SiteError(site, f"malformed evaluation statistics: splits {sorted(by_split)}, expected test [and val]")
-    return {split: decode_evaluation(site, values, n_bins=n_bins) for split, values in by_split.items()}
+    return {split: decode_evaluation(site, values, n_bins=n_bins, noised=noised) for split, values in by_split.items()}
 
 
 def _arrays(site: str, arrays: Mapping[str, np.ndarray], names: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -138,11 +140,14 @@ def decode_validation(site: str, arrays: Mapping[str, np.ndarray], *, n_bins: in
     return stats
 
 
-def decode_evaluation(site: str, arrays: Mapping[str, np.ndarray], *, n_bins: int) -> EvaluationCounts:
+def decode_evaluation(
+    site: str, arrays: Mapping[str, np.ndarray], *, n_bins: int, noised: bool = False
+) -> EvaluationCounts:
+    """Evaluation counts from a reply, checked; ``noised``: histograms under ``privacy.statistics`` noise."""
     names = tuple(f.name for f in fields(EvaluationCounts))
     stats = EvaluationCounts(**_arrays(site, arrays, names))
     try:
-        stats.check(n_bins=n_bins)
+        stats.check(n_bins=n_bins, noised=noised)
     except ValueError as exc:
         raise SiteError(site, f"evaluation statistics: {exc}") from exc
     return stats

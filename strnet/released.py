@@ -93,7 +93,7 @@ def _total(name: str) -> Callable[[Mapping[str, np.ndarray]], int]:
 
 def _first(name: str) -> Callable[[Mapping[str, np.ndarray]], int]:
     def count(arrays: Mapping[str, np.ndarray]) -> int:
-        return int(round(float(np.asarray(arrays[name]).reshape(-1)[0])))
+        return round(float(np.asarray(arrays[name]).reshape(-1)[0]))
 
     return count
 
@@ -167,7 +167,13 @@ REGISTRY: tuple[Statistic, ...] = (
         "validation",
         "validation statistics",
         "score histogram per class (fixed bins) and tp/fp/tn/fn at every τ-grid threshold",
-        {"hist": HISTOGRAM, "tp": THRESHOLD_COUNTS, "fp": THRESHOLD_COUNTS, "tn": THRESHOLD_COUNTS, "fn": THRESHOLD_COUNTS},
+        {
+            "hist": HISTOGRAM,
+            "tp": THRESHOLD_COUNTS,
+            "fp": THRESHOLD_COUNTS,
+            "tn": THRESHOLD_COUNTS,
+            "fn": THRESHOLD_COUNTS,
+        },
         "the labelled validation knees",
         _total("hist"),
         noised={"hist": 1.0},
@@ -336,7 +342,9 @@ class UnregisteredStatistic(ValueError):
     """An array a reply would carry that the registry does not list: the site refuses to send it."""
 
 
-def group(message: str, arrays: Mapping[str, Any], record: str = Key.STATS) -> list[tuple[Statistic, str, dict[str, Any]]]:
+def group(
+    message: str, arrays: Mapping[str, Any], record: str = Key.STATS
+) -> list[tuple[Statistic, str, dict[str, Any]]]:
     """The reply's arrays by statistic: (statistic, split, {name: array}) in registry order."""
     stats = statistics_of(message, record)
     named = {n: s for s in stats for n in s.arrays if n != ANY}
@@ -464,14 +472,14 @@ def restore_evaluation(
     return out
 
 
-def withheld_problem(message: str, site: str, statistic_id: str, k: int) -> str:
-    """The run's problem line for a withheld statistic (names the site and the statistic, never a count)."""
+def withheld_problem(message: str, statistic_id: str, k: int) -> str:
+    """Why a statistic is missing from a reply, for the run's problems (the statistic and k, never a count)."""
     try:
         stat, split = find(message, statistic_id)
         what = stat.describe(split)
     except KeyError:
         what = statistic_id
-    return f"site {site!r}: {what} withheld (fewer than k={k} cases)"
+    return f"{what} withheld (fewer than k={k} cases)"
 
 
 def composed_epsilon(releases: Iterable[tuple[float, int]], delta: float) -> float:
@@ -499,12 +507,14 @@ class StatisticsLedger:
     def record(self, site: str, message: str, arrays: Mapping[str, Any]) -> None:
         if not self.policy.noised:
             return
-        for stat, _, own in group(message, {k: None for k in arrays}):
-            for name, sensitivity in stat.noised.items():
-                if name in own:
-                    multiplier = self.policy.noise_multiplier / sensitivity
-                    counts = self.releases.setdefault(site, {})
-                    counts[multiplier] = counts.get(multiplier, 0) + 1
+        stats = statistics_of(message)
+        noised = {n: sens for s in stats for n, sens in s.noised.items()}
+        for full in arrays:
+            name = full.partition(".")[2] if stats and stats[0].per_split else full
+            if name in noised:
+                multiplier = self.policy.noise_multiplier / noised[name]
+                counts = self.releases.setdefault(site, {})
+                counts[multiplier] = counts.get(multiplier, 0) + 1
 
     def epsilon(self, site: str) -> float:
         return composed_epsilon(self.releases.get(site, {}).items(), self.policy.delta)
@@ -514,7 +524,10 @@ class StatisticsLedger:
         p = self.policy
         out: dict[str, Any] = {"enabled": p.enabled, "min_cases": p.min_cases, "noise_multiplier": p.noise_multiplier}
         if p.noised:
-            sites = {s: {"releases": sum(c.values()), "epsilon": self.epsilon(s)} for s in sorted(self.releases)}
+            sites = {
+                s: {"releases": sum(self.releases[s].values()), "epsilon": self.epsilon(s)}
+                for s in sorted(self.releases)
+            }
             out |= {
                 "delta": p.delta,
                 "epsilon": max((v["epsilon"] for v in sites.values()), default=0.0),
@@ -536,11 +549,18 @@ class StatisticsLedger:
 
 def markdown() -> str:
     """The table of ``docs/deploy.md``'s "What leaves the site" (a test keeps the two equal)."""
-    rows = ["| message | statistic | arrays (kind) | computed over | under `privacy.statistics` |", "|---|---|---|---|---|"]
+    rows = [
+        "| message | statistic | arrays (kind) | computed over | under `privacy.statistics` |",
+        "|---|---|---|---|---|",
+    ]
     for s in REGISTRY:
-        arrays = ", ".join(f"`{n}` ({k})" if n != ANY else f"any other ({k})" for n, k in s.arrays.items())
-        label = s.describe("<split>")
-        rows.append(f"| `{s.message}` | {label}: {s.what} | {arrays} | {s.cases} | {s.protection} |")
+        kinds: dict[str, list[str]] = {}
+        for name, kind in s.arrays.items():
+            other = "all others" if len(s.arrays) > 1 else "all"
+            kinds.setdefault(kind, []).append(other if name == ANY else f"`{name}`")
+        arrays = "; ".join(f"{', '.join(names)} ({kind})" for kind, names in kinds.items())
+        cells = (f"`{s.message}`", f"{s.describe('test/val')}: {s.what}", arrays, s.cases, s.protection)
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(rows)
 
 

@@ -259,7 +259,9 @@ class EvaluationCounts(Additive):
             tscore_who=np.zeros(4, np.int64),
         )
 
-    def check(self, *, n_bins: int) -> None:
+    def check(self, *, n_bins: int, noised: bool = False) -> None:
+        """Shapes, dtypes, and counts that agree with their histograms; ``noised`` (``privacy.statistics``): the
+        calibrated and raw histograms carry independent noise, so their totals may differ."""
         for name in ("hist", "raw_hist", "severity_hist", "film_hist"):
             _check_counts(name, getattr(self, name), (2, n_bins))
         _check_counts("bilateral_hist", self.bilateral_hist, (BILATERAL_BINS, BILATERAL_BINS))
@@ -274,7 +276,7 @@ class EvaluationCounts(Additive):
             tp, fp, tn, fn = (int(v) for v in counts)
             if tp + fn != int(hist[1].sum()) or fp + tn != int(hist[0].sum()):
                 raise ValueError(f"{name}: confusion counts at τ* do not match the histogram's class totals")
-        if int(self.raw_hist.sum()) != int(self.hist.sum()):
+        if not noised and int(self.raw_hist.sum()) != int(self.hist.sum()):
             raise ValueError("raw_hist and hist count different knees")
         floats = {
             "brier_sum": (1,),
