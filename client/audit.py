@@ -19,6 +19,7 @@ from typing import Any
 from flwr.app import Context, Message
 
 from strnet.protocol import Key
+from strnet.released import WITHHELD, UnregisteredStatistic, group
 
 AUDIT_ENV = "STRNET_MESSAGE_AUDIT"
 # strings a reply may legitimately hold: site names, roles, and nothing shaped like a file
@@ -88,3 +89,18 @@ def violations(
                 if _FILE_LIKE.search(text) or any(t in text for t in tokens):
                     problems.append(f"{where}: {record}.{key} holds {text[:80]!r}")
     return problems
+
+
+def unregistered(entries: Iterable[dict[str, Any]]) -> list[str]:
+    """Every array or metric a logged reply carried that :data:`strnet.released.REGISTRY` does not list."""
+    found = []
+    for e in entries:
+        records = {**e["arrays"], **e["metrics"]}
+        for record, values in records.items():
+            if record == WITHHELD:
+                continue
+            try:
+                group(e["message_type"], dict.fromkeys(values), record)
+            except UnregisteredStatistic as exc:
+                found.append(f"{record}: {exc}")
+    return found

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 import client.app as client_app
-from client.audit import AUDIT_ENV, read_log, shapes, violations
+from client.audit import AUDIT_ENV, read_log, shapes, unregistered, violations
 from configs.schema import Config, load_config
 from server.federation import initial_state, run_federated
 from server.pooled import QuorumError
@@ -80,6 +80,8 @@ def test_every_reply_of_a_run_holds_only_model_arrays_fixed_size_counts_and_scal
     kinds = {e["message_type"] for e in small}
     assert {"train", "query.val_stats", "query.calibration", "evaluate.frozen"} <= kinds, kinds
     assert violations(small, model_shapes=model_shapes(cfg), forbidden=forbidden_tokens(cfg)) == []
+    # every array and metric a site sent is one strnet.released.REGISTRY lists (the list in docs/deploy.md)
+    assert unregistered(small) == []
     # no array's shape depends on how many images a site holds: a run on 50 % more patients sends the same shapes
     assert shapes(small) == shapes(large)
 
@@ -103,3 +105,4 @@ def test_the_audit_catches_a_site_made_to_leak(tmp_path: Path, monkeypatch: pyte
     assert any("first-file" in v for v in found), found
     differ = {k for k in shapes(small) if shapes(small)[k] != shapes(large).get(k)}
     assert any(key == "scores" for _, _, key in differ), differ
+    assert any("'scores'" in u for u in unregistered(small))
