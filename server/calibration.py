@@ -34,7 +34,7 @@ def pooled_calibration(sites: TrainingSites, arrays: ArrayRecord, counts: Valida
 
     ``counts`` are the kept round's pooled validation counts: their class totals give Platt's targets.
     """
-    n_neg, n_pos = (int(v) for v in counts.hist.sum(axis=1))
+    n_neg, n_pos = (max(int(v), 0) for v in counts.hist.sum(axis=1))  # (noised totals can stray below 0)
     targets = platt_targets(n_pos, n_neg)
     digest = model_digest({k: v.numpy() for k, v in arrays.items()})
     answered: list[str] = []
@@ -77,11 +77,14 @@ def calibrated_validation_counts(
     th = sites.cfg.threshold
     config = {Field.PLATT_A: platt.a, Field.PLATT_B: platt.b}
     per_site: dict[str, ValidationCounts] = {}
+    noised = sites.cfg.privacy.statistics.noised
     for site, values in sites.ask(MessageKind.VAL_STATS, config, arrays).items():
-        if sites.cfg.privacy.statistics.noised:  # τ-grid counts from the noised histogram
+        if noised:  # τ-grid counts from the noised histogram
             values = restore_validation(values, th.grid())
         try:
-            per_site[site] = decode_validation(site, values, n_bins=th.histogram_bins, n_grid=len(th.grid()))
+            per_site[site] = decode_validation(
+                site, values, n_bins=th.histogram_bins, n_grid=len(th.grid()), noised=noised
+            )
         except SiteError as exc:
             sites.problem(f"calibrated validation statistics: {exc}")
     pooled = pool(per_site, quorum=sites.cfg.federation.quorum, what="pooled calibrated validation statistics")

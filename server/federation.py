@@ -30,7 +30,7 @@ from strnet.engine import RecipeSchedule, seed_everything
 from strnet.model import batchnorm_keys
 from strnet.privacy import run_privacy, site_reports_from_history
 from strnet.protocol import WEIGHT, Field, MessageKind, config_digest
-from strnet.released import StatisticsLedger
+from strnet.released import StatisticsLedger, usable
 from strnet.run import Run, RunResult, SiteResult, Tracker, recipe
 from strnet.scoring import task_metrics
 from strnet.sufficient import EvaluationCounts
@@ -160,9 +160,10 @@ def run_federated(
             return pool(parts, quorum=1, what=f"pooled {split}")
 
         def score(counts: EvaluationCounts) -> dict[str, float]:
-            return task_metrics(counts, tau, n_boot=cfg.evaluate.bootstrap, seed=cfg.seed)
+            return task_metrics(usable(counts), tau, n_boot=cfg.evaluate.bootstrap, seed=cfg.seed)
 
-        val_counts, test_counts = pooled("val"), pooled("test")
+        # usable: noised histograms (privacy.statistics) clipped once, after pooling; the identity on exact counts
+        val_counts, test_counts = usable(pooled("val")), usable(pooled("test"))
         dp = cfg.privacy.dp
         training: dict[str, Any] = {
             "rounds_run": strategy.rounds_run,

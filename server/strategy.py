@@ -101,13 +101,14 @@ class SiteFedAvg(FedAvg):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         th = self.threshold
+        noised = self.ledger is not None and self.ledger.policy.noised
         self.schedule.load_state_dict(state["schedule"])
         self._lr = self.schedule.lr
         self.rounds_run = int(state["rounds_run"])
         self.best_round = None if int(state["best_round"]) < 0 else int(state["best_round"])
         self.best_arrays = state["best_arrays"]
         self.round_pooled = {
-            int(r): decode_validation("checkpoint", c, n_bins=th.histogram_bins, n_grid=len(th.grid()))
+            int(r): decode_validation("checkpoint", c, n_bins=th.histogram_bins, n_grid=len(th.grid()), noised=noised)
             for r, c in state["round_pooled"].items()
         }
         self.round_sites = {int(r): list(v) for r, v in state["round_sites"].items()}
@@ -314,9 +315,12 @@ class SiteFedAvg(FedAvg):
                     self.ledger.record(site, MessageKind.VAL_STATS, arrays)
                 for exc in withheld(content, MessageKind.VAL_STATS, site).values():
                     raise exc  # privacy.statistics: fewer than k validation cases
-                if self.ledger is not None and self.ledger.policy.noised:  # τ-grid counts from the noised histogram
+                noised = self.ledger is not None and self.ledger.policy.noised
+                if noised:  # τ-grid counts from the noised histogram
                     arrays = restore_validation(arrays, th.grid())
-                per_site[site] = decode_validation(site, arrays, n_bins=th.histogram_bins, n_grid=len(th.grid()))
+                per_site[site] = decode_validation(
+                    site, arrays, n_bins=th.histogram_bins, n_grid=len(th.grid()), noised=noised
+                )
             except SiteError as exc:
                 self._problem(server_round, "validation statistics", exc)
         try:

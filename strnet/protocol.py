@@ -130,11 +130,14 @@ def _arrays(site: str, arrays: Mapping[str, np.ndarray], names: tuple[str, ...])
     return {n: np.asarray(arrays[n]) for n in names}
 
 
-def decode_validation(site: str, arrays: Mapping[str, np.ndarray], *, n_bins: int, n_grid: int) -> ValidationCounts:
-    """Validation counts from a reply, checked (shape, dtype, consistency) with errors naming the site."""
+def decode_validation(
+    site: str, arrays: Mapping[str, np.ndarray], *, n_bins: int, n_grid: int, noised: bool = False
+) -> ValidationCounts:
+    """Validation counts from a reply, checked (shape, dtype, consistency) with errors naming the site;
+    ``noised``: a histogram under ``privacy.statistics`` noise, the counts derived from it."""
     stats = ValidationCounts(**_arrays(site, arrays, ("hist", "tp", "fp", "tn", "fn")))
     try:
-        stats.check(n_bins=n_bins, n_grid=n_grid)
+        stats.check(n_bins=n_bins, n_grid=n_grid, noised=noised)
     except ValueError as exc:
         raise SiteError(site, f"validation statistics: {exc}") from exc
     return stats

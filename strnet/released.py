@@ -13,12 +13,14 @@ Protection, off by default (the pooled τ* is then exactly the concatenated coho
   without it and names the site and the statistic in the run's problems. A statistic over no case is sent (its
   zeros say nothing the site-info counts do not).
 * **noise** (``noise_multiplier`` σ > 0): Gaussian N(0, σ²) on every bin of every per-class score histogram, at
-  the site, rounded to integers and clipped at 0 (post-processing: the guarantee is unchanged, and every check
-  and metric downstream keeps reading non-negative integer counts; the price is a small upward bias in empty
-  bins, measured by ``simulations/statistics_noise.py``). Counts that could be read off a noised histogram
-  (tp/fp/tn/fn on the τ grid and at τ*, the WHO-cut counts) are not sent: the server derives them from the noised
-  histogram by cumulative sums at bin edges (every grid threshold is a bin edge), which is exact on a noise-free
-  histogram (:func:`counts_at`, tested). Sums, moments and the other histograms are sent exactly, under k only.
+  the site, rounded to integers but not clipped: counts may be negative, so the sum over sites stays unbiased.
+  Clipping each site's histogram at 0 instead puts ~0.4σ phantom cases into every empty bin — thousands over
+  1000 bins — which pulled τ* towards low thresholds and AUROC towards 0.5 in ``simulations/statistics_noise.py``.
+  Counts that could be read off a noised histogram (tp/fp/tn/fn on the τ grid and at τ*, the WHO-cut counts) are
+  not sent: the server derives them from the (pooled) noised histograms by cumulative sums at bin edges (every grid
+  threshold is a bin edge), which is exact on a noise-free histogram (:func:`counts_at`, tested), and brings them
+  into range only where they are read (:func:`strnet.sufficient.usable_quad`, :func:`usable`). Sums, moments and
+  the other histograms are sent exactly, under k only.
 * **ε**: one case (a knee) moves one count of a per-class histogram, so each noised histogram is the Gaussian
   mechanism with L2 sensitivity 1 (√2 for the per-radiograph histogram, where a knee moves its film's mean from
   one bin to another). The server composes every noised histogram it receives from a site over the whole run —
@@ -29,6 +31,7 @@ Protection, off by default (the pooled τ* is then exactly the concatenated coho
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -39,6 +42,7 @@ import numpy as np
 from strnet import metrics as M
 from strnet.data.manifest import WHO_NORMAL_MIN
 from strnet.protocol import WEIGHT, Key, MessageKind
+from strnet.sufficient import EvaluationCounts, usable_quad
 
 WITHHELD = "withheld"  # MetricRecord of a reply: statistic id -> the k it fell short of
 
@@ -374,9 +378,10 @@ class Release:
 
 
 def noised_histogram(hist: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
-    """``hist`` + N(0, σ²) per bin, rounded to integers and clipped at 0 (both post-processing)."""
+    """``hist`` + N(0, σ²) per bin, rounded to integers (post-processing) and *not* clipped: a count may be
+    negative, so the pooled sum stays unbiased; the server clips once, after pooling (:func:`usable`)."""
     h = np.asarray(hist)
-    return np.clip(np.rint(h + rng.normal(0.0, sigma, h.shape)), 0, None).astype(np.int64)
+    return np.rint(h + rng.normal(0.0, sigma, h.shape)).astype(np.int64)
 
 
 def protect(
@@ -470,6 +475,20 @@ def restore_evaluation(
             if f"{split}.{name}" not in out and f"{split}.{source}" in out:
                 out[f"{split}.{name}"] = _quad(out[f"{split}.{source}"], at)
     return out
+
+
+def usable(counts: EvaluationCounts) -> EvaluationCounts:
+    """Pooled (or one site's) evaluation counts as the metrics read them: noised per-class histograms clipped at 0
+    and the confusion counts read off them brought into range (:func:`strnet.sufficient.usable_quad`).
+
+    Post-processing of the sum (the noise stays unbiased through pooling, clipping happens once); the identity on
+    exact counts."""
+    hists = {n: np.clip(getattr(counts, n), 0, None) for n in ("hist", "raw_hist", "severity_hist", "film_hist")}
+    quads = {
+        n: np.array([int(v) for v in usable_quad(*getattr(counts, n))], np.int64)
+        for n in ("at_threshold", "film_at_threshold", "tscore_who")
+    }
+    return dataclasses.replace(counts, tscore_hist=np.clip(counts.tscore_hist, 0, None), **hists, **quads)
 
 
 def withheld_problem(message: str, statistic_id: str, k: int) -> str:

@@ -43,13 +43,25 @@ def histogram_ranking(hist: np.ndarray) -> dict[str, float]:
     return {"auroc": float(m["auroc"]), "auprc": float(m["auprc"])}
 
 
-def _check_counts(name: str, arr: np.ndarray, shape: tuple[int, ...]) -> None:
+def _check_counts(name: str, arr: np.ndarray, shape: tuple[int, ...], *, signed: bool = False) -> None:
+    """Shape and integer dtype; non-negative unless ``signed`` (a noised histogram: ``privacy.statistics``)."""
     if arr.shape != shape:
         raise ValueError(f"{name} has shape {arr.shape}, expected {shape}")
     if not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"{name} must hold integer counts, got dtype {arr.dtype}")
-    if (arr < 0).any():
+    if not signed and (arr < 0).any():
         raise ValueError(f"{name} holds negative counts")
+
+
+def usable_quad(tp: Any, fp: Any, tn: Any, fn: Any) -> tuple[np.ndarray, ...]:
+    """Confusion counts brought into range: tp in [0, positives], fp in [0, negatives], totals kept (clipped at 0).
+
+    The identity on exact counts; on counts derived from noised histograms (which may stray below 0 or above
+    their class total) it is the post-processing every rate needs."""
+    tp, fp, tn, fn = (np.asarray(v, np.int64) for v in (tp, fp, tn, fn))
+    n_pos, n_neg = np.maximum(tp + fn, 0), np.maximum(fp + tn, 0)
+    tp, fp = np.clip(tp, 0, n_pos), np.clip(fp, 0, n_neg)
+    return tp, fp, n_neg - fp, n_pos - tp
 
 
 class Additive:
@@ -86,11 +98,14 @@ class ValidationCounts(Additive):
     def from_predictions(cls, preds: Predictions, *, grid: np.ndarray, n_bins: int) -> ValidationCounts:
         return cls.from_scores(*screening_cases(preds), grid=grid, n_bins=n_bins)
 
-    def check(self, *, n_bins: int, n_grid: int) -> None:
-        """Shapes, non-negative integer counts, and tp+fn / fp+tn equal to the histogram's class totals."""
-        _check_counts("hist", self.hist, (2, n_bins))
+    def check(self, *, n_bins: int, n_grid: int, noised: bool = False) -> None:
+        """Shapes, non-negative integer counts, and tp+fn / fp+tn equal to the histogram's class totals.
+
+        ``noised`` (``privacy.statistics``): the histogram carries unclipped noise and the counts are read off it, so
+        they may be negative; they still add up."""
+        _check_counts("hist", self.hist, (2, n_bins), signed=noised)
         for k in ("tp", "fp", "tn", "fn"):
-            _check_counts(k, getattr(self, k), (n_grid,))
+            _check_counts(k, getattr(self, k), (n_grid,), signed=noised)
         n_neg, n_pos = int(self.hist[0].sum()), int(self.hist[1].sum())
         if not (np.all(self.tp + self.fn == n_pos) and np.all(self.fp + self.tn == n_neg)):
             raise ValueError(
@@ -103,11 +118,15 @@ class ValidationCounts(Additive):
         return int(self.hist.sum())
 
     def ranking(self) -> dict[str, float]:
-        return histogram_ranking(self.hist)
+        """AUROC/AUPRC of the histogram (a noised one clipped at 0 first: the identity on exact counts)."""
+        return histogram_ranking(np.clip(self.hist, 0, None))
 
     def threshold(self, grid: np.ndarray, min_sensitivity: float) -> dict[str, Any]:
-        """The paper's τ* rule on these counts (exactly what it gives on the concatenated scores)."""
-        return M.threshold_selection_from_counts(self.tp, self.fp, self.tn, self.fn, grid, min_sensitivity)
+        """The paper's τ* rule on these counts (exactly what it gives on the concatenated scores); counts read off
+        a noised histogram are brought into range first (:func:`usable_quad`, the identity on exact counts)."""
+        return M.threshold_selection_from_counts(
+            *usable_quad(self.tp, self.fp, self.tn, self.fn), grid, min_sensitivity
+        )
 
 
 BILATERAL_BINS = 100  # the joint (right, left) probability histogram behind the pooled left-right Spearman
@@ -261,18 +280,19 @@ class EvaluationCounts(Additive):
 
     def check(self, *, n_bins: int, noised: bool = False) -> None:
         """Shapes, dtypes, and counts that agree with their histograms; ``noised`` (``privacy.statistics``): the
-        calibrated and raw histograms carry independent noise, so their totals may differ."""
+        per-class histograms carry independent unclipped noise (counts may be negative, and the calibrated and raw
+        totals differ) and the confusion counts are read off them."""
         for name in ("hist", "raw_hist", "severity_hist", "film_hist"):
-            _check_counts(name, getattr(self, name), (2, n_bins))
+            _check_counts(name, getattr(self, name), (2, n_bins), signed=noised)
         _check_counts("bilateral_hist", self.bilateral_hist, (BILATERAL_BINS, BILATERAL_BINS))
-        _check_counts("tscore_hist", self.tscore_hist, (2, M.TSCORE_BINS))
+        _check_counts("tscore_hist", self.tscore_hist, (2, M.TSCORE_BINS), signed=noised)
         for name, hist in (
             ("at_threshold", self.hist),
             ("film_at_threshold", self.film_hist),
             ("tscore_who", self.tscore_hist),
         ):
             counts = getattr(self, name)
-            _check_counts(name, counts, (4,))
+            _check_counts(name, counts, (4,), signed=noised)
             tp, fp, tn, fn = (int(v) for v in counts)
             if tp + fn != int(hist[1].sum()) or fp + tn != int(hist[0].sum()):
                 raise ValueError(f"{name}: confusion counts at τ* do not match the histogram's class totals")

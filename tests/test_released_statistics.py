@@ -20,7 +20,7 @@ from simulations.inprocess import InProcessGrid
 from simulations.scenario import TINY_RUN, build_synthetic_scenario
 from strnet import metrics as M
 from strnet.calibration import PlattStats
-from strnet.errors import ConfigError
+from strnet.errors import ConfigError, SiteError
 from strnet.protocol import MessageKind, decode_splits, decode_validation, encode, encode_splits
 from strnet.released import (
     REGISTRY,
@@ -33,6 +33,7 @@ from strnet.released import (
     restore_evaluation,
     restore_validation,
     statistics_of,
+    usable,
     withheld_problem,
 )
 from strnet.sufficient import EvaluationCounts, ValidationCounts
@@ -166,10 +167,22 @@ def test_noised_histograms_have_the_configured_scale_and_derived_counts_stay_hom
     # rounding adds variance 1/12; 2000 bins: the sample sd is within ~3 % of sqrt(9 + 1/12) at this seed
     assert residual.std() == pytest.approx(math.sqrt(9 + 1 / 12), rel=0.05)
     assert abs(residual.mean()) < 4 * 3 / math.sqrt(residual.size)
-    restored = decode_validation(
-        "s", restore_validation(release.arrays, ThresholdConfig().grid()), n_bins=1000, n_grid=61
-    )
+    grid = ThresholdConfig().grid()
+    restored = decode_validation("s", restore_validation(release.arrays, grid), n_bins=1000, n_grid=61, noised=True)
     assert np.all(restored.tp + restored.fn == restored.hist[1].sum())
+
+    # few cases: the noised counts are not clipped at the site (the pooled sum stays unbiased), the server clips
+    sparse = _validation(*site_scores(2, 40, 0.2), ThresholdConfig())
+    sent = restore_validation(
+        protect(MessageKind.VAL_STATS, encode(sparse), policy, np.random.default_rng(3)).arrays, grid
+    )
+    assert (sent["hist"] < 0).any()
+    with pytest.raises(SiteError, match="negative"):
+        decode_validation("s", sent, n_bins=1000, n_grid=61)
+    noisy = decode_validation("s", sent, n_bins=1000, n_grid=61, noised=True)
+    assert 0 <= noisy.ranking()["auroc"] <= 1
+    tau = noisy.threshold(grid, 0.86)
+    assert tau["n_pos"] == max(int(noisy.hist[1].sum()), 0) and 0 <= tau["sensitivity"] <= 1
 
 
 def test_frozen_evaluation_under_noise_decodes_with_counts_from_the_noised_histograms() -> None:
@@ -182,6 +195,10 @@ def test_frozen_evaluation_under_noise_decodes_with_counts_from_the_noised_histo
     restored = restore_evaluation(release.arrays, {}, threshold=0.4, empty=EvaluationCounts.empty(100).arrays())
     decoded = decode_splits("s", restored, n_bins=100, noised=True)["test"]
     assert decoded.at_threshold.sum() == decoded.hist.sum()
+    used = usable(decoded)
+    assert (used.hist >= 0).all() and (used.at_threshold >= 0).all() and (used.tscore_who >= 0).all()
+    exact = counts["test"]
+    assert all(np.array_equal(v, exact.arrays()[k]) for k, v in usable(exact).arrays().items())
 
 
 def test_the_runs_epsilon_is_a_fresh_accountants_over_every_release() -> None:
