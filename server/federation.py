@@ -143,7 +143,9 @@ def run_federated(
         platt = Platt.from_dict(calibration)
         cal_val, pooled_sites = calibrated_validation_counts(sites, kept, platt)
         excluded = [p for p in strategy.problems if p.startswith(f"round {strategy.best_round} ")]
-        threshold = pooled_threshold(cal_val, th, sites=pooled_sites, excluded=excluded)
+        threshold = pooled_threshold(
+            cal_val, th, sites=pooled_sites, excluded=excluded, noised=cfg.privacy.statistics.noised
+        )
         tau = float(threshold["value"])
         ood = pooled_ood(sites, kept) if cfg.ood.enabled else None
         frozen = frozen_evaluation(grid, cfg, nodes, kept, tau, platt, digest, run.problem, ledger)

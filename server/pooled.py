@@ -38,10 +38,26 @@ def pool(per_site: Mapping[str, S], *, quorum: int, what: str, problems: Sequenc
 
 
 def pooled_threshold(
-    counts: ValidationCounts, th: ThresholdConfig, *, sites: Sequence[str], excluded: Sequence[str]
+    counts: ValidationCounts,
+    th: ThresholdConfig,
+    *,
+    sites: Sequence[str],
+    excluded: Sequence[str],
+    noised: bool = False,
 ) -> dict[str, Any]:
     """τ* from the summed counts, with its provenance (which sites, how many cases) for the bundle."""
-    sel = counts.threshold(th.grid(), th.min_sensitivity)
+    try:
+        sel = counts.threshold(th.grid(), th.min_sensitivity)
+    except ValueError as exc:
+        hint = (
+            " (privacy.statistics noise drove a class's pooled total to <= 0: use fewer histogram bins, less "
+            "noise or more validation cases)"
+            if noised
+            else ""
+        )
+        raise StrnetError(
+            f"τ* cannot be chosen on the pooled validation counts of {sorted(sites)}: {exc}{hint}"
+        ) from exc
     sel.update(
         chosen_on="validation split, pooled counts over training sites (federated)",
         sites=sorted(sites),

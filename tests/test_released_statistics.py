@@ -20,7 +20,7 @@ from simulations.inprocess import InProcessGrid
 from simulations.scenario import TINY_RUN, build_synthetic_scenario
 from strnet import metrics as M
 from strnet.calibration import PlattStats
-from strnet.errors import ConfigError, SiteError
+from strnet.errors import ConfigError, SiteError, StrnetError
 from strnet.protocol import MessageKind, decode_splits, decode_validation, encode, encode_splits
 from strnet.released import (
     REGISTRY,
@@ -183,6 +183,9 @@ def test_noised_histograms_have_the_configured_scale_and_derived_counts_stay_hom
     assert 0 <= noisy.ranking()["auroc"] <= 1
     tau = noisy.threshold(grid, 0.86)
     assert tau["n_pos"] == max(int(noisy.hist[1].sum()), 0) and 0 <= tau["sensitivity"] <= 1
+    swamped = ValidationCounts(hist=np.array([[-5] * 1000, [1] * 1000]), **counts_at(np.zeros((2, 1000)), grid))
+    with pytest.raises(StrnetError, match="noise drove a class"):
+        pooled_threshold(swamped, ThresholdConfig(), sites=["a"], excluded=[], noised=True)
 
 
 def test_frozen_evaluation_under_noise_decodes_with_counts_from_the_noised_histograms() -> None:
@@ -266,8 +269,12 @@ def _config(root: Path, *extra: str):  # type: ignore[no-untyped-def]
 
 
 def test_a_protected_run_names_what_was_withheld_and_reports_epsilon(tmp_path: Path) -> None:
-    cfg = _config(tmp_path, "privacy.statistics.noise_multiplier=2.0", "privacy.statistics.min_cases=4")
+    # σ = 0.01 rounds away (|noise| < 0.5 but with probability ~1e-500): the noised path — counts derived on the
+    # server, ε composed — runs deterministically, and must give the unprotected run's τ* exactly
+    cfg = _config(tmp_path, "privacy.statistics.noise_multiplier=0.01", "privacy.statistics.min_cases=4")
     result = run_federated(InProcessGrid(3), cfg)  # type: ignore[arg-type]
+    plain = _config(tmp_path / "plain", "privacy.statistics.enabled=false")
+    assert result.threshold["value"] == run_federated(InProcessGrid(3), plain).threshold["value"]  # type: ignore[arg-type]
     privacy = result.threshold["statistics_privacy"]
     assert privacy["epsilon"] > 0 and set(privacy["sites"]) == {"stage1", "hospital", "stage2"}
     summary = json.loads((Path(cfg.output_dir) / "summary.json").read_text())
