@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     base = [*args.set, f"tracking.uri={json.dumps('sqlite:///' + str((out / 'mlflow.db').resolve()))}"]
     size = load_config("demo", base).preprocess.size
     scenario = build_synthetic_scenario(out, seed=42, n_patients=args.patients, image_size=size * 2)
-    rows = []
+    done = out / "table.json"  # rows of earlier invocations are kept; a row run again replaces its old one
+    rows = [r for r in (json.loads(done.read_text()) if done.is_file() else []) if r["setting"] not in args.settings]
     for setting in args.settings:
         slug = setting.replace(" ", "").replace(",", "-").replace("=", "").replace("ε", "eps")
         for mode in ("centralized", "federated"):
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 run_federated(InProcessGrid(len(ROLES)), cfg, tracker=tracker, tags={"setting": setting})  # type: ignore[arg-type]
             rows.append(row(setting, mode, folder))
-            print(f"{setting:24s} {mode:12s} {time.perf_counter() - t0:5.0f} s  {rows[-1]}", flush=True)
+            rows.sort(key=lambda r: (list(SETTINGS).index(r["setting"]), r["mode"]))
+            print(f"{setting:24s} {mode:12s} {time.perf_counter() - t0:5.0f} s", flush=True)
             (out / "table.json").write_text(json.dumps(rows, indent=2))
             (out / "table.md").write_text(markdown(rows) + "\n")
     print(markdown(rows))
