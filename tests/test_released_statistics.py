@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from opacus.accountants import RDPAccountant
 
+from client.audit import AUDIT_ENV, read_log, unregistered
 from configs.schema import ThresholdConfig, load_config
 from server.federation import run_federated
 from server.pooled import QuorumError, pool, pooled_threshold
@@ -268,11 +269,21 @@ def _config(root: Path, *extra: str):  # type: ignore[no-untyped-def]
     )
 
 
-def test_a_protected_run_names_what_was_withheld_and_reports_epsilon(tmp_path: Path) -> None:
+def test_a_protected_run_names_what_was_withheld_and_reports_epsilon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # σ = 0.01 rounds away (|noise| < 0.5 but with probability ~1e-500): the noised path — counts derived on the
     # server, ε composed — runs deterministically, and must give the unprotected run's τ* exactly
     cfg = _config(tmp_path, "privacy.statistics.noise_multiplier=0.01", "privacy.statistics.min_cases=4")
+    monkeypatch.setenv(AUDIT_ENV, str(tmp_path / "sent.jsonl"))
     result = run_federated(InProcessGrid(3), cfg)  # type: ignore[arg-type]
+    sent = read_log(tmp_path / "sent.jsonl")  # what left the sites: no count the server derives, the withheld named
+    assert unregistered(sent) == []
+    names = {(e["message_type"], k) for e in sent for r in e["arrays"].values() for k in r}
+    assert ("query.val_stats", "hist") in names and ("query.val_stats", "tp") not in names
+    assert not {k for kind, k in names if kind == "evaluate.frozen" and k.endswith(("at_threshold", "tscore_who"))}
+    assert any("withheld" in e["metrics"] for e in sent)
+    monkeypatch.delenv(AUDIT_ENV)
     plain = _config(tmp_path / "plain", "privacy.statistics.enabled=false")
     assert result.threshold["value"] == run_federated(InProcessGrid(3), plain).threshold["value"]  # type: ignore[arg-type]
     privacy = result.threshold["statistics_privacy"]
