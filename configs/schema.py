@@ -43,9 +43,10 @@ class ModelConfig:
     dropout: float = 0.3
     # Serve the mean output of a knee and its left-right mirror (stored in the bundle; predict applies it).
     test_time_mirror: bool = False
-    # batch | group (GroupNorm, no in-place ops: the form DP-SGD needs) | auto: group exactly when privacy.dp is
-    # on. Loading resolves auto, so a bundle and every site record the form they built.
-    norm: Literal["auto", "batch", "group"] = "auto"
+    # batch | group (GroupNorm) | frozen (BatchNorm fixed at its pretrained statistics) — group and frozen are
+    # the per-case forms DP-SGD needs | auto: group exactly when privacy.dp is on. Loading resolves auto, so a
+    # bundle and every site record the form they built.
+    norm: Literal["auto", "batch", "group", "frozen"] = "auto"
 
 
 @dataclass(frozen=True)

