@@ -20,7 +20,7 @@ from simulations.scenario import TINY_RUN, build_synthetic_scenario
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
-def config(root: Path, n_patients: int) -> Config:
+def config(root: Path, n_patients: int, *extra: str) -> Config:
     m = build_synthetic_scenario(root / "data", seed=5, n_patients=n_patients, image_size=48).site_manifests
     sites = [
         {"name": "stage1", "role": "train", "manifest": str(m["stage1"])},
@@ -38,6 +38,7 @@ def config(root: Path, n_patients: int) -> Config:
             f"federation.sites={json.dumps(sites)}",
             f"output_dir={json.dumps(str(root / 'run'))}",
             f"data.cache_dir={json.dumps(str(root / 'cache'))}",
+            *extra,
         ],
     )
 

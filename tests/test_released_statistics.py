@@ -18,7 +18,6 @@ from configs.schema import ThresholdConfig, load_config
 from server.federation import run_federated
 from server.pooled import QuorumError, pool, pooled_threshold
 from simulations.inprocess import InProcessGrid
-from simulations.scenario import TINY_RUN, build_synthetic_scenario
 from strnet import metrics as M
 from strnet.calibration import PlattStats
 from strnet.errors import ConfigError, SiteError, StrnetError
@@ -38,6 +37,7 @@ from strnet.released import (
     withheld_problem,
 )
 from strnet.sufficient import EvaluationCounts, ValidationCounts
+from tests.test_message_audit import config as audit_config
 from tests.test_pooled import site_predictions, site_scores
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
@@ -246,27 +246,8 @@ def test_settings_that_cannot_work_are_refused_naming_the_key(override: str, key
 
 
 def _config(root: Path, *extra: str):  # type: ignore[no-untyped-def]
-    m = build_synthetic_scenario(root / "data", seed=5, n_patients=20, image_size=48).site_manifests
-    sites = [
-        {"name": "stage1", "role": "train", "manifest": str(m["stage1"])},
-        {"name": "hospital", "role": "train", "manifest": str(m["hospital"])},
-        {"name": "stage2", "role": "external", "manifest": str(m["stage2"])},
-    ]
-    return load_config(
-        "demo",
-        [
-            *TINY_RUN,
-            "federation.rounds=1",
-            "tscore.rounds=1",
-            "evaluate.bootstrap=20",
-            "tracking.enabled=false",
-            "privacy.statistics.enabled=true",
-            f"federation.sites={json.dumps(sites)}",
-            f"output_dir={json.dumps(str(root / 'run'))}",
-            f"data.cache_dir={json.dumps(str(root / 'cache'))}",
-            *extra,
-        ],
-    )
+    """The message-audit test's whole run, with the statistics protected."""
+    return audit_config(root, 20, "privacy.statistics.enabled=true", *extra)
 
 
 def test_a_protected_run_names_what_was_withheld_and_reports_epsilon(
