@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from strnet.data.augment import Augmenter, AugmentParams
+from strnet.data.augment import N_DRAWS, Augmenter, AugmentParams, augment_batch
 
 NONE = AugmentParams(hflip_p=0.0, max_rotation_deg=0.0, max_translate=0.0, scale_range=(1.0, 1.0), border_mask_p=0.0)
 
@@ -99,3 +99,46 @@ def test_bad_params_and_shapes_are_rejected() -> None:
     with pytest.raises(ValueError, match=r"\[1, H, W\]"):
         Augmenter(AugmentParams())(torch.rand(3, 8, 8), _gen(0))
     assert AugmentParams(scale_range=[0.9, 1.1]).scale_range == (0.9, 1.1)  # type: ignore[arg-type]
+
+
+WIDE = AugmentParams(
+    hflip_p=0.5,
+    max_rotation_deg=30.0,
+    max_translate=0.2,
+    scale_range=(0.7, 1.3),
+    border_mask_p=0.7,
+    border_mask_max_frac=0.3,
+)
+
+
+def _draws(seeds: range) -> torch.Tensor:
+    """The uniforms Augmenter draws first from each sample's generator."""
+    return torch.stack([torch.rand(N_DRAWS, generator=_gen(s), dtype=torch.float64) for s in seeds])
+
+
+@pytest.mark.parametrize("params", [AugmentParams(), WIDE, NONE], ids=["recipe", "wide", "off"])
+def test_batched_augmentation_equals_the_per_sample_augmenter(params: AugmentParams) -> None:
+    n, seeds = 48, range(500, 548)
+    images = torch.rand(n, 1, 40, 56, generator=_gen(3))
+    images[:16] = (images[:16] * 255).round() / 255  # uint8-like images have many tied values (median)
+    expected = torch.stack([Augmenter(params)(images[i], _gen(s)) for i, s in enumerate(seeds)])
+    out = augment_batch(images, _draws(seeds), params)
+    assert out.shape == images.shape and out.dtype == images.dtype
+    # one grid_sample over the batch: the same arithmetic (bitwise on this CPU); cos/sin may differ by an ulp
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def test_batched_augmentation_covers_every_branch() -> None:
+    """The draws above exercise flips, no flips, strips on each border and the 'no border picked' rule."""
+    u = _draws(range(500, 548))
+    assert (u[:, 0] < 0.5).any() and (u[:, 0] >= 0.5).any()
+    masked = u[:, 5] < WIDE.border_mask_p
+    assert masked.any() and (~masked).any()
+    assert ((u[:, 6:10] >= 0.5).all(1) & masked).any()  # no border picked: the smallest pick is used
+
+
+def test_batched_augmentation_rejects_bad_shapes() -> None:
+    with pytest.raises(ValueError, match=r"\[B, 1, H, W\]"):
+        augment_batch(torch.rand(2, 3, 8, 8), torch.rand(2, N_DRAWS), AugmentParams())
+    with pytest.raises(ValueError, match="draws"):
+        augment_batch(torch.rand(2, 1, 8, 8), torch.rand(3, N_DRAWS), AugmentParams())
