@@ -6,6 +6,13 @@ an ``ArrayRecord`` under :attr:`Key.STATS`; every message and every reply carrie
 a peer speaking another version is refused with an error that names it.
 
 A run's resolved configuration travels once, in the site-info query; later messages carry its digest.
+
+Model weights go onto the wire through :func:`to_wire` and come off it through :func:`from_wire`, on both sides,
+so there is one way to pack them: at ``federation.transport`` precision (fp16 by default) in every training
+round — the global weights of the train and the validation-statistics messages, and the sites' trained weights
+— and exactly (fp32) in the few messages about the final model after training (FedBN's BatchNorm send,
+calibration, OOD, T-score refit, frozen evaluation), so that every number in the bundle is of the bundled
+weights. :func:`round_nbytes` says what one round costs per site.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from dataclasses import fields
 from typing import Any
 
 import numpy as np
+import torch
 
 from strnet.calibration import PlattStats
 from strnet.errors import SiteError
@@ -173,3 +181,96 @@ def model_digest(arrays: Mapping[str, np.ndarray]) -> str:
         h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
         h.update(a.tobytes())
     return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------- weights
+
+# ``federation.transport`` -> the dtype floating model tensors travel in (configs/schema.py lists the same names)
+WIRE_DTYPES: dict[str, np.dtype] = {"fp16": np.dtype(np.float16), "fp32": np.dtype(np.float32)}
+
+
+def _numpy(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _numpy_dtype(dtype: Any) -> np.dtype:
+    if isinstance(dtype, torch.dtype):
+        return torch.empty((), dtype=dtype).numpy().dtype
+    return np.dtype(dtype)
+
+
+def wire_dtype(transport: str) -> np.dtype:
+    try:
+        return WIRE_DTYPES[transport]
+    except KeyError:
+        raise ValueError(f"federation.transport={transport!r} is not one of {sorted(WIRE_DTYPES)}") from None
+
+
+def to_wire(state: Mapping[str, Any], transport: str) -> dict[str, np.ndarray]:
+    """Model tensors (torch or numpy) as the contiguous numpy arrays that go into a message's ``ArrayRecord``.
+
+    Floating tensors wider than the transport dtype are narrowed to it (fp16 halves the bytes; round to nearest:
+    relative error <= 2**-11, absolute <= 2**-25 below 2**-14); integer tensors (BatchNorm's
+    ``num_batches_tracked``) travel exactly. A floating tensor with a *finite* value beyond the transport dtype's
+    range (|x| > 65504 for fp16 — a BatchNorm ``running_var`` of unnormalised activations can be) travels at its
+    own precision instead: refusing would end a run over a legitimate statistic, and casting would turn it into
+    ±inf, which the server rejects as a diverged site. It costs only that tensor's bytes, and :func:`from_wire`
+    needs nothing special for it. NaN and ±inf stay what they are (the server names the site that sent them).
+
+    Casting is post-processing, so a DP-SGD site's ε is unchanged; the precision a hospital releases is the
+    transport's (the message audit logs each array's dtype).
+    """
+    wire = wire_dtype(transport)
+    limit = np.finfo(wire).max
+    out: dict[str, np.ndarray] = {}
+    for key, value in state.items():
+        array = np.asarray(_numpy(value), order="C")  # (np.ascontiguousarray would make a 0-d counter 1-d)
+        if np.issubdtype(array.dtype, np.floating) and array.dtype.itemsize > wire.itemsize:
+            beyond = (np.abs(array) > limit) & np.isfinite(array)
+            if not beyond.any():
+                array = array.astype(wire)
+        out[key] = array
+    return out
+
+
+def from_wire(arrays: Mapping[str, Any], dtypes: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+    """Arrays off the wire, floating ones cast back to the dtype the receiver keeps each tensor in (``dtypes``:
+    name -> numpy or torch dtype, e.g. its model's or its global record's; fp16 comes back as fp32 for a name it
+    does not list), so
+    that training, averaging and a server optimizer's state run at full precision. Integer arrays are left
+    exact, and never cast between integer and floating (a malformed reply stays visibly malformed)."""
+    out: dict[str, np.ndarray] = {}
+    for key, value in arrays.items():
+        array = _numpy(value)
+        if np.issubdtype(array.dtype, np.floating):
+            target = _numpy_dtype(dtypes[key]) if dtypes is not None and key in dtypes else None
+            if target is None or not np.issubdtype(target, np.floating):
+                target = np.dtype(np.float32) if array.dtype.itemsize < 4 else array.dtype
+            if array.dtype != target:
+                array = array.astype(target)
+        out[key] = array
+    return out
+
+
+def wire_nbytes(arrays: Mapping[str, Any]) -> int:
+    """Payload bytes of a set of arrays: Σ nbytes (an ``ArrayRecord``: ``{k: v.numpy() for k, v in rec.items()}``;
+    Flower's ``ArrayRecord.count_bytes()`` adds each array's few-dozen-byte serialisation header)."""
+    return int(sum(_numpy(v).nbytes for v in arrays.values()))
+
+
+def round_nbytes(
+    state: Mapping[str, Any], transport: str, *, local_keys: frozenset[str] = frozenset()
+) -> dict[str, int]:
+    """Weight bytes one training site sends and receives in one federated round at ``transport``, computed from
+    the global model's state dict exactly as :func:`to_wire` packs it (for ``strnet bench``).
+
+    ``to_site``: the global weights twice, in the train message and in the validation-statistics message;
+    ``from_site``: the trained weights in the train reply. ``local_keys`` (FedBN's BatchNorm tensors) never
+    travel in a round after the first; round 1's train message carries them once more. Statistics arrays
+    (histograms, counts) are a few kilobytes and not counted.
+    """
+    shared = to_wire({k: v for k, v in state.items() if k not in local_keys}, transport)
+    weights = wire_nbytes(shared)
+    return {"to_site": 2 * weights, "from_site": weights, "total": 3 * weights}
