@@ -38,6 +38,8 @@ from strnet.protocol import (
     config_digest,
     encode,
     encode_splits,
+    from_wire,
+    to_wire,
 )
 from strnet.released import StatisticsPrivacy
 from strnet.site import SiteRunner
@@ -127,12 +129,20 @@ def _arrays(values: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in values.items()})
 
 
+def _weights_record(state: dict[str, torch.Tensor], runner: SiteRunner) -> ArrayRecord:
+    """Trained weights for a reply, at the run's ``federation.transport`` precision (strnet.protocol.to_wire)."""
+    return ArrayRecord({k: Array(v) for k, v in to_wire(state, runner.cfg.federation.transport).items()})
+
+
 def _weights(
     message: Message, context: Context | None = None, runner: SiteRunner | None = None
 ) -> dict[str, torch.Tensor]:
-    """The message's weights; under FedBN a message without the BatchNorm tensors is completed with this site's
-    own, from the round the instruction names (the round it trained last, if none)."""
-    weights = message.content[Key.ARRAYS].to_torch_state_dict()
+    """The message's weights, floating ones back in the dtype of this site's model (fp16 on the wire in training
+    rounds; :func:`strnet.protocol.from_wire`); under FedBN a message without the BatchNorm tensors is completed
+    with this site's own, from the round the instruction names (the round it trained last, if none)."""
+    own = {k: v.dtype for k, v in runner.model.state_dict().items()} if runner is not None else None
+    arrays = from_wire({k: v.numpy() for k, v in message.content[Key.ARRAYS].items()}, own)
+    weights = {k: torch.from_numpy(v) for k, v in arrays.items()}
     if context is None or runner is None or runner.cfg.federation.strategy != "fedbn":
         return weights
     missing = batchnorm_keys(runner.model) - set(weights)
@@ -202,7 +212,7 @@ def train(message: Message, context: Context) -> Message:
     return _reply(
         message,
         runner,
-        **{Key.ARRAYS: ArrayRecord(new_state), Key.METRICS: MetricRecord({**metrics, WEIGHT: n})},
+        **{Key.ARRAYS: _weights_record(new_state, runner), Key.METRICS: MetricRecord({**metrics, WEIGHT: n})},
     )
 
 

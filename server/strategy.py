@@ -8,6 +8,10 @@ Differences from Flower's stock FedAvg, each for a reason:
 - one malformed or failed reply is dropped with a message naming the site, and the round still completes
   when ``quorum`` usable replies remain (stock FedAvg aborts on one inconsistent reply, or accepts one reply);
 - integer buffers (BatchNorm ``num_batches_tracked``) are cast back to their dtype after averaging;
+- weights travel at ``federation.transport`` precision (fp16 by default) both ways; replies are cast back to the
+  global record's dtypes (fp32) before averaging, so the average, the global record, a server optimizer's state
+  (FedAvgM momentum, FedAdam moments: Flower keeps them from the fp32 record this strategy is given) and the
+  checkpoint all stay fp32;
 - the evaluate step pools the sites' *additive* validation counts instead of averaging per-site metrics.
 """
 
@@ -30,7 +34,18 @@ from server.replies import reply_content, stats_arrays, withheld
 from strnet.engine import RecipeSchedule, history_row, with_site_auroc
 from strnet.errors import SiteError
 from strnet.privacy import PRIVACY_METRICS
-from strnet.protocol import PROTOCOL_VERSION, WEIGHT, Field, Key, MessageKind, decode_validation, encode
+from strnet.protocol import (
+    PROTOCOL_VERSION,
+    WEIGHT,
+    Field,
+    Key,
+    MessageKind,
+    decode_validation,
+    encode,
+    from_wire,
+    to_wire,
+    wire_dtype,
+)
 from strnet.released import StatisticsLedger, restore_validation
 from strnet.sufficient import ValidationCounts
 
@@ -51,6 +66,7 @@ class SiteFedAvg(FedAvg):
         problem: Callable[[str], None] | None = None,
         local_keys: frozenset[str] = frozenset(),
         ledger: StatisticsLedger | None = None,
+        transport: str = FederationConfig.transport,
     ) -> None:
         n = len(train_nodes)
         super().__init__(min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n, weighted_by_key=WEIGHT)
@@ -80,6 +96,8 @@ class SiteFedAvg(FedAvg):
         self._global: ArrayRecord | None = None
         self.last_average: dict[str, np.ndarray] = {}
         self.ledger = ledger  # privacy.statistics: every noised validation histogram received
+        wire_dtype(transport)  # a clear error for an unknown name
+        self.transport = transport  # the weights' precision on the wire, both ways (strnet.protocol.to_wire)
 
     # The server optimizer's state in Flower's FedAvgM (current_arrays, momentum_vector) and FedOpt/FedAdam
     # (current_arrays, m_t, v_t): what a resumed run must restore to take the same steps.
@@ -219,7 +237,7 @@ class SiteFedAvg(FedAvg):
         # ``config`` carries what a Flower strategy mixed in front of this one adds (FedProx: ``proximal-mu``)
         instruction = self._instruction(server_round, **dict(config), **{Field.LEARNING_RATE: self._lr})
         return self._messages(
-            RecordDict({Key.ARRAYS: arrays, Key.CONFIG: instruction}), MessageKind.TRAIN, server_round
+            RecordDict({Key.ARRAYS: self.wire(arrays), Key.CONFIG: instruction}), MessageKind.TRAIN, server_round
         )
 
     def check_train_reply(self, msg: Message) -> tuple[str, dict[str, np.ndarray], dict[str, float], float]:
@@ -230,7 +248,9 @@ class SiteFedAvg(FedAvg):
         content = reply_content(msg, site)
         if Key.ARRAYS not in content.array_records or Key.METRICS not in content.metric_records:
             raise SiteError(site, f"malformed train reply: expected {Key.ARRAYS!r} arrays and {Key.METRICS!r}")
-        arrays = {k: v.numpy() for k, v in content.array_records[Key.ARRAYS].items()}
+        # fp16 off the wire, back in the global record's dtypes before anything is averaged
+        dtypes = {k: dtype for k, (_, dtype) in self._reference.items()}
+        arrays = from_wire({k: v.numpy() for k, v in content.array_records[Key.ARRAYS].items()}, dtypes)
         metrics = dict(content.metric_records[Key.METRICS])
         if self._reference:
             missing = sorted(set(self._reference) - set(arrays))
@@ -282,6 +302,12 @@ class SiteFedAvg(FedAvg):
             metrics | {"num_sites": len(usable)}
         )
 
+    def wire(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The global record as it travels in a round: at ``transport`` precision (the server keeps fp32)."""
+        return ArrayRecord(
+            {k: Array(v) for k, v in to_wire({k: v.numpy() for k, v in arrays.items()}, self.transport).items()}
+        )
+
     def shared(self, arrays: ArrayRecord) -> ArrayRecord:
         """The arrays without the site-local ones (all of them unless FedBN)."""
         return ArrayRecord({k: v for k, v in arrays.items() if k not in self.local_keys})
@@ -293,7 +319,7 @@ class SiteFedAvg(FedAvg):
     ) -> Iterable[Message]:
         """Ask the training sites for additive validation counts of the new global model."""
         self._evaluated = arrays
-        record = RecordDict({Key.ARRAYS: self.shared(arrays), Key.CONFIG: self._instruction(server_round)})
+        record = RecordDict({Key.ARRAYS: self.wire(self.shared(arrays)), Key.CONFIG: self._instruction(server_round)})
         return self._messages(record, MessageKind.VAL_STATS, server_round)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -362,7 +388,11 @@ STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 class ServerOptimizerStatistics:
     """A server optimizer steps the *parameters*; BatchNorm's running statistics and counters are estimates, not
     parameters, and an Adam or momentum step on them drives running variances negative (NaN outputs within a
-    few rounds on the real sites). They take the plain weighted average instead."""
+    few rounds on the real sites). They take the plain weighted average instead.
+
+    The stepped parameters are cast back to the global record's dtypes: Flower's FedAdam multiplies by a numpy
+    float64 scalar (its bias-corrected step size), which made the global record, the checkpoint and the bundle
+    float64 (twice fp32's bytes on an fp32 wire)."""
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -371,9 +401,15 @@ class ServerOptimizerStatistics:
         if arrays is None:
             return arrays, metrics
         average = self.last_average  # type: ignore[attr-defined]
-        fixed = ArrayRecord(
-            {k: (Array(average[k]) if k.endswith(STATISTICS) and k in average else v) for k, v in arrays.items()}
-        )
+        dtypes = {k: dtype for k, (_, dtype) in self._reference.items()}  # type: ignore[attr-defined]
+
+        def kept(key: str, value: Array) -> Array:
+            if key.endswith(STATISTICS) and key in average:
+                return Array(average[key])
+            array = value.numpy()
+            return value if array.dtype == dtypes.get(key, array.dtype) else Array(array.astype(dtypes[key]))
+
+        fixed = ArrayRecord({k: kept(k, v) for k, v in arrays.items()})
         if getattr(self, "current_arrays", None) is not None and isinstance(self.current_arrays, ArrayRecord):  # type: ignore[attr-defined]
             self.current_arrays = fixed  # FedAvgM keeps the last global record
         return fixed, metrics
@@ -403,7 +439,8 @@ class SiteFedAdam(ServerOptimizerStatistics, FedAdam, SiteFedAvg):
 
 def build_strategy(fed: FederationConfig, **site: Any) -> SiteFedAvg:
     """The configured strategy over the training sites (``federation.strategy``); FedBN is SiteFedAvg with the
-    BatchNorm keys as ``local_keys``."""
+    BatchNorm keys as ``local_keys``. Weights travel at ``fed.transport`` precision."""
+    site["transport"] = fed.transport
     if fed.strategy != "fedbn":
         site.pop("local_keys", None)
     if fed.strategy == "fedavg":

@@ -150,7 +150,8 @@ REGISTRY: tuple[Statistic, ...] = (
         MessageKind.TRAIN,
         "train_weights",
         "training weights",
-        "the model weights after local training (FedBN: without the BatchNorm layers)",
+        "the model weights after local training, floating tensors at `federation.transport` precision (fp16 by "
+        "default; a tensor beyond fp16's range at its own) (FedBN: without the BatchNorm layers)",
         {ANY: WEIGHTS},
         "the training split",
         record=Key.ARRAYS,

@@ -1,0 +1,272 @@
+"""Half-size weight transport: the fp16 wire format (``strnet.protocol.to_wire`` / ``from_wire``), averaging fp16
+replies in fp32 on the server, the bytes a round costs, and the ``federation.transport`` key. Whole federations
+at each precision run in tests/test_federation.py."""
+
+from __future__ import annotations
+
+import typing
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from configs.schema import FederationConfig, ThresholdConfig, load_config
+from server.strategy import SiteFedAvg, build_strategy
+from strnet.engine import RecipeSchedule, TrainParams
+from strnet.errors import ConfigError
+from strnet.model import batchnorm_keys, build_strnet
+from strnet.protocol import (
+    PROTOCOL_VERSION,
+    WIRE_DTYPES,
+    Field,
+    Key,
+    MessageKind,
+    from_wire,
+    round_nbytes,
+    to_wire,
+    wire_nbytes,
+)
+
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
+
+# fp16 rounds to nearest: relative error <= 2**-11 for normal values; below 2**-14 (subnormal) the absolute error
+# is <= 2**-25, half the smallest subnormal step
+REL, ABS = 2.0**-11, 2.0**-25
+
+
+def _model_state() -> dict[str, torch.Tensor]:
+    """A real STR-Net state dict (tiny trunk: BatchNorm layers and their integer counters included)."""
+    torch.manual_seed(0)
+    model = build_strnet(backbone="tiny")
+    for name, buffer in model.named_buffers():
+        if name.endswith("num_batches_tracked"):
+            buffer.fill_(123_457)  # beyond fp16's exact integers (2048): must travel exactly
+        elif name.endswith("running_var"):
+            buffer.uniform_(0.01, 40.0)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _floating(state: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k, v in state.items() if v.is_floating_point()]
+
+
+def test_fp16_round_trip_of_a_model_state_dict() -> None:
+    state = _model_state()
+    wire = to_wire(state, "fp16")
+    assert list(wire) == list(state)
+    integer = [k for k in state if k not in _floating(state)]
+    assert integer and all(k.endswith("num_batches_tracked") for k in integer)
+    assert {wire[k].dtype for k in _floating(state)} == {np.dtype(np.float16)}
+    back = from_wire(wire, {k: v.dtype for k, v in state.items()})
+    for key, original in state.items():
+        x = original.numpy()
+        assert back[key].dtype == x.dtype and back[key].shape == x.shape, key
+        if key in integer:
+            np.testing.assert_array_equal(back[key], x)  # exact, and still int64
+        else:
+            assert np.all(np.abs(back[key] - x) <= REL * np.abs(x) + ABS), key
+    model = build_strnet(backbone="tiny")
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()})  # loads as the model's own tensors
+    assert int(model.state_dict()[integer[0]]) == 123_457
+
+
+def test_fp32_transport_sends_the_weights_unchanged() -> None:
+    state = _model_state()
+    wire = to_wire(state, "fp32")
+    for key, value in state.items():
+        assert wire[key].dtype == value.numpy().dtype
+        np.testing.assert_array_equal(wire[key], value.numpy())
+
+
+def test_a_tensor_beyond_fp16s_range_travels_at_its_own_precision() -> None:
+    """|x| > 65504 would become inf in fp16: that tensor goes as fp32, exactly; non-finite values stay visible."""
+    big = np.array([1.0, 70_000.0, -3.0], np.float32)
+    edge = np.array([65_504.0, -65_504.0], np.float32)  # fp16's largest finite values: still fp16
+    broken = np.array([np.inf, np.nan, 1.0], np.float32)  # a diverged site: the server must still see it
+    wire = to_wire({"bn.running_var": big, "edge": edge, "broken": broken}, "fp16")
+    assert wire["bn.running_var"].dtype == np.float32
+    np.testing.assert_array_equal(wire["bn.running_var"], big)
+    assert wire["edge"].dtype == np.float16 and np.all(np.isfinite(wire["edge"]))
+    assert wire["broken"].dtype == np.float16
+    back = from_wire(wire)  # no dtypes given: fp16 comes back as fp32
+    assert {v.dtype for v in back.values()} == {np.dtype(np.float32)}
+    assert np.isposinf(back["broken"][0]) and np.isnan(back["broken"][1])
+
+
+def test_from_wire_never_casts_between_integer_and_floating() -> None:
+    arrays = {"counter": np.array(5, np.int64), "w": np.ones(3, np.float16)}
+    back = from_wire(arrays, {"counter": np.float32, "w": torch.float32})
+    assert back["counter"].dtype == np.int64 and back["w"].dtype == np.float32
+
+
+# ------------------------------------------------------------------------------------------------ averaging
+
+
+def _site_kwargs(transport: str) -> dict:
+    return {
+        "train_nodes": {11: "alpha", 22: "beta", 33: "gamma"},
+        "quorum": 3,
+        "threshold": ThresholdConfig(),
+        "schedule": RecipeSchedule(TrainParams()),
+        "monitor": "auprc",
+        "config_digest": "d1",
+        "transport": transport,
+    }
+
+
+def _reply(node: int, arrays: dict[str, np.ndarray], n: int, sent: Message) -> Message:
+    info = ConfigRecord({Field.SITE: str(node), Field.ROLE: "train", Field.VERSION: PROTOCOL_VERSION})
+    record = RecordDict(
+        {
+            Key.INFO: info,
+            Key.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            Key.METRICS: MetricRecord({"num-examples": n}),
+        }
+    )
+    return Message(record, reply_to=sent)
+
+
+def _sites(state: dict[str, torch.Tensor]) -> list[dict[str, np.ndarray]]:
+    """Three sites' trained weights: the global ones moved by different amounts, counters advanced."""
+    rng = np.random.default_rng(7)
+    out = []
+    for step in (10, 20, 30):
+        site = {}
+        for key, value in state.items():
+            x = value.numpy()
+            if np.issubdtype(x.dtype, np.floating):
+                site[key] = (x + rng.normal(0, 0.05, x.shape)).astype(np.float32)
+            else:
+                site[key] = x + step
+        out.append(site)
+    return out
+
+
+def _one_round(strategy: SiteFedAvg, state: dict[str, torch.Tensor], sites: list[dict[str, np.ndarray]]):
+    arrays = ArrayRecord({k: Array(v.numpy()) for k, v in state.items()})
+    messages = list(strategy.configure_train(1, arrays, ConfigRecord(), None))  # type: ignore[arg-type]
+    replies = [
+        _reply(m.metadata.dst_node_id, to_wire(site, strategy.transport), n, m)
+        for m, site, n in zip(messages, sites, (10, 30, 60), strict=True)
+    ]
+    new, _ = strategy.aggregate_train(1, replies)
+    assert new is not None
+    return messages, replies, {k: v.numpy() for k, v in new.items()}
+
+
+def test_fp16_replies_are_averaged_in_fp32() -> None:
+    """The server's average of fp16 replies == numpy's weighted average of the fp16-rounded weights, both summed
+    in float64 and rounded once to fp32 (so equal to an fp32 rounding step: rtol 2**-23, and 1e-15 absolute where
+    the sites' weights cancel to ~0 and the order of the float64 sums shows); and it is within the fp16 rounding
+    bound (2**-11 of the weighted mean |x|, + 2**-25) of averaging the sites' original fp32 weights."""
+    state, weights = _model_state(), np.array([10.0, 30.0, 60.0])
+    sites = _sites(state)
+    messages, replies, out = _one_round(SiteFedAvg(**_site_kwargs("fp16")), state, sites)
+    # both directions travel as fp16 (integer counters exactly)
+    for record in [m.content[Key.ARRAYS] for m in messages] + [r.content[Key.ARRAYS] for r in replies]:
+        assert {np.dtype(record[k].dtype) for k in _floating(state)} == {np.dtype(np.float16)}
+        assert np.dtype(record["backbone.blocks.0.1.num_batches_tracked"].dtype) == np.int64
+    for key, value in state.items():
+        x = value.numpy()
+        assert out[key].dtype == x.dtype, key  # the global record stays fp32 (int64 counters)
+        stacked = np.stack([s[key] for s in sites]).astype(np.float64)
+        if key not in _floating(state):
+            assert out[key] == round(np.average(stacked, axis=0, weights=weights))
+            continue
+        rounded = np.stack([s[key].astype(np.float16) for s in sites]).astype(np.float64)
+        oracle = np.average(rounded, axis=0, weights=weights).astype(np.float32)
+        np.testing.assert_allclose(out[key], oracle, rtol=2.0**-23, atol=1e-15, err_msg=key)
+        exact = np.average(stacked, axis=0, weights=weights)
+        bound = REL * np.average(np.abs(stacked), axis=0, weights=weights) + ABS + 2.0**-24 * np.abs(exact)
+        assert np.all(np.abs(out[key] - exact) <= bound), key
+
+
+def test_fp32_transport_averages_the_sites_weights_exactly() -> None:
+    state = _model_state()
+    sites = _sites(state)
+    _, _, out = _one_round(SiteFedAvg(**_site_kwargs("fp32")), state, sites)
+    for key in _floating(state):
+        stacked = np.stack([s[key] for s in sites]).astype(np.float64)
+        oracle = np.average(stacked, axis=0, weights=[10.0, 30.0, 60.0]).astype(np.float32)
+        np.testing.assert_allclose(out[key], oracle, rtol=2.0**-23, atol=1e-15, err_msg=key)
+
+
+@pytest.mark.parametrize(
+    "fed",
+    [
+        FederationConfig(strategy="fedavgm", server_lr=0.5, server_momentum=0.9),
+        FederationConfig(strategy="fedadam", server_lr=0.01),
+    ],
+    ids=["fedavgm", "fedadam"],
+)
+def test_server_optimizer_state_stays_fp32_under_fp16_transport(fed: FederationConfig) -> None:
+    """Flower's FedAvgM (last global record, momentum) and FedAdam (last global, m_t, v_t) keep their state from
+    the fp32 record and the fp32 average: never at the wire's precision."""
+    state = _model_state()
+    strategy = build_strategy(fed, **_site_kwargs("fp16"))
+    assert strategy.transport == "fp16"  # build_strategy passes federation.transport on
+    _, _, out = _one_round(strategy, state, _sites(state))
+    keys = list(state)
+    parts: dict[str, dict[str, object]] = {"current_arrays": dict(strategy.current_arrays.items())}  # type: ignore[attr-defined]
+    if fed.strategy == "fedavgm":
+        parts["momentum_vector"] = dict(zip(keys, strategy.momentum_vector, strict=True))  # type: ignore[attr-defined]
+    else:
+        parts |= {"m_t": strategy.m_t, "v_t": strategy.v_t}  # type: ignore[attr-defined]
+    for name, part in parts.items():
+        for key in _floating(state):
+            value = part[key]
+            dtype = np.dtype(value.dtype) if isinstance(value, Array) else np.asarray(value).dtype
+            assert dtype == np.float32, (name, key)
+    assert all(out[k].dtype == np.float32 for k in _floating(state))
+
+
+# ------------------------------------------------------------------------------------------------ bytes
+
+
+def test_fp16_halves_the_bytes_of_every_floating_tensor() -> None:
+    state = _model_state()
+    floating = {k: v for k, v in state.items() if v.is_floating_point()}
+    integer = {k: v for k, v in state.items() if not v.is_floating_point()}
+    assert wire_nbytes(to_wire(floating, "fp16")) * 2 == wire_nbytes(to_wire(floating, "fp32"))
+    assert wire_nbytes(to_wire(integer, "fp16")) == wire_nbytes(to_wire(integer, "fp32")) == 8 * len(integer)
+    fp32, fp16 = round_nbytes(state, "fp32"), round_nbytes(state, "fp16")
+    assert fp32["from_site"] == sum(v.numel() * v.element_size() for v in state.values())
+    assert fp16["from_site"] == fp32["from_site"] - wire_nbytes(to_wire(floating, "fp16"))
+    assert fp16["to_site"] == 2 * fp16["from_site"] and fp16["total"] == 3 * fp16["from_site"]
+    # FedBN: the BatchNorm tensors stay at the sites
+    bn = batchnorm_keys(build_strnet(backbone="tiny"))
+    shared = {k: v for k, v in state.items() if k not in bn}
+    assert round_nbytes(state, "fp16", local_keys=bn)["from_site"] == wire_nbytes(to_wire(shared, "fp16"))
+
+
+def test_the_message_the_server_sends_is_half_size() -> None:
+    """Measured on the ArrayRecord that goes out (Flower's own count adds a small header per array)."""
+    state = _model_state()
+    arrays = ArrayRecord({k: Array(v.numpy()) for k, v in state.items()})
+    sizes = {}
+    for transport in ("fp16", "fp32"):
+        strategy = SiteFedAvg(**_site_kwargs(transport))
+        sent = next(iter(strategy.configure_train(1, arrays, ConfigRecord(), None)))  # type: ignore[arg-type]
+        record = sent.content[Key.ARRAYS]
+        sizes[transport] = wire_nbytes({k: v.numpy() for k, v in record.items()})
+        assert sent.metadata.message_type == MessageKind.TRAIN
+        assert record.count_bytes() >= sizes[transport]
+    assert sizes["fp16"] == round_nbytes(state, "fp16")["from_site"]
+    assert sizes["fp32"] == round_nbytes(state, "fp32")["from_site"]
+    assert sizes["fp16"] < 0.51 * sizes["fp32"]
+    assert {np.dtype(v.dtype) for v in arrays.values() if v.dtype != "int64"} == {np.dtype(np.float32)}  # kept fp32
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def test_the_transport_key_validates() -> None:
+    assert load_config("demo").federation.transport == "fp16"
+    assert load_config("demo", ["federation.transport=fp32"]).federation.transport == "fp32"
+    with pytest.raises(ConfigError, match=r"federation\.transport.*'bf16'.*fp16"):
+        load_config("demo", ["federation.transport=bf16"])
+    allowed = typing.get_args(typing.get_type_hints(FederationConfig)["transport"])
+    assert set(allowed) == set(WIRE_DTYPES)  # the schema and the wire format name the same precisions
+    with pytest.raises(ValueError, match=r"federation\.transport"):
+        to_wire({"w": np.ones(2, np.float32)}, "int8")
