@@ -140,6 +140,146 @@ def test_non_2d_input_is_rejected() -> None:
         preprocess(np.zeros((4, 8, 8)), PreprocessParams(size=32))
 
 
+# --- fast path against a straightforward oracle --------------------------------------------------------
+
+
+def _film(h: int = 600, w: int = 450, seed: int = 0) -> np.ndarray:
+    """uint16, film-like: dark collimated border, bright soft-tissue column, a blurred bone block, noise."""
+    from strnet.data.speed import synthetic_film
+
+    return synthetic_film((h, w), seed)
+
+
+def _oracle(img: np.ndarray, params: PreprocessParams, box: tuple[int, int, int, int]) -> np.ndarray:
+    """The recipe written out plainly: float64, np.percentile on the crop, clip, scale, then cv2 bilinear."""
+    y0, y1, x0, x1 = box
+    crop = np.asarray(img, dtype=np.float64)[y0:y1, x0:x1]
+    lo, hi = np.percentile(crop, params.clip_percentiles)
+    if not hi > lo:
+        return np.zeros((params.size, params.size), np.float32)
+    scaled = ((np.clip(crop, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+    out = cv2.resize(scaled, (params.size, params.size), interpolation=cv2.INTER_LINEAR)
+    return np.clip(out, 0.0, 1.0)
+
+
+def _box_oracle(img: np.ndarray, params: PreprocessParams) -> tuple[int, int, int, int]:
+    """Otsu on an exact float64 k x k block mean (k = ceil(longest side / OTSU_MAX_SIDE)), then margin."""
+    a = np.asarray(img, dtype=np.float64)
+    h, w = a.shape
+    k = int(np.ceil(max(h, w) / pre.OTSU_MAX_SIDE))
+    sh, sw = h // k, w // k
+    small = a[: sh * k, : sw * k].reshape(sh, k, sw, k).mean(axis=(1, 3))
+    lo, hi = a.min(), a.max()
+    small8 = np.clip(np.rint((small - lo) * 255.0 / (hi - lo)), 0, 255).astype(np.uint8)
+    _, mask = cv2.threshold(small8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    ys, xs = np.nonzero(mask)
+    if (np.ptp(ys) + 1) * (np.ptp(xs) + 1) < params.min_crop_fraction * sh * sw:
+        return 0, h, 0, w
+    y1 = h if ys.max() == sh - 1 else (ys.max() + 1) * k
+    x1 = w if xs.max() == sw - 1 else (xs.max() + 1) * k
+    my, mx = round(params.crop_margin * h), round(params.crop_margin * w)
+    return max(0, ys.min() * k - my), min(h, y1 + my), max(0, xs.min() * k - mx), min(w, x1 + mx)
+
+
+@pytest.mark.parametrize(("h", "w", "seed"), [(600, 450, 0), (1301, 999, 1), (2000, 1500, 2)])
+def test_box_matches_a_block_mean_otsu_oracle(h: int, w: int, seed: int) -> None:
+    img = _film(h, w, seed)
+    k = int(np.ceil(max(h, w) / pre.OTSU_MAX_SIDE))
+    got = foreground_box(img, PreprocessParams())
+    # The film's body reaches the bottom and right edges: the leftover rows/columns that fill no block belong.
+    assert got[1] == h
+    np.testing.assert_allclose(got, _box_oracle(img, PreprocessParams()), atol=k)  # a block, for rounding
+    assert foreground_box(img.astype(np.float32), PreprocessParams()) == got  # integer-valued float: same
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32, np.float64, np.int32])
+@pytest.mark.parametrize(("h", "w"), [(600, 450), (1301, 999)])
+def test_preprocess_matches_the_oracle_for_integer_valued_images(dtype: type, h: int, w: int) -> None:
+    film = _film(h, w, seed=h)
+    img = (film >> 8).astype(dtype) if dtype == np.uint8 else film.astype(dtype)
+    params = PreprocessParams(size=128)
+    out = preprocess(img, params)
+    ref = _oracle(img, params, foreground_box(img, params))
+    assert out.dtype == np.float32 and out.shape == (128, 128)
+    # Exact percentiles for integer pixels: only float32 rounding separates the two.
+    np.testing.assert_allclose(out, ref, rtol=0, atol=2e-6)
+
+
+def test_preprocess_matches_the_oracle_within_a_bin_for_fractional_floats() -> None:
+    img = _film(500, 400).astype(np.float32) * np.float32(0.01) - np.float32(3.3)  # fractional, negative
+    params = PreprocessParams(size=96)
+    out = preprocess(img, params)
+    ref = _oracle(img, params, foreground_box(img, params))
+    y0, y1, x0, x1 = foreground_box(img, params)
+    lo, hi = np.percentile(img[y0:y1, x0:x1], [1, 99])
+    tol = 2 * (float(img.max()) - float(img.min())) / (pre.HIST_BINS - 1) / (hi - lo)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=tol)
+
+
+def test_same_pixels_in_any_dtype_give_identical_output() -> None:
+    film8 = (_film(700, 520, seed=3) >> 8).astype(np.uint8)
+    params = PreprocessParams(size=64)
+    want = preprocess(film8, params)
+    for dtype in (np.uint16, np.int16, np.int64, np.float32, np.float64):
+        assert np.array_equal(preprocess(film8.astype(dtype), params), want), dtype
+    assert np.array_equal(preprocess(np.ascontiguousarray(film8.T).T, params), want)  # column-major view
+    flipped = film8[::-1]  # negative strides
+    assert np.array_equal(preprocess(flipped, params), preprocess(np.ascontiguousarray(flipped), params))
+
+
+def test_crop_fallback_uses_the_whole_image() -> None:
+    img = np.full((400, 300), 1000, np.uint16)
+    img += RNG.integers(0, 50, img.shape, dtype=np.uint16)
+    img[150:230, 120:200] = 30000  # 5 % of the area: specks, not anatomy
+    params = PreprocessParams(size=64)
+    assert foreground_box(img, params) == (0, 400, 0, 300)
+    np.testing.assert_allclose(preprocess(img, params), _oracle(img, params, (0, 400, 0, 300)), atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32, np.float64])
+def test_constant_image_or_crop_gives_zeros(dtype: type) -> None:
+    params = PreprocessParams(size=32, crop_margin=0.0)
+    assert not preprocess(np.full((60, 50), 200, dtype), params).any()
+    img = np.zeros((60, 50), dtype)
+    img[10:50, 5:45] = 200  # the crop (no margin) is the constant block
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = preprocess(img, params)
+    assert out.shape == (32, 32) and out.dtype == np.float32 and not out.any()
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+@pytest.mark.parametrize("big", [False, True])
+def test_integer_percentiles_are_exact(dtype: type, big: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if big:  # the path for images too big for cv2's float32 bin counts
+        monkeypatch.setattr(pre, "_CALCHIST_MAX_COUNT", 100)
+    top = np.iinfo(dtype).max
+    img = np.clip(RNG.gamma(2.0, top / 8, (123, 77)), 0, top).astype(dtype)[5:, 3:]  # a strided view
+    qs = (0.0, 0.5, 1.0, 25.0, 50.0, 97.3, 99.0, 100.0)
+    np.testing.assert_allclose(histogram_percentiles(img, qs), np.percentile(img, qs), rtol=1e-12, atol=0)
+    assert histogram_percentiles(np.full((9, 9), 7, dtype), (1.0, 99.0)) == [7.0, 7.0]
+
+
+def test_throughput_benchmark_runs_and_restores_cv2_threads() -> None:
+    from strnet.data.speed import preprocess_throughput
+
+    before = cv2.getNumThreads()
+    rate = preprocess_throughput(n_images=4, workers=2, shape=(64, 48), size=16, cv2_threads=1)
+    assert np.isfinite(rate) and rate > 0
+    assert cv2.getNumThreads() == before
+
+
+@pytest.mark.realdata
+def test_real_radiographs_match_the_oracle(real_data_dir: Path) -> None:
+    files = sorted((real_data_dir / "knee-xray-osteoporosis-mendeley").rglob("*.[jJ][pP]*[gG]"))[::50]
+    assert files, "no Mendeley JPEGs found"
+    params = PreprocessParams(size=512)
+    for f in files:
+        img = read_radiograph(f)
+        out = preprocess(img, params)
+        np.testing.assert_allclose(out, _oracle(img, params, foreground_box(img, params)), rtol=0, atol=2e-6)
+
+
 # --- cache ---------------------------------------------------------------------------------------------
 
 

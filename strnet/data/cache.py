@@ -29,7 +29,7 @@ from strnet.data.preprocess import PreprocessParams
 from strnet.errors import DataError
 
 # Bump when preprocessing code changes what it outputs for the same params, to orphan old entries.
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: integer-factor Otsu box, exact 8/16-bit percentiles (strnet.data.preprocess)
 _QMAX = 65535.0
 _CHUNK = 1 << 20
 

@@ -5,9 +5,12 @@ covers under 10% of it, i.e. Otsu found specks, not anatomy), clip intensities t
 scale to [0, 1], bilinear resize to ``size x size``. Mean/std normalisation comes later, in the dataset,
 after augmentation, so that augmentation fills (median, flip) live on the same [0, 1] scale as the cache.
 
-Speed matters because this runs once per radiograph of every cohort: Otsu runs on a downscaled 8-bit copy
-(the box only needs to be right to a pixel or two of the full image), and percentiles come from one
-histogram pass instead of ``np.percentile``'s full sort.
+Speed matters because this runs once per radiograph of every cohort (target: 300 radiographs/s of
+2000x1500 16-bit films on 2 cores, decoding excluded; :mod:`strnet.data.speed` measures it). So: Otsu runs
+on an 8-bit copy box-averaged by an integer factor (the box only needs to be right to a pixel or two of the
+full image); 8/16-bit pixels, and integer-valued float copies of them, stay in that dtype until the clip;
+percentiles come from one histogram pass instead of ``np.percentile``'s sort (exact for integer pixels);
+the clip writes the only full-resolution float copy and the [0, 1] scaling is applied after the resize.
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ from strnet.data.imageio import read_radiograph
 OTSU_MAX_SIDE = 512
 # Histogram bins for the percentile clip: the clip level is exact to (max - min) / (HIST_BINS - 1).
 HIST_BINS = 4096
+_INT_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
+_CV_DTYPES = (*_INT_DTYPES, np.dtype(np.float32))
+# cv2.calcHist counts in float32, exact up to 2**24; bigger images take numpy's (slower) integer bincount.
+_CALCHIST_MAX_COUNT = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -80,47 +87,95 @@ def load_preprocessed(path: str | Path, side: str, params: PreprocessParams) -> 
     return preprocess(load_image(path, side), params)
 
 
+def _cv_image(img: np.ndarray) -> np.ndarray:
+    """``img`` itself when OpenCV's histogram and resize take its dtype natively (8/16-bit, float32), else float32."""
+    return img if img.dtype in _CV_DTYPES else img.astype(np.float32)
+
+
+def _working_image(img: np.ndarray) -> np.ndarray:
+    """The cheapest exact representation: uint8/uint16 as given; any other image whose values are all integers
+    in [0, 65535] (a decoder's float32 copy of an 8/16-bit file) as uint16; anything else as float32.
+
+    Integer pixels get an exact one-bin-per-value histogram and cheap 2-byte passes, and an integer-valued
+    float image preprocesses to exactly the same pixels as its uint16 original.
+    """
+    if img.dtype in _INT_DTYPES:
+        return img
+    a = _cv_image(img)
+    if a.dtype == np.float32:
+        # No range check needed: a value outside [0, 65535] (or NaN) casts to something else, so it fails
+        # the comparison like a fraction does.
+        with np.errstate(invalid="ignore"):
+            u = a.astype(np.uint16)
+        if np.array_equal(u, a):
+            return u
+    return a
+
+
+def _box_downscale(img: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """(small, fy, fx): ``img`` box-averaged over ``fy x fx`` blocks to a longest side of at most OTSU_MAX_SIDE.
+
+    Integer factors keep OpenCV's fast INTER_AREA paths (2x2 is vectorised, so even factors go by halving);
+    up to ``f - 1`` trailing rows/columns that do not fill a block are left out here and added back by the caller.
+    """
+    k = math.ceil(max(img.shape) / OTSU_MAX_SIDE)
+    small, fy, fx = img, 1, 1
+
+    def shrink(a: np.ndarray, f: int) -> np.ndarray:
+        sh, sw = a.shape[0] // f, a.shape[1] // f
+        return cv2.resize(a[: sh * f, : sw * f], (sw, sh), interpolation=cv2.INTER_AREA)
+
+    while k % 2 == 0 and min(small.shape) >= 2:
+        small, fy, fx, k = shrink(small, 2), fy * 2, fx * 2, k // 2
+    if k > 1 and min(small.shape) >= k:
+        small, fy, fx = shrink(small, k), fy * k, fx * k
+    return small, fy, fx
+
+
 def foreground_box(img: np.ndarray, params: PreprocessParams) -> tuple[int, int, int, int]:
     """(y0, y1, x0, x1), end-exclusive: the Otsu foreground box plus margin, or the whole image.
 
-    The margin is ``crop_margin`` of the image height (rows) and width (columns), clamped to the image.
+    Otsu runs on an 8-bit copy box-averaged by an integer factor (a pixel there is at most
+    ``ceil(max(h, w) / OTSU_MAX_SIDE)`` pixels here). The margin is ``crop_margin`` of the image height (rows)
+    and width (columns), clamped to the image.
     """
+    img = _cv_image(np.asarray(img))
     h, w = img.shape
     whole = (0, h, 0, w)
-    lo, hi = float(img.min()), float(img.max())
+    lo, hi, _, _ = cv2.minMaxLoc(img)
     if not hi > lo:
         return whole
-    scale = min(1.0, OTSU_MAX_SIDE / max(h, w))
-    small = (
-        img
-        if scale == 1.0
-        else cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-    )
+    small, fy, fx = _box_downscale(img)
     small8 = cv2.convertScaleAbs(small, alpha=255.0 / (hi - lo), beta=-lo * 255.0 / (hi - lo))
     _, mask = cv2.threshold(small8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     bx, by, bw, bh = cv2.boundingRect(mask)
     sh, sw = small8.shape
     if bw * bh < params.min_crop_fraction * sh * sw or bw == 0 or bh == 0:
         return whole
-    fy, fx = h / sh, w / sw
-    y0, y1 = math.floor(by * fy), math.ceil((by + bh) * fy)
-    x0, x1 = math.floor(bx * fx), math.ceil((bx + bw) * fx)
+    # A box touching the last block row/column also takes the leftover rows/columns the blocks did not cover.
+    y0, y1 = by * fy, h if by + bh == sh else (by + bh) * fy
+    x0, x1 = bx * fx, w if bx + bw == sw else (bx + bw) * fx
     my, mx = round(params.crop_margin * h), round(params.crop_margin * w)
     return max(0, y0 - my), min(h, y1 + my), max(0, x0 - mx), min(w, x1 + mx)
 
 
 def histogram_percentiles(img: np.ndarray, percentiles: tuple[float, ...], bins: int = HIST_BINS) -> list[float]:
-    """Percentiles from one histogram pass; each within one bin width ``(max - min) / (bins - 1)`` of np.percentile.
+    """Percentiles (numpy's default "linear" method) from one histogram pass instead of a sort.
 
-    The bins span ``[min, max + width)`` so the maximum falls inside the last bin rather than on the excluded
-    upper edge of OpenCV's histogram, which is about twice as fast as a numpy bincount here.
+    uint8/uint16 images: exact (one bin per integer value), equal to ``np.percentile`` up to float rounding.
+    Anything else: each within one bin width ``(max - min) / (bins - 1)`` of ``np.percentile``; the bins span
+    ``[min, max + width)`` so the maximum falls inside the last bin rather than on the excluded upper edge of
+    OpenCV's histogram, which is about twice as fast as a numpy bincount here.
     """
-    img = np.asarray(img, dtype=np.float32)
-    lo, hi = float(img.min()), float(img.max())
+    img = np.asarray(img)
+    if img.dtype in _INT_DTYPES:
+        return _exact_integer_percentiles(img, percentiles)
+    img = img.astype(np.float32, copy=False)
+    lo, hi, _, _ = cv2.minMaxLoc(img)
     if not hi > lo:
         return [lo for _ in percentiles]
     width = (hi - lo) / (bins - 1)
-    hist = cv2.calcHist([np.ascontiguousarray(img)], [0], None, [bins], [lo, lo + bins * width])
+    hist = cv2.calcHist([img], [0], None, [bins], [lo, lo + bins * width])
     counts = np.rint(hist.ravel()).astype(np.int64)
     cum = np.cumsum(counts)
     n = int(cum[-1])
@@ -140,21 +195,57 @@ def histogram_percentiles(img: np.ndarray, percentiles: tuple[float, ...], bins:
     return out
 
 
+def _exact_integer_percentiles(img: np.ndarray, percentiles: tuple[float, ...]) -> list[float]:
+    lo_f, hi_f, _, _ = cv2.minMaxLoc(img)
+    lo, hi = int(lo_f), int(hi_f)
+    if hi == lo:
+        return [float(lo) for _ in percentiles]
+    n = img.size
+    if n <= _CALCHIST_MAX_COUNT:
+        counts = cv2.calcHist([img], [0], None, [hi - lo + 1], [lo, hi + 1]).ravel().astype(np.int64)
+    else:
+        counts = np.bincount(img.ravel(), minlength=hi + 1)[lo:]
+    cum = np.cumsum(counts)
+
+    def order_statistic(r: int) -> int:  # the r-th smallest value, 0-based
+        return lo + int(np.searchsorted(cum, r, side="right"))
+
+    out = []
+    for p in percentiles:
+        # Mirrors numpy's "linear" method: virtual index (n - 1) * q, then its two-sided lerp.
+        rank = (n - 1) * (p / 100.0)
+        r0 = math.floor(rank)
+        t = rank - r0
+        a = order_statistic(r0)
+        b = order_statistic(min(r0 + 1, n - 1))
+        d = b - a
+        out.append(float(b - d * (1.0 - t) if t >= 0.5 else a + d * t))
+    return out
+
+
 def preprocess(img: np.ndarray, params: PreprocessParams) -> np.ndarray:
     """Float32 ``(size, size)`` in [0, 1] (before mean/std) from a 2-D image of any dtype and range.
 
-    A constant image (or crop) becomes all zeros rather than a division by zero.
+    A constant image (or crop) becomes all zeros rather than a division by zero. 8/16-bit images (and
+    integer-valued float copies of them) stay in their native dtype up to the clip; the clip writes the only
+    full-resolution float32 copy, already shifted to the clip floor, and the scale to [0, 1] is applied to the
+    ``size x size`` result (bilinear resize is linear, so that is the same up to float rounding). Clipping still
+    comes before the resize, as the recipe says: the two do not commute at the clip levels.
     """
     img = np.asarray(img)
     if img.ndim != 2:
         raise ValueError(f"expected a 2-D image, got shape {img.shape}")
-    a = img.astype(np.float32, copy=False)
     size = int(params.size)
-    y0, y1, x0, x1 = foreground_box(a, params)
-    crop = a[y0:y1, x0:x1]
+    work = _working_image(img)
+    y0, y1, x0, x1 = foreground_box(work, params)
+    crop = work[y0:y1, x0:x1]
     p_lo, p_hi = histogram_percentiles(crop, params.clip_percentiles)
     if not p_hi > p_lo:
         return np.zeros((size, size), np.float32)
-    scaled = (np.clip(crop, p_lo, p_hi) - np.float32(p_lo)) * np.float32(1.0 / (p_hi - p_lo))
-    out = cv2.resize(np.ascontiguousarray(scaled, dtype=np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+    lo32 = np.float32(p_lo)
+    # clip(crop - lo, 0, hi - lo) rounds exactly like clip(crop, lo, hi) - lo, in one pass from the native dtype.
+    shifted = np.subtract(crop, lo32, dtype=np.float32)
+    np.clip(shifted, np.float32(0.0), np.float32(p_hi) - lo32, out=shifted)
+    out = cv2.resize(shifted, (size, size), interpolation=cv2.INTER_LINEAR)
+    out *= np.float32(1.0 / (p_hi - p_lo))
     return np.clip(out, 0.0, 1.0, out=out)
