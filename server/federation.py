@@ -29,7 +29,7 @@ from strnet.calibration import Platt
 from strnet.engine import RecipeSchedule, seed_everything
 from strnet.model import batchnorm_keys
 from strnet.privacy import run_privacy, site_reports_from_history
-from strnet.protocol import WEIGHT, Field, MessageKind, config_digest
+from strnet.protocol import WEIGHT, Field, MessageKind, config_digest, round_nbytes
 from strnet.released import StatisticsLedger, usable
 from strnet.run import Run, RunResult, SiteResult, Tracker, recipe
 from strnet.scoring import task_metrics
@@ -174,6 +174,8 @@ def run_federated(
             "stopped_early": strategy.rounds_run < fed.rounds,
             "best_score": strategy.schedule.best_score,
             "quorum": fed.quorum,
+            # the weights' precision on the wire in every round, and the bytes per training site per round
+            "transport": {"dtype": fed.transport, **round_nbytes(state, fed.transport, local_keys=strategy.local_keys)},
             "tscore_refit": tscore,
             "sites": site_table,
         }

@@ -332,6 +332,48 @@ def test_optimizer_state_can_restart_every_round(scenario, tmp_path: Path) -> No
     )
 
 
+@pytest.mark.parametrize("transport", ["fp16", "fp32"])
+def test_weights_travel_at_the_configured_precision(scenario, tmp_path: Path, transport: str) -> None:
+    """``federation.transport``: every round's weights go both ways at that precision (integer counters exact);
+    the messages about the final model after training, the server's record and the bundle stay fp32."""
+    replies: list[Message] = []
+
+    def record(reply: Message, node: int) -> Message:
+        replies.append(reply)
+        return reply
+
+    overrides = [*_overrides(scenario, tmp_path), "federation.rounds=1", "tracking.enabled=false"]
+    grid = InProcessGrid(3, tamper=record)
+    result = run_federated(grid, load_config("demo", [*overrides, f"federation.transport={transport}"]))  # type: ignore[arg-type]
+    assert not result.problems
+
+    def floating(message: Message) -> set[str]:
+        weights = message.content.array_records.get(Key.ARRAYS, {})
+        return {str(v.dtype) for k, v in weights.items() if not k.endswith("num_batches_tracked")}
+
+    wire = {"fp16": "float16", "fp32": "float32"}[transport]
+    sent = {
+        kind: [msg for _, msg in grid.sent if msg.metadata.message_type == kind]
+        for kind in ("train", "query.val_stats", "evaluate.frozen")
+    }
+    in_round = [m for m in sent["train"] + sent["query.val_stats"] if m.metadata.group_id == "1"]
+    assert [floating(m) for m in in_round] == [{wire}] * 4  # train and the round's validation statistics
+    final = [m for m in sent["query.val_stats"] + sent["evaluate.frozen"] if m not in in_round]
+    assert [floating(m) for m in final] == [{"float32"}] * 5  # calibrated counts, frozen evaluation: the bundle's
+    train_replies = [r for r in replies if r.metadata.message_type == "train"]
+    assert len(train_replies) == 2 and all(floating(r) == {wire} for r in train_replies)
+    counters = [v for r in train_replies for k, v in r.content[Key.ARRAYS].items() if k.endswith("num_batches_tracked")]
+    assert counters and {str(v.dtype) for v in counters} == {"int64"} and all(int(v.numpy()) > 0 for v in counters)
+    bundle = load_bundle(result.bundle_dir)
+    weights = torch.load(result.bundle_dir / "model.pt", weights_only=True)
+    assert {v.dtype for k, v in weights.items() if not k.endswith("num_batches_tracked")} == {torch.float32}
+    info = bundle.metadata["training"]["transport"]
+    assert info["dtype"] == transport and info["from_site"] == sum(
+        v.numpy().nbytes for v in sent["train"][0].content[Key.ARRAYS].values()
+    )
+    assert bundle.metadata["training"]["config"]["federation"]["transport"] == transport
+
+
 # ------------------------------------------------------------------------------------------------ strategies
 
 
