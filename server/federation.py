@@ -83,6 +83,7 @@ def run_federated(
     if checkpoint is not None:
         run_tags["resumed_from_round"] = str(checkpoint.server_round)
     with Run(cfg, mode="federated", tracker=tracker, tags=run_tags) as run:
+        run.begin("setup")
         nodes = discover_sites(grid, cfg, config_json, run.problem, federation_id=federation_id)
         roles = {e.site: e.role for e in nodes.values()}
         site_table = {e.site: {"role": e.role, "node_id": n, **e.counts} for n, e in nodes.items()}
@@ -118,6 +119,7 @@ def run_federated(
                 server_round, federation_id, digest, arrays, strategy.state_dict(), run.history, finished
             ).save(cfg.output_dir)
 
+        run.begin("training")
         if not finished:
             strategy.start(
                 grid=grid,
@@ -131,6 +133,7 @@ def run_federated(
             raise QuorumError(
                 f"no round produced pooled validation statistics (quorum {fed.quorum}): " + "; ".join(strategy.problems)
             )
+        run.begin("after_training")
         sites = TrainingSites(grid, cfg, train_nodes, digest, run.problem, ledger)
         kept = strategy.best_arrays
         if strategy.local_keys:

@@ -54,6 +54,7 @@ def run_centralized(
 ) -> RunResult:
     with Run(cfg, mode="centralized", tracker=tracker, tags=tags or {}) as run:
         out_dir = Path(cfg.output_dir)
+        run.begin("setup")
         seed_everything(cfg.seed)
         cache = PreprocessCache(Path(cfg.data.cache_dir))
         df, skipped = warm_cache(
@@ -77,6 +78,7 @@ def run_centralized(
 
         device = resolve_device()
         model = build_model(cfg)
+        run.begin("training")
         result = fit(
             model,
             splits["train"],
@@ -98,6 +100,7 @@ def run_centralized(
             test_time_mirror=cfg.model.test_time_mirror,
             dp=cfg.privacy.dp,
         )
+        run.begin("after_training")
         model.load_state_dict(result.best_state)
         privacy = run_privacy(cfg.privacy.dp, {"centralized": result.privacy}) if result.privacy else None
         ts = cfg.tscore

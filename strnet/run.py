@@ -124,6 +124,27 @@ class Run:
     def __post_init__(self) -> None:
         self.out_dir = Path(self.cfg.output_dir)
         self._t0 = time.perf_counter()
+        self._t_training: float | None = None
+        self.timings: dict[str, float] = {}
+        self._phase: tuple[str, float] | None = None
+
+    def begin(self, phase: str) -> None:
+        """Start timing a part of the run (``setup``, ``training``, ``after_training``), ending the one before.
+
+        Both modes name the same parts, so ``strnet bench`` can set a federation's wall from its first round to
+        its written bundle against a centralized run's from its first epoch, without the start-up either pays.
+        The parts land in ``summary.json``'s ``timings`` and in MLflow as ``timing.<part>_seconds``."""
+        now = time.perf_counter()
+        self._close_phase(now)
+        if phase == "training" and self._t_training is None:
+            self._t_training = now
+        self._phase = (phase, now)
+
+    def _close_phase(self, now: float) -> None:
+        if self._phase is not None:
+            name, start = self._phase
+            self.timings[name] = self.timings.get(name, 0.0) + now - start
+            self._phase = None
 
     def __enter__(self) -> Run:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -195,7 +216,12 @@ class Run:
             | ({"privacy": privacy} if privacy else {}),
             extra={"calibration": calibration, "headline": first_line} | ({"ood": ood} if ood else {}),
         )
-        seconds = time.perf_counter() - self._t0
+        bundle_written = time.perf_counter()
+        self._close_phase(bundle_written)
+        seconds = bundle_written - self._t0
+        timings = {f"{k}_seconds": v for k, v in self.timings.items()} | {"wall_seconds": seconds}
+        if self._t_training is not None:
+            timings["training_to_bundle_seconds"] = bundle_written - self._t_training
         metrics = {
             **prefixed(val, "val"),
             **prefixed(test, "test"),
@@ -221,13 +247,14 @@ class Run:
             "recipe": recipe,
             "metrics": metrics,
             "sites": {name: {"role": s.role, **prefixed(s.metrics, "test")} for name, s in sorted(sites.items())},
+            "timings": timings,
             "problems": self.problems,
         } | ({"privacy": privacy} if privacy else {})
         summary_path = self.out_dir / "summary.json"
         summary_path.write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False))
         if self.tracker is not None:
             self.tracker.set_tags({f"recipe.{k}": v for k, v in recipe.items()})
-            self.tracker.log_metrics(metrics)
+            self.tracker.log_metrics(metrics | {f"timing.{k}": v for k, v in timings.items() if k != "wall_seconds"})
             if privacy:
                 self.tracker.set_tags({"privacy": "dp-sgd"})
                 self.tracker.log_metrics(privacy_metrics(privacy))
