@@ -262,6 +262,7 @@ def predict_loader(
     channels_last: bool = False,
     test_time_mirror: bool = False,
     with_mirror: bool = False,
+    with_features: bool = False,
     progress: bool = False,
     desc: str = "predict",
 ) -> dict[str, np.ndarray]:
@@ -271,16 +272,22 @@ def predict_loader(
     calibrated scale). ``test_time_mirror`` serves the mean of the outputs for the image and its left–right
     mirror, which makes a knee's output independent of which side of the film it came from. ``with_mirror``
     adds ``logit_screen_mirror``: the served logit of the mirrored image (the mirror-stability check).
+    ``with_features`` adds ``neck_features`` [N, neck_dim] of the image as given (not mirrored), from the same pass.
     """
     model.eval()
     keys = ["logit_screen", "prob_screen", "prob_severity", "t_pred", "y_screen", "y_severity", "t_true", "index"]
     if with_mirror:
         keys += ["logit_screen_mirror", "prob_screen_mirror"]
+    if with_features:
+        keys.append("neck_features")
     chunks: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     for batch in tqdm(loader, desc=desc, leave=False, disable=None if progress else True, unit="batch"):
         batch = _to_device(batch, device, channels_last)
         with _autocast(device, amp_dtype):
-            out = {k: v.float() for k, v in model(batch["image"], batch["tabular"]).items()}
+            extra = {"with_features": True} if with_features else {}
+            out = {k: v.float() for k, v in model(batch["image"], batch["tabular"], **extra).items()}
+            if with_features:
+                chunks["neck_features"].append(out.pop("neck").cpu().numpy())
             if test_time_mirror or with_mirror:
                 mirrored = {k: v.float() for k, v in model(batch["image"].flip(-1), batch["tabular"]).items()}
         if test_time_mirror:

@@ -43,6 +43,23 @@ def grad_cam(
     """
     if image.ndim != 4 or image.shape[0] != 1:
         raise ValueError(f"grad_cam expects one image shaped [1, C, H, W], got {tuple(image.shape)}")
+    return grad_cams(model, image, tabular, layer, output)[0]
+
+
+def grad_cams(
+    model: nn.Module,
+    images: torch.Tensor,
+    tabular: torch.Tensor,
+    layer: nn.Module | None = None,
+    output: str = "screen",
+) -> np.ndarray:
+    """Heat maps (B, H, W) in [0, 1] for a batch [B, C, H, W], each normalised on its own.
+
+    One backward pass for the batch: in eval mode every case's logit depends on its own activations only, so
+    the gradient of the summed logits with respect to the activations holds each case's own gradient.
+    """
+    if images.ndim != 4 or images.shape[0] < 1:
+        raise ValueError(f"grad_cams expects images shaped [B, C, H, W], got {tuple(images.shape)}")
     layer = layer if layer is not None else _default_layer(model)
     store: dict[str, torch.Tensor] = {}
 
@@ -57,7 +74,7 @@ def grad_cam(
         with torch.enable_grad():
             # The input requires grad so the activations do even when a bundle froze every parameter;
             # torch.autograd.grad (not .backward) leaves the parameters' .grad untouched.
-            x = image.detach().clone().float().requires_grad_(True)
+            x = images.detach().clone().float().requires_grad_(True)
             outputs = model(x, tabular.detach())
             if isinstance(outputs, dict):
                 if output not in outputs:
@@ -68,17 +85,18 @@ def grad_cam(
             if "act" not in store:
                 raise RuntimeError("grad_cam: the chosen layer was not used in the forward pass")
             act = store["act"]
-            grad = torch.autograd.grad(logit.reshape(-1)[0], act, retain_graph=False)[0]
+            per_case = logit.reshape(images.shape[0], -1)[:, 0]
+            grad = torch.autograd.grad(per_case.sum(), act, retain_graph=False)[0]
         weights = grad.mean(dim=(2, 3), keepdim=True)
         cam = F.relu((weights * act).sum(dim=1, keepdim=True)).detach()
-        cam = F.interpolate(cam, size=tuple(image.shape[-2:]), mode="bilinear", align_corners=False)[0, 0]
-        cam_np = cam.cpu().numpy().astype(np.float32)
+        cam = F.interpolate(cam, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
+        cams = cam.cpu().numpy().astype(np.float32)
     finally:
         handle.remove()
         model.train(was_training)
-    cam_np -= cam_np.min()
-    peak = float(cam_np.max())
-    return cam_np / peak if peak > 0 else np.zeros_like(cam_np)
+    cams -= cams.min(axis=(1, 2), keepdims=True)
+    peak = cams.max(axis=(1, 2), keepdims=True)
+    return np.divide(cams, peak, out=np.zeros_like(cams), where=peak > 0)
 
 
 def overlay(gray: np.ndarray, cam: np.ndarray, alpha: float = 0.4) -> np.ndarray:

@@ -364,19 +364,27 @@ class STRNet(nn.Module):
     def gradcam_layer(self) -> nn.Module:
         return self.backbone.last_block
 
-    def forward(self, image: torch.Tensor, tabular: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, image: torch.Tensor, tabular: torch.Tensor, *, with_features: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """``with_features`` adds ``"neck"``: :meth:`neck_features` of the same pass, so ``strnet predict`` scores
+        out-of-distribution inputs without running the backbone a second time."""
         if image.ndim != 4 or image.shape[1] != 1:
             raise ValueError(f"image must be [B,1,H,W], got {tuple(image.shape)}")
         if tabular.shape != (image.shape[0], TABULAR_DIM):
             raise ValueError(f"tabular must be [B,{TABULAR_DIM}] with B={image.shape[0]}, got {tuple(tabular.shape)}")
-        routed = self.tarr(self.neck(self.backbone(image)))
+        linear, relu, dropout = self.neck
+        pre = linear(self.backbone(image))
+        # the ReLU may be in place: keep the pre-activation features intact when they are returned
+        routed = self.tarr(dropout(relu(pre.clone() if with_features else pre)))
         # Stop-gradient: T-score labels are few and noisy, they must not reshape the screening representation.
         t_in = torch.cat([self.t_image(routed["screen"].detach()), self.t_tabular(tabular.to(routed["screen"]))], 1)
-        return {
+        out = {
             "screen": self.screen_head(routed["screen"]).squeeze(-1),
             "severity": self.severity_head(routed["severity"]).squeeze(-1),
             "t_score": self.t_fusion(t_in).squeeze(-1),
         }
+        return out | {"neck": pre} if with_features else out
 
     def neck_features(self, image: torch.Tensor) -> torch.Tensor:
         """[B,1,H,W] -> [B,neck_dim]: the neck's linear output *before* its ReLU, the representation every head reads.

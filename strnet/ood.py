@@ -418,12 +418,18 @@ class FeatureGaussian:
 
 
 def _cholesky(cov: np.ndarray) -> np.ndarray:
-    """Lower Cholesky factor; a tiny ridge rescues a covariance that is singular to rounding (shrinkage 0)."""
+    """Lower Cholesky factor; a small ridge rescues a covariance that is singular to rounding (shrinkage 0, or
+    features that barely vary, as an untrained model's do), growing until the factor exists."""
     try:
         return np.linalg.cholesky(cov)
     except np.linalg.LinAlgError:
         scale = max(float(np.trace(cov)) / max(cov.shape[0], 1), 1e-12)
-        return np.linalg.cholesky(cov + 1e-9 * scale * np.eye(cov.shape[0]))
+        for ridge in (1e-9, 1e-6, 1e-3):
+            try:
+                return np.linalg.cholesky(cov + ridge * scale * np.eye(cov.shape[0]))
+            except np.linalg.LinAlgError:
+                continue
+        return np.linalg.cholesky(cov + scale * np.eye(cov.shape[0]))
 
 
 # ------------------------------------------------------------------------------------------------ the limit

@@ -13,21 +13,25 @@ bundles without one.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm import tqdm
 
 from strnet.bundle import Bundle
 from strnet.data.bilateral import split_bilateral
 from strnet.data.dataset import KneeDataset
-from strnet.data.imageio import dicom_identifiers, is_image_file, read_radiograph
+from strnet.data.imageio import decode_radiograph, dicom_identifiers, is_image_file
 from strnet.data.manifest import normalize, who_label
+from strnet.data.preprocess import PreprocessParams, preprocess
 from strnet.errors import DataError
 from strnet.evaluation import predict_frame
-from strnet.ood import STATUS_OK, STATUS_OOD, OODModel, extract_features, image_problems, read_image_for_checks
+from strnet.ood import STATUS_OK, STATUS_OOD, OODModel, image_problems
 
 OUTPUT_COLUMNS = [
     "file",
@@ -94,33 +98,44 @@ def read_clinical(path: str | Path | None) -> pd.DataFrame:
     return df[["key", "age", "sex", "bmi"]]
 
 
-def _rows_for(files: Iterable[Path], clinical: pd.DataFrame) -> tuple[pd.DataFrame, list[dict], list[list[str]]]:
-    """(knee rows, error rows, the image-check problems of each knee row's file, aligned with the knee rows)."""
-    rows, errors = [], []
-    problems: list[list[str]] = []
-    lookup = clinical.drop_duplicates("key").set_index("key")
-    for f in files:
-        try:
-            img = read_radiograph(f)
-            # Judged on the file as decoded, colour included (read_radiograph has already made it grey).
-            file_problems = image_problems(read_image_for_checks(f))
-        except DataError as exc:
-            errors.append({"file": str(f), "side": "", "status": "error", "error": exc.problem})
-            continue
-        sides = ["R", "L"] if split_bilateral(img) is not None else [""]
-        info = lookup.loc[f.stem.lower()] if f.stem.lower() in lookup.index else None
-        for side in sides:
-            problems.append(file_problems)
-            rows.append(
-                {
-                    "path": str(f.resolve()),
-                    "side": side,
-                    "age": None if info is None else info["age"],
-                    "sex": "" if info is None else info["sex"],
-                    "bmi": None if info is None else info["bmi"],
-                }
-            )
-    return normalize(pd.DataFrame(rows)), errors, problems
+# Files decoded per chunk: bounds memory (a preprocessed 512² knee is 1 MB) while the model's batches stay full.
+CHUNK_FILES = 128
+GRADCAM_BATCH = 8
+
+
+class DecodedKnees:
+    """The preprocessed knees of the files being predicted, in memory: :class:`KneeDataset` reads them through
+    its cache slot, so each file is decoded and preprocessed once for the image checks, the model, the
+    out-of-distribution score and the Grad-CAM."""
+
+    def __init__(self) -> None:
+        self.images: dict[tuple[str, str], np.ndarray] = {}
+
+    def get(self, path: str | Path, side: str, params: PreprocessParams) -> np.ndarray:
+        return self.images[(str(path), side)]
+
+
+@dataclass
+class FileRead:
+    """One input file: its knees (side, preprocessed image) and image-check problems, or why it is unusable."""
+
+    path: Path
+    knees: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    error: str = ""
+
+
+def read_file(path: Path, params: PreprocessParams) -> FileRead:
+    """Decode once; judge the pixels as decoded (colour kept), split a bilateral film, preprocess each knee."""
+    try:
+        img, raw = decode_radiograph(path)
+        problems = image_problems(raw)
+        parts = split_bilateral(img)
+        sides = [("R", parts[0]), ("L", parts[1])] if parts is not None else [("", img)]
+        knees = [(side, preprocess(np.ascontiguousarray(part), params)) for side, part in sides]
+    except DataError as exc:
+        return FileRead(path, error=exc.problem)
+    return FileRead(path, knees, problems)
 
 
 def predict_files(
@@ -130,43 +145,48 @@ def predict_files(
     clinical_csv: str | Path | None = None,
     gradcam_dir: str | Path | None = None,
     precision: str = "auto",
+    workers: int = 2,
 ) -> pd.DataFrame:
+    """The output table for every input file: chunks of files are decoded on ``workers`` threads (OpenCV releases
+    the GIL), then their knees go through one forward pass that also yields the out-of-distribution features."""
     files, bad = collect_inputs(inputs)
-    df, errors, problems = _rows_for(files, read_clinical(clinical_csv))
-    errors += [{"file": str(p), "side": "", "status": "error", "error": why} for p, why in bad]
+    lookup = read_clinical(clinical_csv).drop_duplicates("key").set_index("key")
+    errors = [{"file": str(p), "side": "", "status": "error", "error": why} for p, why in bad]
+    entry = bundle.metadata.get("ood")
+    ood = OODModel.from_dict(entry) if entry else None
+    params = bundle.preprocess
     records: list[dict] = []
-    if len(df):
-        pred = predict_frame(bundle, df, cache=None, precision=precision)
-        verdicts = _ood_verdicts(bundle, df, problems)
-        for (_, r), (score, status, reason) in zip(pred.iterrows(), verdicts, strict=True):
-            if status != STATUS_OK:
-                # No probability-based output at all: a number next to a rejection invites being read anyway.
-                records.append(
-                    {"file": r["path"], "side": r["side"], "status": status, "error": reason, "ood_score": score}
-                )
-                continue
-            flagged = bool(r["flag_bone_loss"])
-            records.append(
-                {
-                    "file": r["path"],
-                    "side": r["side"],
-                    "status": STATUS_OK,
-                    "error": "",
-                    "ood_score": score,
-                    "prob_bone_loss": r["prob_bone_loss"],
-                    "threshold": bundle.threshold,
-                    "flag_bone_loss": int(flagged),
-                    "prob_osteoporosis_given_bone_loss": r["prob_osteoporosis_given_bone_loss"],
-                    "severity": ("osteoporosis" if r["prob_osteoporosis_given_bone_loss"] >= 0.5 else "osteopenia")
-                    if flagged
-                    else "",
-                    "t_score_estimate": r["t_score_estimate"],
-                    "who_category_estimate": who_label(float(r["t_score_estimate"])),
-                    "gradcam": "",
-                }
-            )
-        if gradcam_dir is not None:
-            _gradcams(bundle, df, records, Path(gradcam_dir))
+    bar = tqdm(total=len(files), desc="predict", unit="file", leave=False, disable=None)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for start in range(0, len(files), CHUNK_FILES):
+            reads = list(pool.map(lambda f: read_file(f, params), files[start : start + CHUNK_FILES]))
+            rows, problems, decoded = [], [], DecodedKnees()
+            for r in reads:
+                if r.error:
+                    errors.append({"file": str(r.path), "side": "", "status": "error", "error": r.error})
+                    continue
+                info = lookup.loc[r.path.stem.lower()] if r.path.stem.lower() in lookup.index else None
+                path = str(r.path.resolve())
+                for side, image in r.knees:
+                    decoded.images[(path, side)] = image
+                    problems.append(r.problems)
+                    rows.append(
+                        {
+                            "path": path,
+                            "side": side,
+                            "age": None if info is None else info["age"],
+                            "sex": "" if info is None else info["sex"],
+                            "bmi": None if info is None else info["bmi"],
+                        }
+                    )
+            if rows:
+                df = normalize(pd.DataFrame(rows))
+                chunk = _predict_chunk(bundle, df, problems, decoded, ood, precision)
+                if gradcam_dir is not None:
+                    _gradcams(bundle, df, decoded, chunk, Path(gradcam_dir))
+                records += chunk
+            bar.update(len(reads))
+    bar.close()
     out = pd.DataFrame(records + errors)
     for col in OUTPUT_COLUMNS:
         if col not in out.columns:
@@ -177,6 +197,51 @@ def predict_files(
     for key in ("study_instance_uid", "sop_instance_uid", "accession_number", "laterality"):
         out[key] = [ids[f][key] for f in out["file"]]
     return out[OUTPUT_COLUMNS]
+
+
+def _predict_chunk(
+    bundle: Bundle,
+    df: pd.DataFrame,
+    problems: list[list[str]],
+    decoded: DecodedKnees,
+    ood: OODModel | None,
+    precision: str,
+) -> list[dict]:
+    """One record per knee row of ``df``: the screening outputs, or the reason the knee is not judged."""
+    pred = predict_frame(bundle, df, cache=decoded, precision=precision, with_features=ood is not None, progress=False)
+    if ood is None:
+        verdicts = [(math.nan, STATUS_OOD if pr else STATUS_OK, "; ".join(pr)) for pr in problems]
+    else:
+        verdicts = [ood.assess(f, pr) for f, pr in zip(pred["neck_features"], problems, strict=True)]
+    records: list[dict] = []
+    for (_, r), (score, status, reason) in zip(pred.iterrows(), verdicts, strict=True):
+        if status != STATUS_OK:
+            # No probability-based output at all: a number next to a rejection invites being read anyway.
+            records.append(
+                {"file": r["path"], "side": r["side"], "status": status, "error": reason, "ood_score": score}
+            )
+            continue
+        flagged = bool(r["flag_bone_loss"])
+        records.append(
+            {
+                "file": r["path"],
+                "side": r["side"],
+                "status": STATUS_OK,
+                "error": "",
+                "ood_score": score,
+                "prob_bone_loss": r["prob_bone_loss"],
+                "threshold": bundle.threshold,
+                "flag_bone_loss": int(flagged),
+                "prob_osteoporosis_given_bone_loss": r["prob_osteoporosis_given_bone_loss"],
+                "severity": ("osteoporosis" if r["prob_osteoporosis_given_bone_loss"] >= 0.5 else "osteopenia")
+                if flagged
+                else "",
+                "t_score_estimate": r["t_score_estimate"],
+                "who_category_estimate": who_label(float(r["t_score_estimate"])),
+                "gradcam": "",
+            }
+        )
+    return records
 
 
 def _radiograph_outputs(out: pd.DataFrame, threshold: float) -> None:
@@ -191,32 +256,25 @@ def _radiograph_outputs(out: pd.DataFrame, threshold: float) -> None:
     out["radiograph_flag_bone_loss"] = (film >= threshold).astype(int).where(ok & film.notna(), "")
 
 
-def _ood_verdicts(bundle: Bundle, df: pd.DataFrame, problems: list[list[str]]) -> list[tuple[float, str, str]]:
-    """(ood_score, status, reason) per row of ``df``: image checks always, feature distance when the bundle has one."""
-    entry = bundle.metadata.get("ood")
-    if not entry:
-        return [(math.nan, STATUS_OOD if pr else STATUS_OK, "; ".join(pr)) for pr in problems]
-    ood = OODModel.from_dict(entry)
-    # A second pass over the images (predict_frame does not expose features); prediction inputs are few.
-    feats = extract_features(bundle.model, KneeDataset(df, bundle.preprocess, None, augment=None))
-    return [ood.assess(f, pr) for f, pr in zip(feats, problems, strict=True)]
-
-
-def _gradcams(bundle: Bundle, df: pd.DataFrame, records: list[dict], out_dir: Path) -> None:
-    from strnet.gradcam import grad_cam, save_overlay
+def _gradcams(bundle: Bundle, df: pd.DataFrame, decoded: DecodedKnees, records: list[dict], out_dir: Path) -> None:
+    """Grad-CAM overlays of the judged knees of one chunk, in batches of :data:`GRADCAM_BATCH` (one backward each)."""
+    from strnet.gradcam import grad_cams, save_overlay
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    ds = KneeDataset(df, bundle.preprocess, None, augment=None)
-    model = bundle.model.cpu().float()
+    ds = KneeDataset(df, bundle.preprocess, decoded, augment=None)
+    model = bundle.model
+    device = next(model.parameters()).device
     mean, std = bundle.preprocess.mean, bundle.preprocess.std
-    for i, rec in enumerate(tqdm(records, desc="grad-cam", unit="knee", leave=False, disable=None)):
-        if rec["status"] != STATUS_OK:
-            continue  # nothing was predicted, so there is nothing to explain
-        item = ds[i]
-        image = item["image"].unsqueeze(0)
-        cam = grad_cam(model, image, item["tabular"].unsqueeze(0), layer=model.gradcam_layer, output="screen")
-        gray = np.clip(image[0, 0].numpy() * std + mean, 0, 1)
-        name = Path(rec["file"]).stem + (f"_{rec['side']}" if rec["side"] else "") + "_gradcam.png"
-        path = out_dir / name
-        save_overlay(path, gray, cam)
-        rec["gradcam"] = str(path)
+    # nothing was predicted for a rejected knee, so there is nothing to explain
+    judged = [i for i, rec in enumerate(records) if rec["status"] == STATUS_OK]
+    for start in range(0, len(judged), GRADCAM_BATCH):
+        rows = judged[start : start + GRADCAM_BATCH]
+        items = [ds[i] for i in rows]
+        images = torch.stack([item["image"] for item in items])
+        tabular = torch.stack([item["tabular"] for item in items])
+        cams = grad_cams(model, images.to(device), tabular.to(device), layer=model.gradcam_layer, output="screen")
+        for i, image, cam in zip(rows, images, cams, strict=True):
+            rec = records[i]
+            gray = np.clip(image[0].numpy() * std + mean, 0, 1)
+            name = Path(rec["file"]).stem + (f"_{rec['side']}" if rec["side"] else "") + "_gradcam.png"
+            rec["gradcam"] = str(save_overlay(out_dir / name, gray, cam))

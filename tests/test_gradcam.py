@@ -166,3 +166,18 @@ def test_strnet_tiny_backbone() -> None:
         cam = grad_cam(model, image, torch.zeros(1, 3), layer=model.gradcam_layer, output=head)
         assert cam.shape == (64, 64) and cam.min() >= 0.0 and cam.max() <= 1.0
     assert len(model.gradcam_layer._forward_hooks) == 0 and not model.training
+
+
+def test_a_batch_gives_each_image_its_own_cam() -> None:
+    """grad_cams in one backward equals grad_cam image by image (eval mode: cases do not mix)."""
+    from strnet.gradcam import grad_cams
+    from strnet.model import build_strnet
+
+    torch.manual_seed(1)
+    model = build_strnet(backbone="tiny").eval()
+    images, tabular = torch.rand(5, 1, 64, 64), torch.randn(5, 3)
+    batch = grad_cams(model, images, tabular, layer=model.gradcam_layer)
+    one_by_one = np.stack([grad_cam(model, images[i : i + 1], tabular[i : i + 1]) for i in range(5)])
+    assert batch.shape == (5, 64, 64)
+    np.testing.assert_allclose(batch, one_by_one, atol=1e-5)
+    assert len(model.gradcam_layer._forward_hooks) == 0

@@ -238,3 +238,18 @@ def test_test_time_mirror_makes_the_output_independent_of_the_side() -> None:
     np.testing.assert_allclose(
         averaged["logit_screen"], (plain["logit_screen"] + flipped["logit_screen"]) / 2, atol=1e-5
     )
+
+
+def test_features_from_the_same_pass_equal_neck_features() -> None:
+    """forward(with_features=True) serves the out-of-distribution features without a second backbone pass, and
+    its outputs are the plain forward's (the in-place ReLU must not touch the returned features)."""
+    torch.manual_seed(0)
+    model = build_strnet(backbone="tiny").eval()
+    x, tab = torch.rand(3, 1, 48, 48), torch.randn(3, 3)
+    with torch.no_grad():
+        both = model(x, tab, with_features=True)
+        plain = model(x, tab)
+        torch.testing.assert_close(both.pop("neck"), model.neck_features(x))
+    assert set(both) == set(plain)
+    for k in plain:
+        torch.testing.assert_close(both[k], plain[k])

@@ -291,3 +291,36 @@ def test_source_label_balance_draws_every_cell_equally_and_reproducibly() -> Non
     assert draw[0] == draw[1]
     drawn = cells.to_numpy()[draw[0]]
     assert all(abs((drawn == c).mean() - 0.25) < 0.03 for c in set(cells))
+
+
+def test_predict_decodes_each_file_once_and_serves_what_evaluation_serves(
+    scenario, trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """One decode per file feeds the image checks, the model, the OOD score and the Grad-CAM; the numbers are the
+    ones the manifest path (KneeDataset decoding the file itself, a separate fp32 feature pass) gives."""
+    import strnet.predict as P
+    from strnet.data.dataset import KneeDataset
+    from strnet.evaluation import predict_frame
+    from strnet.ood import OODModel, extract_features
+
+    _, _, result, _ = trained
+    bundle = load_bundle(result.bundle_dir)
+    assert bundle.metadata.get("ood"), "the tiny run fits an OOD model"
+    files = sorted((scenario.site_dirs["hospital"] / "dicom").glob("*.dcm"))
+    calls: list[str] = []
+    real = P.decode_radiograph
+    monkeypatch.setattr(P, "decode_radiograph", lambda p: calls.append(str(p)) or real(p))
+    out = predict_files(bundle, files, gradcam_dir=tmp_path / "cam", precision="fp32")
+    assert sorted(calls) == sorted(map(str, files))
+    ok = out[out["status"] != "error"].reset_index(drop=True)
+    assert all(Path(p).exists() for p in ok.loc[ok["status"] == "ok", "gradcam"])
+
+    manifest = pd.DataFrame({"path": ok["file"], "side": ok["side"]})
+    reference = predict_frame(bundle, manifest, cache=None, precision="fp32", progress=False)
+    judged = ok["status"] == "ok"
+    np.testing.assert_allclose(
+        ok.loc[judged, "prob_bone_loss"].astype(float), reference.loc[judged, "prob_bone_loss"], atol=1e-5
+    )
+    ood = OODModel.from_dict(bundle.metadata["ood"])
+    features = extract_features(bundle.model, KneeDataset(manifest, bundle.preprocess, None))
+    np.testing.assert_allclose(ok["ood_score"].astype(float), ood.scores(features), rtol=1e-4)

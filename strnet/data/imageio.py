@@ -43,6 +43,16 @@ def read_radiograph(path: str | Path) -> np.ndarray:
 
     Raises :class:`DataError` naming the file for anything that is not a decodable single-frame image.
     """
+    return decode_radiograph(path)[0]
+
+
+def decode_radiograph(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(radiograph, as decoded)``: :func:`read_radiograph`'s array and the file's own pixels, colour channels and
+    bit depth kept (OpenCV's BGR order; DICOM: the radiograph itself), from one decode.
+
+    ``strnet predict`` judges the decoded pixels (a colour photograph is not a radiograph) and screens the
+    radiograph; decoding a 2 k film twice cost as much as preprocessing it.
+    """
     p = Path(path)
     if not p.is_file():
         raise DataError(p, "file not found")
@@ -50,25 +60,30 @@ def read_radiograph(path: str | Path) -> np.ndarray:
         raise DataError(p, "empty file")
     suffix = p.suffix.lower()
     if suffix in (".dcm", ".dicom") or (suffix not in RASTER_SUFFIXES and _is_dicom(p)):
-        img = _read_dicom(p)
+        img = raw = _read_dicom(p)
     elif suffix in RASTER_SUFFIXES:
-        img = _read_raster(p)
+        raw = _decode_raster(p)
+        img = _grey(raw)
     else:
         raise DataError(p, f"unsupported file type {p.suffix or '(no suffix)'!r}")
     if img.ndim != 2 or min(img.shape) < 8:
         raise DataError(p, f"not a usable 2-D image (shape {img.shape})")
     if not np.isfinite(img).all():
         raise DataError(p, "image contains NaN or infinite pixel values")
-    return img
+    return img, raw
 
 
-def _read_raster(p: Path) -> np.ndarray:
+def _decode_raster(p: Path) -> np.ndarray:
     data = np.fromfile(p, dtype=np.uint8)
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if img is None:
         raise DataError(p, "not a decodable image (truncated or not an image)")
     if _looks_truncated(p, data):
         raise DataError(p, "truncated image file (missing end-of-image marker)")
+    return img
+
+
+def _grey(img: np.ndarray) -> np.ndarray:
     if img.ndim == 3:
         channels = img.shape[2]
         if channels == 4:
