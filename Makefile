@@ -79,3 +79,12 @@ dp-table: $(STAMP)
 real-data-dp: real-data-prepare
 	for norm in group frozen; do $(BIN)/python -m simulations.inprocess --config cpu --layout sites \
 	  --out $(REAL)/dp/federated-$$norm $(addprefix --set ,$(DP)) --set model.norm=$$norm || exit 1; done
+
+# The paper recipe on one GPU (simulations/paper_gpu.py): the preprocessed real knees (uint8 JPEG q95) and the
+# resolved paper-gpu preset in one file for the GPU machine, which then needs only torch, torchvision and numpy:
+#   python -m simulations.paper_gpu run --data .gpu/paper-gpu.pt --out OUT     (there)
+#   python -m simulations.paper_gpu report --results OUT                       (here)
+.PHONY: paper-gpu-data
+paper-gpu-data: $(STAMP)
+	test -f $(REAL)/split.csv || $(MAKE) real-data-prepare
+	$(BIN)/python -m simulations.paper_gpu export --config paper-gpu --out .gpu/paper-gpu.pt
