@@ -148,7 +148,10 @@ def run_centralized(
         }
         if cfg.ood.enabled:
             datasets = [KneeDataset(splits[k], cfg.preprocess, cache, augment=None) for k in ("train", "val")]
-            ood = fit_ood(model, *datasets, quantile=cfg.ood.quantile, margin=cfg.ood.margin, device=device)
+            amp = autocast_dtype(cfg.train.precision, device)  # the precision predict serves the features at
+            ood = fit_ood(
+                model, *datasets, quantile=cfg.ood.quantile, margin=cfg.ood.margin, device=device, amp_dtype=amp
+            )
             metadata["ood"] = ood.to_dict()
         frozen = Bundle(model.cpu().eval(), metadata)
         val_ev = _evaluate(frozen, splits["val"], out_dir / "val_report", f"{cfg.name}: validation at τ*", cfg)

@@ -242,12 +242,15 @@ class SiteRunner:
     def ood_moments(self, state_dict: dict[str, torch.Tensor]) -> FeatureMoments:
         """Additive moments of the kept model's neck features over the training split (the pooled Gaussian)."""
         self.model.load_state_dict(state_dict)
-        return site_moments(self.model, self._dataset(self.splits["train"]), device=self.device)
+        # at the precision predict serves the features at
+        ds = self._dataset(self.splits["train"])
+        return site_moments(self.model, ds, device=self.device, amp_dtype=self.amp_dtype)
 
     def ood_histogram(self, state_dict: dict[str, torch.Tensor], gaussian: FeatureGaussian) -> np.ndarray:
         """Histogram of the validation split's distances under the pooled Gaussian (the pooled limit)."""
         self.model.load_state_dict(state_dict)
-        return site_distance_histogram(self.model, self._dataset(self.splits["val"]), gaussian, device=self.device)
+        ds = self._dataset(self.splits["val"])
+        return site_distance_histogram(self.model, ds, gaussian, device=self.device, amp_dtype=self.amp_dtype)
 
     def _dataset(self, df: pd.DataFrame) -> KneeDataset:
         return KneeDataset(df, self.cfg.preprocess, self.cache, augment=None)
