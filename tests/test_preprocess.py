@@ -227,6 +227,15 @@ def test_same_pixels_in_any_dtype_give_identical_output() -> None:
     assert np.array_equal(preprocess(flipped, params), preprocess(np.ascontiguousarray(flipped), params))
 
 
+@pytest.mark.parametrize("bad", [0.5, -1.0, 65536.0, np.nan, np.inf])
+def test_float_images_become_uint16_only_when_every_pixel_is_a_16_bit_integer(bad: float) -> None:
+    img = RNG.integers(0, 65536, (300, 1000)).astype(np.float32)  # several of the check's blocks
+    assert np.array_equal(pre._as_uint16_if_integral(img), img.astype(np.uint16))
+    img[250, 999] = bad  # in the last block
+    assert pre._as_uint16_if_integral(img) is None
+    assert pre._working_image(img).dtype == np.float32
+
+
 def test_crop_fallback_uses_the_whole_image() -> None:
     img = np.full((400, 300), 1000, np.uint16)
     img += RNG.integers(0, 50, img.shape, dtype=np.uint16)

@@ -5,11 +5,11 @@ thread pool of ``workers`` threads (cv2 and numpy release the GIL), over a few d
 input is not sitting in the CPU cache. The paper-scale target is 300 radiographs/s for 2000x1500 -> 512x512
 on 2 cores.
 
-OpenCV's own thread pool is left as the process has it (``cv2.getNumThreads()``), since that is what the
-cache fill runs with: concurrent OpenCV calls from several Python threads do not stack pools (a call made
-while the pool is busy runs in its caller's thread), and the preprocessing calls are small enough that
-``cv2.setNumThreads(1)`` changes the 2-thread throughput only within measurement noise. Pass
-``cv2_threads`` to measure another setting; it is restored afterwards.
+OpenCV's own thread pool is set to ``cv2_threads`` (default 1) for the run and restored afterwards, via
+:func:`strnet.data.preprocess.opencv_threads`: with every core busy on its own image, OpenCV splitting each
+resize across the same cores only adds waits. That is the setting a multi-worker cache fill should use too
+(``with opencv_threads(1):`` around the pool in ``PreprocessCache.warm``); ``cv2_threads=None`` measures the
+process's current setting instead.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import cv2
 import numpy as np
 
-from strnet.data.preprocess import PreprocessParams, preprocess
+from strnet.data.preprocess import PreprocessParams, opencv_threads, preprocess
 
 
 def synthetic_film(shape: tuple[int, int] = (2000, 1500), seed: int = 0, dtype: type = np.uint16) -> np.ndarray:
@@ -38,7 +38,7 @@ def synthetic_film(shape: tuple[int, int] = (2000, 1500), seed: int = 0, dtype: 
     edge = int(rng.integers(h // 40, h // 10))
     img[:edge] = 800.0
     img[:, : edge // 2] = 800.0
-    film = np.clip(img, 0, 65535).astype(np.uint16)
+    film = np.ascontiguousarray(np.clip(img, 0, 65535), dtype=np.uint16)  # row-major, like a decoder's output
     return film if np.dtype(dtype) == np.uint16 else film.astype(dtype)  # float32: what the decoder returns
 
 
@@ -49,7 +49,7 @@ def preprocess_throughput(
     size: int = 512,
     dtype: type = np.uint16,
     n_distinct: int = 4,
-    cv2_threads: int | None = None,
+    cv2_threads: int | None = 1,
 ) -> float:
     """Radiographs per second through :func:`preprocess` with ``workers`` threads (wall clock, one run).
 
@@ -61,10 +61,7 @@ def preprocess_throughput(
         raise ValueError("n_images and workers must be >= 1")
     films = [synthetic_film(shape, seed, dtype) for seed in range(max(1, n_distinct))]
     params = PreprocessParams(size=size)
-    previous = cv2.getNumThreads()
-    if cv2_threads is not None:
-        cv2.setNumThreads(cv2_threads)
-    try:
+    with opencv_threads(cv2.getNumThreads() if cv2_threads is None else cv2_threads):
         for film in films:
             preprocess(film, params)
         with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -72,7 +69,4 @@ def preprocess_throughput(
             for _ in pool.map(lambda i: preprocess(films[i % len(films)], params), range(n_images)):
                 pass
             elapsed = time.perf_counter() - start
-    finally:
-        if cv2_threads is not None:
-            cv2.setNumThreads(previous)
     return n_images / elapsed
