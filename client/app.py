@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -101,6 +102,14 @@ def _keep_config(context: Context, config_json: str, federation_id: str) -> None
     )
 
 
+# The sites this process has served, newest last: a ClientApp process (a simulation actor, a SuperNode's app
+# process) answers many messages of a run, and building the site each time rebuilt the model and re-hashed
+# every image for the cache keys. Every entry point loads the weights it is asked about into the model, so a
+# kept site carries nothing from one message into the next but its cases.
+_SITES: dict[tuple[str, ...], SiteRunner] = {}
+_KEEP_SITES = 4
+
+
 def runner_for(message: Message, context: Context) -> SiteRunner:
     """This node's site, with what its hospital set in ``site.yaml`` (cache, device, threads) over the run's."""
     cfg = _config(message, context)
@@ -110,7 +119,19 @@ def runner_for(message: Message, context: Context) -> SiteRunner:
     if node.threads is not None:
         torch.set_num_threads(node.threads)
     device = resolve_device(node.device) if node.device is not None else None
-    return SiteRunner(cfg, node.name, node.manifest, role=node.role, device=device)
+    try:
+        stat = Path(node.manifest).stat()
+        stamp = f"{stat.st_mtime_ns}:{stat.st_size}"
+    except OSError:
+        stamp = "missing"  # SiteRunner names the file and the problem
+    key = (config_digest(json.dumps(cfg.to_dict(), sort_keys=True)), node.name, str(node.manifest), stamp, str(device))
+    runner = _SITES.pop(key, None)
+    if runner is None:
+        runner = SiteRunner(cfg, node.name, node.manifest, role=node.role, device=device)
+    _SITES[key] = runner
+    while len(_SITES) > _KEEP_SITES:
+        _SITES.pop(next(iter(_SITES)))
+    return runner
 
 
 def _kept(context: Context, runner: SiteRunner) -> KeptState | None:
