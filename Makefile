@@ -82,9 +82,9 @@ real-data-dp: real-data-prepare
 
 # The paper recipe on one GPU (simulations/paper_gpu.py): the preprocessed real knees (uint8 JPEG q95) and the
 # resolved paper-gpu preset in one file for the GPU machine, which then needs only torch, torchvision and numpy:
-#   python -m simulations.paper_gpu run --data .gpu/paper-gpu.pt --out OUT     (there)
+#   python -m simulations.paper_gpu run --data .gpu/paper-gpu.npz --out OUT     (there)
 #   python -m simulations.paper_gpu report --results OUT                       (here)
 .PHONY: paper-gpu-data
 paper-gpu-data: $(STAMP)
 	test -f $(REAL)/split.csv || $(MAKE) real-data-prepare
-	$(BIN)/python -m simulations.paper_gpu export --config paper-gpu --out .gpu/paper-gpu.pt
+	$(BIN)/python -m simulations.paper_gpu export --config paper-gpu --out .gpu/paper-gpu.npz

@@ -2,9 +2,9 @@
 
 Three subcommands, run on two machines::
 
-    python -m simulations.paper_gpu export --config paper-gpu --out .gpu/paper-gpu.pt       # here (make paper-gpu-data)
-    python -m simulations.paper_gpu run --data .gpu/paper-gpu.pt --out OUT                   # on the GPU
-    python -m simulations.paper_gpu report --results OUT --out runs/paper-gpu                # here
+    python -m simulations.paper_gpu export --config paper-gpu --out .gpu/paper-gpu.npz   # here (make paper-gpu-data)
+    python -m simulations.paper_gpu run --data .gpu/paper-gpu.npz --out OUT               # on the GPU
+    python -m simulations.paper_gpu report --results OUT --out runs/paper-gpu            # here
 
 ``export`` needs the whole project: it resolves the preset with the project's config loader, preprocesses every
 manifest row with the project's own cache (:class:`strnet.data.cache.PreprocessCache`), quantises each knee to
@@ -41,13 +41,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import math
 import os
 import platform
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -227,16 +227,17 @@ class Data:
 
     def __init__(self, path: Path, device: torch.device, decode: str = "cpu") -> None:
         t0 = time.perf_counter()
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        if blob.get("format") != FORMAT:
+        with np.load(path, allow_pickle=False) as z:
+            blob = {k: z[k] for k in z.files}
+        if str(blob.get("format")) != FORMAT:
             raise ValueError(f"{path}: not a {FORMAT} file (format {blob.get('format')!r})")
-        self.meta: dict[str, Any] = json.loads(blob["meta"])
-        self.recipe: dict[str, Any] = json.loads(blob["recipe"])
-        self.rows: dict[str, list[str]] = {k: list(v) for k, v in blob["rows"].items()}
+        self.meta: dict[str, Any] = json.loads(str(blob["meta"]))
+        self.recipe: dict[str, Any] = json.loads(str(blob["recipe"]))
+        self.rows: dict[str, list[str]] = {k[5:]: blob[k].tolist() for k in blob if k.startswith("rows_")}
         self.n = len(self.rows["row_id"])
         load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        encoded, offsets = blob["encoded"], blob["offsets"].tolist()
+        encoded, offsets = torch.from_numpy(blob["encoded"]), blob["offsets"].tolist()
         chunks = [encoded[offsets[i] : offsets[i + 1]] for i in range(self.n)]
         self.images, self.decoded_on = _decode(chunks, self.meta["encoding"], device, decode)
         size = int(self.meta["size"])
@@ -253,10 +254,10 @@ class Data:
             "decoded_on": self.decoded_on,
             "image_bytes_on_device": self.images.numel(),
         }
-        self.y_screen = blob["y_screen"].to(device)
-        self.y_severity = blob["y_severity"].to(device)
-        self.t_score = blob["t_score"].to(device)
-        self.tabular = blob["tabular"].to(device)
+        self.y_screen = torch.from_numpy(blob["y_screen"]).to(device)
+        self.y_severity = torch.from_numpy(blob["y_severity"]).to(device)
+        self.t_score = torch.from_numpy(blob["t_score"]).to(device)
+        self.tabular = torch.from_numpy(blob["tabular"]).to(device)
         self.device = device
 
     def where(self, **conditions: Sequence[str] | str) -> torch.Tensor:
@@ -502,10 +503,17 @@ class Trainer:
         return [s["name"] for s in self.recipe["federation"]["sites"] if s["role"] == "train"]
 
     def fit(
-        self, mode: str, budget_s: float, max_units: int | None = None, on_step: Callable[[], None] | None = None
+        self,
+        mode: str,
+        budget_s: float,
+        max_units: int | None = None,
+        on_step: Callable[[], None] | None = None,
+        live: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Train ``mode`` from the initial weights until early stopping, the recipe's epochs/rounds, ``max_units``
-        of them or the time budget; the model ends at its best epoch/round. Returns the history and the timings."""
+        of them or the time budget; the model ends at its best epoch/round. Returns the history and the timings.
+        ``live`` gets the growing history at once, and ``on_step`` is called every 10 epochs/rounds (a partial
+        ``timings.json`` when the machine's time runs out mid-run)."""
         self.reset()
         d = self.data
         schedule = self.schedule()
@@ -530,6 +538,8 @@ class Trainer:
         global_state = self.snapshot() if mode == "federated" else None
         best_state = self.snapshot()
         history: list[dict[str, Any]] = []
+        if live is not None:
+            live["history"] = history
         stop = "max_epochs"
         self.sync()
         start = time.perf_counter()
@@ -625,13 +635,14 @@ class Trainer:
         out = self.predict(rows).double().cpu().numpy()
         seconds = time.perf_counter() - t0
         r = self.data.rows
+        t_true = self.data.t_score.cpu().tolist()
         table = []
         for j, i in enumerate(rows.tolist()):
             logit, prob, sev, t_pred = (float(v) for v in out[j])
             table.append(
                 {k: r[k][i] for k in ("row_id", "site", "source", "split", "label_cls")}
                 | {
-                    "t_score": float(self.data.t_score[i]),
+                    "t_score": t_true[i],
                     "logit_screen": logit,
                     "prob_screen": prob,
                     "prob_severity": sev,
@@ -685,6 +696,32 @@ class Trainer:
             "rule": "compile when (eager - compiled step time) x planned full-batch steps > compile time",
         }
 
+    def device_checks(self) -> dict[str, float]:
+        """The batched augmentation, the AUPRC and FedAvg on this device against the CPU, on the same inputs
+        (the CPU versions are the ones the tests compare with the project's, scikit-learn's and Flower's)."""
+        gen = torch.Generator().manual_seed(0)
+        idx = self.data.where(split="train")[:8]
+        x = self.data.images.index_select(0, idx).float().div_(255.0)
+        draws = torch.rand(len(idx), N_DRAWS, generator=gen, dtype=torch.float64)
+        on_device = augment_batch(x, draws.to(self.device), self.augment).cpu()
+        on_cpu = augment_batch(x.cpu(), draws, self.augment)
+        y = (torch.rand(500, generator=gen) < 0.6).double()
+        scores = torch.rand(500, generator=gen).float()
+        ap = [
+            float(average_precision(y.to(dev), scores.to(dev), n_bins))
+            for dev in (self.device, torch.device("cpu"))
+            for n_bins in (None, self.n_bins)
+        ]
+        shifted = {k: v + 1 if v.is_floating_point() else v + 3 for k, v in self.init_state.items()}
+        states = [self.init_state, shifted]
+        mean_dev = fedavg(states, [228, 118])
+        mean_cpu = fedavg([{k: v.cpu() for k, v in st.items()} for st in states], [228, 118])
+        return {
+            "augment_max_abs_vs_cpu": float((on_device - on_cpu).abs().max()),
+            "auprc_abs_vs_cpu": max(abs(ap[0] - ap[2]), abs(ap[1] - ap[3])),
+            "fedavg_max_abs_vs_cpu": max(float((mean_dev[k].cpu() - v).abs().max()) for k, v in mean_cpu.items()),
+        }
+
     def planned_full_steps(self, modes: Sequence[str]) -> int:
         total = 0
         fed = self.recipe["federation"]
@@ -695,7 +732,10 @@ class Trainer:
             else:
                 sizes = [len(self.data.where(split="train", site=s)) for s in self.train_sites()]
                 units = int(fed["rounds"]) * int(fed["local_epochs"])
-            total += units * sum(n // self.batch_size for n in sizes)
+            per_epoch = [n // self.batch_size for n in sizes]
+            if self.max_steps is not None:
+                per_epoch = [min(k, int(self.max_steps)) for k in per_epoch]
+            total += units * sum(per_epoch)
         return total
 
 
@@ -767,6 +807,25 @@ def write_predictions(path: Path, table: list[dict[str, Any]]) -> None:
     tmp.replace(path)
 
 
+def compile_phase(trainer: Trainer, args: argparse.Namespace, modes: list[str], remaining: float) -> dict[str, Any]:
+    """The torch.compile probe and decision; ``modes`` are the runs still to come (none: measured only)."""
+    if trainer.device.type != "cuda" and args.compile == "auto":
+        return {"status": "skipped: no GPU", "used": False}
+    if remaining < args.probe_s:
+        return {"status": f"skipped: {remaining:.0f} s left, the probe needs {args.probe_s:.0f}", "used": False}
+    try:
+        probe = trainer.probe_compile(trainer.planned_full_steps(modes or list(MODES)))
+    except Exception as exc:  # no compiler on the machine, an inductor bug: train eagerly
+        torch._dynamo.reset()
+        trainer.reset()
+        trainer.compiled = None
+        return {"status": f"failed: {type(exc).__name__}: {str(exc)[:1000]}", "used": False}
+    use = bool(modes) and probe["status"] == "measured" and (probe["pays"] if args.compile == "auto" else True)
+    if not use:
+        trainer.compiled = None
+    return probe | {"used": use} | ({} if modes else {"note": "probed after the runs: measured, not used"})
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
     out = Path(args.out)
@@ -832,58 +891,59 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return args.budget_s - (time.perf_counter() - t_start)
 
     save()
-    modes = [m for m in MODES if m in phases]
-    if "smoke" in phases:
-        t0 = time.perf_counter()
-        smoke = {m: trainer.fit(m, budget_s=min(args.smoke_s, remaining()), max_units=1) for m in MODES}
-        _, pred_s = trainer.predictions()
-        timings["smoke"] = {"wall_s": time.perf_counter() - t0, "predict_s": pred_s, **smoke}
-        log(f"smoke: one epoch and one round in {timings['smoke']['wall_s']:.1f} s")
+    failed: list[str] = []
+
+    def failure(phase: str, exc: BaseException) -> None:
+        """A phase that fails is recorded with its traceback; the next phase still runs."""
+        failed.append(phase)
+        timings.setdefault(phase, {})["error"] = "".join(traceback.format_exception(exc))[-4000:]
+        log(f"{phase} FAILED: {type(exc).__name__}: {exc}")
         save()
-    if "probe" in phases and args.compile != "off":
-        planned = trainer.planned_full_steps(modes)
-        if device.type != "cuda" and args.compile == "auto":
-            timings["compile"] = {"status": "skipped: no GPU", "used": False}
-        elif remaining() < args.probe_s:
-            timings["compile"] = {
-                "status": f"skipped: {remaining():.0f} s left, the probe needs {args.probe_s:.0f}",
-                "used": False,
-            }
-        else:
-            try:
-                probe = trainer.probe_compile(planned)
-                use = probe.get("pays", False) if args.compile == "auto" else True
-            except Exception as exc:  # no compiler on the machine, an inductor bug: train eagerly
-                probe = {"status": f"failed: {type(exc).__name__}: {str(exc)[:500]}"}
-                use = False
-                torch._dynamo.reset()
-                trainer.reset()
-            if not use:
-                trainer.compiled = None
-            timings["compile"] = probe | {"used": use}
-            log(f"compile probe: {json.dumps(_plain(timings['compile']))}")
-        save()
-    elif args.compile == "off":
+
+    if args.compile == "off":
         timings["compile"] = {"status": "off (--compile off)", "used": False}
-    for mode in modes:
-        cap = args.centralized_s if mode == "centralized" else args.federated_s
-        budget = min(cap, remaining() - args.reserve_s)
-        if budget <= 0:
-            timings[mode] = {"status": f"skipped: no time left ({remaining():.0f} s)"}
+    for i, phase in enumerate(phases):  # in the order given
+        if phase == "smoke":
+            t0 = time.perf_counter()
+            try:
+                checks = trainer.device_checks()
+                log(f"device checks: {json.dumps(checks)}")
+                smoke = {m: trainer.fit(m, budget_s=min(args.smoke_s, remaining()), max_units=1) for m in MODES}
+                _, pred_s = trainer.predictions()
+                timings["smoke"] = {"wall_s": time.perf_counter() - t0, "predict_s": pred_s, "checks": checks, **smoke}
+                log(f"smoke: one epoch and one round in {timings['smoke']['wall_s']:.1f} s")
+                save()
+            except Exception as exc:
+                failure("smoke", exc)
+        elif phase == "probe" and args.compile != "off":
+            timings["compile"] = compile_phase(trainer, args, [m for m in phases[i + 1 :] if m in MODES], remaining())
+            log(f"compile probe: {json.dumps(_plain(timings['compile']))}")
             save()
-            continue
-        log(f"{mode}: up to {budget:.0f} s")
-        result = trainer.fit(mode, budget_s=budget, on_step=save)
-        table, pred_s = trainer.predictions()
-        write_predictions(out / f"predictions_{mode}.csv", table)
-        timings[mode] = result | {"predict_s": pred_s, "n_predictions": len(table)}
-        log(
-            f"{mode}: {result['run']} {result['unit']}s in {result['wall_s']:.1f} s "
-            f"({result['train_images_per_s']:.0f} img/s training), best {result['unit']} {result['best']} "
-            f"(val AUPRC {result['best_val_auprc']:.4f}), stopped by {result['stopped_by']}"
-        )
-        save()
-    log(f"done in {time.perf_counter() - t_start:.1f} s")
+        elif phase in MODES:
+            cap = args.centralized_s if phase == "centralized" else args.federated_s
+            budget = min(cap, remaining() - args.reserve_s)
+            if budget <= 0:
+                timings[phase] = {"status": f"skipped: no time left ({remaining():.0f} s)"}
+                save()
+                continue
+            log(f"{phase}: up to {budget:.0f} s")
+            timings[phase] = {"status": "running"}
+            try:
+                result = trainer.fit(phase, budget_s=budget, on_step=save, live=timings[phase])
+                table, pred_s = trainer.predictions()
+                write_predictions(out / f"predictions_{phase}.csv", table)
+            except Exception as exc:
+                failure(phase, exc)
+                continue
+            timings[phase] = result | {"predict_s": pred_s, "n_predictions": len(table)}
+            log(
+                f"{phase}: {result['run']} {result['unit']}s in {result['wall_s']:.1f} s "
+                f"({result['train_images_per_s']:.0f} img/s training), best {result['unit']} {result['best']} "
+                f"(val AUPRC {result['best_val_auprc']:.4f}), stopped by {result['stopped_by']}"
+            )
+            save()
+    timings["failed_phases"] = failed
+    log(f"done in {time.perf_counter() - t_start:.1f} s" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     save()
     log_file.close()
     return timings
@@ -979,23 +1039,23 @@ def export(
         "label_cls": df["label_cls"].astype(str).tolist(),
     }
     tab = [encode_tabular(a, s, b) for a, s, b in zip(df["age"], df["sex"], df["bmi"], strict=True)]
-    blob = {
-        "format": FORMAT,
-        "meta": json.dumps(meta),
-        "recipe": json.dumps(cfg.to_dict()),
-        "rows": rows,
-        "encoded": torch.from_numpy(np.frombuffer(b"".join(e.numpy().tobytes() for e in encoded), np.uint8).copy()),
-        "offsets": torch.as_tensor(offsets, dtype=torch.int64),
-        "y_screen": torch.tensor([screening_target(c) for c in df["label_cls"]], dtype=torch.float32),
-        "y_severity": torch.tensor([severity_target(c) for c in df["label_cls"]], dtype=torch.float32),
-        "t_score": torch.tensor(df["t_score"].to_numpy(np.float32)),
-        "tabular": torch.from_numpy(np.stack(tab) if tab else np.zeros((0, 3), np.float32)),
+    # numpy's .npz (no pickle): readable by any numpy on the GPU machine, whatever its torch version
+    arrays = {
+        "format": np.array(FORMAT),
+        "meta": np.array(json.dumps(meta)),
+        "recipe": np.array(json.dumps(cfg.to_dict())),
+        **{f"rows_{k}": np.array(v, dtype=str) for k, v in rows.items()},
+        "encoded": np.frombuffer(b"".join(e.numpy().tobytes() for e in encoded), np.uint8),
+        "offsets": offsets.astype(np.int64),
+        "y_screen": np.array([screening_target(c) for c in df["label_cls"]], np.float32),
+        "y_severity": np.array([severity_target(c) for c in df["label_cls"]], np.float32),
+        "t_score": df["t_score"].to_numpy(np.float32),
+        "tabular": np.stack(tab) if tab else np.zeros((0, 3), np.float32),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    torch.save(blob, buf)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_bytes(buf.getvalue())
+    tmp = out.with_name(out.name + ".tmp")
+    with tmp.open("wb") as fh:
+        np.savez(fh, **arrays)
     tmp.replace(out)
     meta |= {"file": str(out), "file_mib": out.stat().st_size / 2**20, "preprocess_s": prep_s}
     meta["encode_s"] = time.perf_counter() - t1
@@ -1126,15 +1186,17 @@ def report(results: Path, out: Path, n_boot: int) -> Path:
         "",
         "## Timings",
         "",
-        "| phase | epochs/rounds run (best) | stopped by | wall s | training s | img/s (training) | validation s |",
-        "|---|---|---|---|---|---|---|",
+        "| phase | epochs/rounds run (best) | stopped by | knees seen (optimizer steps) | wall s | training s | "
+        "img/s (training) | validation s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for mode in MODES:
         r = timings.get(mode) or {}
         if "run" not in r:
             continue
         lines.append(
-            f"| {mode} | {r['run']} / {r['planned']} ({r['best']}) | {r['stopped_by']} | {r['wall_s']:.1f} | "
+            f"| {mode} | {r['run']} / {r['planned']} ({r['best']}) | {r['stopped_by']} | {r['train_images']} "
+            f"({r['optimizer_steps']}) | {r['wall_s']:.1f} | "
             f"{r['train_s']:.1f} | {r['train_images_per_s']:.0f} | {r['val_s']:.1f} |"
         )
     d = timings["data"]
@@ -1151,7 +1213,7 @@ def report(results: Path, out: Path, n_boot: int) -> Path:
             f"compiled {c['compiled_step_s'] * 1000:.1f} ms "
             f"({c['speedup']:.2f}x), compile {c['compile_s']:.1f} s, break-even after "
             f"{c['break_even_steps']:.0f} steps of {c['planned_full_batch_steps']} planned: "
-            f"**{'used' if c['used'] else 'not used'}**"
+            f"pays {'yes' if c['pays'] else 'no'}, **{'used' if c['used'] else 'not used'}**"
         )
     elif c:
         lines.append(f"- torch.compile: {c.get('status')} (used: {c.get('used')})")
@@ -1179,9 +1241,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ex.add_argument("--cache-dir", default=None, help="instead of the config's data.cache_dir")
     ex.add_argument("--quality", type=int, default=95, help="JPEG quality 1-100; 0 = lossless PNG")
     ex.add_argument("--workers", type=int, default=1)
-    ex.add_argument("--out", default=".gpu/paper-gpu.pt")
+    ex.add_argument("--out", default=".gpu/paper-gpu.npz")
     rn = sub.add_parser("run", help="(GPU) train both modes; needs only torch, torchvision and numpy")
-    rn.add_argument("--data", default=".gpu/paper-gpu.pt")
+    rn.add_argument("--data", default=".gpu/paper-gpu.npz")
     rn.add_argument("--out", required=True)
     rn.add_argument("--device", default=None, help="default: cuda when available")
     rn.add_argument("--phases", default="smoke,probe,centralized,federated")
@@ -1213,7 +1275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps({k: meta[k] for k in ("file", "file_mib", "n_rows", "encoding", "quality", "quantisation")}))
         print(f"preprocess {meta['preprocess_s']:.1f} s, encode {meta['encode_s']:.1f} s", flush=True)
     elif args.command == "run":
-        run(args)
+        if run(args)["failed_phases"]:
+            return 1
     else:
         results = Path(args.results)
         md = report(results, Path(args.out or Path("runs/paper-gpu") / results.name), args.bootstrap)

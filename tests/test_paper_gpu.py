@@ -90,7 +90,7 @@ def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def exported(manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("paper_gpu_data") / "data.pt"
+    out = tmp_path_factory.mktemp("paper_gpu_data") / "data.npz"
     cache = out.parent / "cache"
     meta = G.export("paper-gpu", out, overrides=TINY, manifest=str(manifest), cache_dir=str(cache))
     return out, meta
@@ -133,14 +133,14 @@ sys.exit(code or bool(leaked))
 
 def test_export_writes_one_file_with_the_rows_and_the_recipe(exported: tuple[Path, dict], manifest: Path) -> None:
     path, meta = exported
-    blob = torch.load(path, weights_only=True)
-    df = pd.read_csv(manifest, keep_default_na=False)
-    assert meta["n_rows"] == len(df) == len(blob["rows"]["row_id"]) == len(blob["offsets"]) - 1
-    assert blob["rows"]["row_id"][0] == f"{df.path[0]}|{df.side[0]}"
-    assert blob["tabular"].shape == (len(df), 3) and blob["y_screen"].shape == (len(df),)
-    assert torch.isnan(blob["y_screen"]).sum() == 3  # the unlabelled knees (one stage1 knee, one stage2 film)
-    # the recipe travels as JSON and is the resolved preset with the overrides
-    assert config_from_dict(json.loads(blob["recipe"])) == load_config("paper-gpu", TINY)
+    with np.load(path, allow_pickle=False) as blob:
+        df = pd.read_csv(manifest, keep_default_na=False)
+        assert meta["n_rows"] == len(df) == len(blob["rows_row_id"]) == len(blob["offsets"]) - 1
+        assert blob["rows_row_id"][0] == f"{df.path[0]}|{df.side[0]}"
+        assert blob["tabular"].shape == (len(df), 3) and blob["y_screen"].shape == (len(df),)
+        assert np.isnan(blob["y_screen"]).sum() == 3  # the unlabelled knees (one stage1 knee, one stage2 film)
+        # the recipe travels as JSON and is the resolved preset with the overrides
+        assert config_from_dict(json.loads(str(blob["recipe"]))) == load_config("paper-gpu", TINY)
     q = meta["quantisation"]
     assert 0 < q["uint8_mean_abs"] <= q["uint8_max_abs"] <= 0.5 / 255 + 1e-6
     assert q["uint8_mean_abs"] <= q["stored_mean_abs"] < 0.05 and meta["encoding"] == "jpeg"
@@ -169,6 +169,7 @@ def test_run_needs_only_torch_torchvision_numpy_and_writes_everything(
         assert r["train_s"] > 0 and r["train_images_per_s"] > 0 and len(r["history"]) == 2
     assert timings["federated"]["site_train_sizes"] == {"stage1": 14, "stage2": 10}
     assert timings["smoke"]["centralized"]["run"] == 1 and timings["smoke"]["federated"]["run"] == 1
+    assert timings["smoke"]["checks"]["augment_max_abs_vs_cpu"] == 0.0 and timings["failed_phases"] == []
     # every validation and test knee (hold-out included) has a prediction in both modes
     df = pd.read_csv(manifest, keep_default_na=False)
     wanted = {f"{p}|{s}" for p, s, split in zip(df.path, df.side, df.split, strict=True) if split in ("val", "test")}
