@@ -320,3 +320,15 @@ def test_paper_gpu_preset_is_the_published_recipe_in_bf16() -> None:
         1,
     )
     assert [s.name for s in gpu.federation.sites if s.role == "train"] == ["stage1", "stage2"]
+
+
+def test_a_budget_ends_a_mode_after_the_epoch_that_spends_it(exported: tuple[Path, dict]) -> None:
+    data = G.Data(exported[0], torch.device("cpu"))
+    recipe = G.apply_sets(data.recipe, ["train.epochs=5", "federation.rounds=5"])
+    trainer = G.Trainer(data, recipe, torch.device("cpu"), log=lambda _: None)
+    live: dict = {}
+    result = trainer.fit("federated", budget_s=1e-3, live=live)
+    assert (result["run"], result["stopped_by"], result["best"]) == (1, "budget", 1)
+    assert live["history"] == result["history"] and result["optimizer_steps"] == 2 + 2  # 14 and 10 knees, batch 8
+    full = trainer.fit("centralized", budget_s=1e6, max_units=3)
+    assert full["run"] == 3 and full["stopped_by"] == "max_epochs" and full["optimizer_steps"] == 3 * 3
