@@ -174,6 +174,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from simulations.bench import run
+
+    return run(args, args.parser_error)
+
+
 INSECURE_WARNING = (
     "WARNING: --insecure-local-test: no TLS and no node authentication. Anyone who can reach this port can join "
     "or read the federation. Use it only on a loopback test host, never with patient data."
@@ -372,6 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", action="append", help="compare these runs instead of the newest of each mode")
     p.add_argument("--out", default="runs/compare", help="folder for the comparison table and figure")
     p.set_defaults(func=cmd_compare)
+
+    from simulations.bench import add_arguments as bench_arguments
+
+    p = sub.add_parser("bench", help="speed of each part against what the hardware allows (bench.json, bench.md)")
+    bench_arguments(p)
+    p.set_defaults(func=cmd_bench, parser_error=p.error)
 
     deploy = sub.add_parser("deploy", help="certificates, node keys, SuperLink and SuperNode for a real federation")
     dep = deploy.add_subparsers(dest="deploy_command", required=True, help="deployment step")
