@@ -559,8 +559,12 @@ class Trainer:
                         optimizers[site] = self.optimizer()
                 for group in optimizers[site].param_groups:
                     group["lr"] = lr
-                for e in range(local_epochs):
-                    train_stats[site] = self.train_epoch(optimizers[site], rows, step * local_epochs + e, stream=i)
+                for e in range(local_epochs):  # the last local epoch's losses; knees, steps and time summed
+                    stats = self.train_epoch(optimizers[site], rows, step * local_epochs + e, stream=i)
+                    if site in train_stats:
+                        for key in ("images", "steps", "seconds"):
+                            stats[key] += train_stats[site][key]
+                    train_stats[site] = stats
                 if global_state is not None:
                     states.append(self.snapshot())
             t_avg = time.perf_counter()
