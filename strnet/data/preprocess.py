@@ -94,10 +94,12 @@ def opencv_threads(n: int) -> Iterator[None]:
     """Run the block with OpenCV's own thread pool at ``n`` threads, then restore the previous setting.
 
     Use ``opencv_threads(1)`` around a pool of worker threads that each call :func:`preprocess` (as
-    :meth:`PreprocessCache.warm` does with ``workers > 1``): the workers already keep every core busy, one
-    image each, and OpenCV splitting each resize across the same cores only adds hand-offs and waits (on
-    2 shared cores, 2 workers: ~1.5-1.9x the throughput with 1 OpenCV thread than with OpenCV's default 2).
-    The setting is process-wide, so set it around the pool, not inside the workers.
+    :func:`strnet.data.speed.preprocess_throughput` does, and a ``workers > 1`` cache fill should): the
+    workers already keep every core busy, one image each, and OpenCV splitting each resize across the same
+    cores only adds hand-offs and waits. On 2 cores with 2 workers, 1 OpenCV thread gave 1.3x (16-bit films)
+    to 1.5x (float32 copies) the throughput of OpenCV's default 2, and up to 1.9x while other processes
+    shared the cores; with one worker it made no difference. The setting is process-wide, so set it around
+    the pool, not in the workers.
     """
     previous = cv2.getNumThreads()
     cv2.setNumThreads(n)
@@ -285,7 +287,8 @@ def preprocess(img: np.ndarray, params: PreprocessParams) -> np.ndarray:
     if not p_hi > p_lo:
         return np.zeros((size, size), np.float32)
     lo32 = np.float32(p_lo)
-    # clip(crop - lo, 0, hi - lo) rounds exactly like clip(crop, lo, hi) - lo, in one pass from the native dtype.
+    # clip(crop - lo, 0, hi - lo) rounds exactly like clip(crop, lo, hi) - lo; the subtraction reads the native
+    # dtype and writes the one full-resolution float32 copy, the clip works in place.
     shifted = np.subtract(crop, lo32, dtype=np.float32)
     np.clip(shifted, np.float32(0.0), np.float32(p_hi) - lo32, out=shifted)
     out = cv2.resize(shifted, (size, size), interpolation=cv2.INTER_LINEAR)
