@@ -30,8 +30,13 @@ from strnet.data.dataset import KneeDataset, screening_pos_weight
 from strnet.data.preprocess import PreprocessParams
 from strnet.errors import DataError
 from strnet.losses import LossWeights, MultiTaskLoss
+from strnet.memory import retain_freed_memory
 from strnet.privacy import DPParams, PrivateTraining, steps_per_epoch
 from strnet.sufficient import histogram_ranking, score_histogram, screening_cases
+
+# Every process that trains, evaluates or predicts imports this module: from here on its batches stop paying
+# page faults for memory glibc handed back to the kernel (strnet.memory; 1.7x the CPU forward pass here).
+retain_freed_memory()
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
