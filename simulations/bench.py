@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 PARTS = ("preprocess", "training", "predict", "federation")
+REPEATS = 3  # timings of the same work; the fastest counts, for the measured figure and its ceiling alike
 # The targets (README, "Performance"): the figure each ratio is held to.
 TARGETS = {
     "training_pipeline_over_bare_step": 0.9,
@@ -262,9 +263,9 @@ def bench_predict(cfg: Config, sizes: Sizes, workdir: Path) -> dict[str, Any]:
     cams = workdir / f"gradcam{size}"
     write_knees(cams, sizes.gradcam_files, image_size=int(size * 1.25), seed=3)
     predict_files(bundle, [cams], gradcam_dir=None)  # warm-up: imports, allocator
-    start = time.perf_counter()
+    # best of REPEATS on both sides: on a shared 2-core machine a single timing moves by 20 %
+    e2e_seconds = min(_timed(lambda: predict_files(bundle, [files])) for _ in range(REPEATS))
     out = predict_files(bundle, [files])
-    e2e_seconds = time.perf_counter() - start
     n_knees = int((out["status"] != "error").sum())  # judged or out of distribution: both went through the model
     start = time.perf_counter()
     cam_out = predict_files(bundle, [cams], gradcam_dir=workdir / "gradcam-out")
@@ -288,7 +289,7 @@ def bench_predict(cfg: Config, sizes: Sizes, workdir: Path) -> dict[str, Any]:
 
     forward()
     reps = max(1, math.ceil(len(df) / batch))
-    bare_seconds = _timed(lambda: [forward() for _ in range(reps)])
+    bare_seconds = min(_timed(lambda: [forward() for _ in range(reps)]) for _ in range(REPEATS))
     bare_per_s = reps * batch / bare_seconds
     e2e_per_s = n_knees / e2e_seconds
     cam_per_s = int((cam_out["status"] != "error").sum()) / cam_seconds
