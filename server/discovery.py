@@ -12,6 +12,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from configs.schema import Config
+from server.exchange import send_and_receive
 from server.pooled import QuorumError
 from server.replies import reply_content
 from strnet.errors import SiteError
@@ -44,7 +45,7 @@ def discover_sites(
         for n in nodes
     ]
     found: dict[int, SiteNode] = {}
-    for msg in grid.send_and_receive(messages, timeout=cfg.federation.round_timeout):
+    for msg in send_and_receive(grid, messages, timeout=cfg.federation.round_timeout):
         node = msg.metadata.src_node_id
         try:
             content = reply_content(msg, f"<node {node}>")

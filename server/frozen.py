@@ -10,6 +10,7 @@ from flwr.serverapp import Grid
 
 from configs.schema import Config
 from server.discovery import SiteNode
+from server.exchange import send_and_receive
 from server.replies import reply_content, stats_arrays, withheld
 from strnet.calibration import Platt
 from strnet.errors import SiteError
@@ -47,7 +48,7 @@ def frozen_evaluation(
     record = RecordDict({Key.ARRAYS: arrays, Key.CONFIG: instruction})
     messages = [Message(content=record, message_type=MessageKind.FROZEN, dst_node_id=n) for n in sorted(nodes)]
     out: dict[str, dict[str, EvaluationCounts]] = {}
-    for msg in grid.send_and_receive(messages, timeout=cfg.federation.round_timeout):
+    for msg in send_and_receive(grid, messages, timeout=cfg.federation.round_timeout):
         node = msg.metadata.src_node_id
         site = nodes[node].site if node in nodes else f"<unknown node {node}>"
         try:

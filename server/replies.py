@@ -11,6 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from configs.schema import Config
+from server.exchange import send_and_receive
 from strnet.errors import SiteError
 from strnet.protocol import PROTOCOL_VERSION, Field, Key, check_version
 from strnet.released import WITHHELD, StatisticsLedger, withheld_problem
@@ -70,7 +71,7 @@ class TrainingSites:
         )
         messages = [Message(content=content, message_type=kind, dst_node_id=n) for n in sorted(self.nodes)]
         out: dict[str, dict[str, np.ndarray]] = {}
-        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.federation.round_timeout))
+        replies = send_and_receive(self.grid, messages, timeout=self.cfg.federation.round_timeout)
         for node in sorted(set(self.nodes) - {msg.metadata.src_node_id for msg in replies}):
             self.problem(f"{kind}: site {self.nodes[node]!r}: no reply (node lost or round timed out)")
         for msg in replies:

@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Result
 from flwr.supercore import log
 
 from configs.schema import FederationConfig, ThresholdConfig
+from server.exchange import send_and_receive
 from server.pooled import QuorumError, pool, weighted_average
 from server.replies import reply_content, stats_arrays, withheld
 from strnet.engine import RecipeSchedule, history_row, with_site_auroc
@@ -196,15 +197,16 @@ class SiteFedAvg(FedAvg):
         t0 = time.time()
         for server_round in range(start_round, num_rounds + 1):
             log(INFO, "[ROUND %s/%s] lr %.3g", server_round, num_rounds, self.schedule.lr)
-            replies = grid.send_and_receive(
-                self.configure_train(server_round, arrays, train_config or ConfigRecord(), grid), timeout=timeout
+            replies = send_and_receive(
+                grid, self.configure_train(server_round, arrays, train_config or ConfigRecord(), grid), timeout=timeout
             )
             new_arrays, train_metrics = self.aggregate_train(server_round, replies)
             if new_arrays is not None:
                 arrays = result.arrays = new_arrays
             if train_metrics is not None:
                 result.train_metrics_clientapp[server_round] = train_metrics
-            replies = grid.send_and_receive(
+            replies = send_and_receive(
+                grid,
                 self.configure_evaluate(server_round, arrays, evaluate_config or ConfigRecord(), grid),
                 timeout=timeout,
             )

@@ -1,0 +1,47 @@
+"""Send messages to the sites and collect their replies, polling the SuperLink with a short, growing interval.
+
+Flower 1.42's ``GrpcGrid.send_and_receive`` sleeps 3 s between pulls, so every exchange that is not answered at
+the first pull ends on a 3-second tick. A run has many exchanges: two per round, two per T-score refit round
+(60 by default), one per calibration Newton step, the OOD and frozen-evaluation queries. On the demo that was
+57 s of the federation's 101 s from first round to bundle after training alone, against 5 s for the centralized
+run's same work. Here the pull interval starts at :data:`FIRST_POLL_S` and grows by :data:`GROWTH` up to
+:data:`LAST_POLL_S`: a quick reply is seen within tens of milliseconds, and a real round that trains for an
+hour costs one pull a second.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+FIRST_POLL_S = 0.01
+LAST_POLL_S = 1.0
+GROWTH = 1.5
+
+
+def send_and_receive(grid: Grid, messages: Iterable[Message], *, timeout: float | None) -> list[Message]:
+    """Flower's ``Grid.send_and_receive`` contract (replies that arrived before ``timeout``; late ones are dropped),
+    with :data:`FIRST_POLL_S`..:data:`LAST_POLL_S` between pulls. A grid without ``push_messages`` (an in-process
+    stand-in that answers at once) is asked directly."""
+    push = getattr(grid, "push_messages", None)
+    if push is None:
+        return list(grid.send_and_receive(messages, timeout=timeout))
+    waiting = set(push(messages))
+    end = None if timeout is None else time.monotonic() + timeout
+    replies: list[Message] = []
+    delay = FIRST_POLL_S
+    while waiting:
+        got = list(grid.pull_messages(waiting))
+        replies.extend(got)
+        waiting.difference_update(m.metadata.reply_to_message_id for m in got)
+        if not waiting:
+            break
+        left = None if end is None else end - time.monotonic()
+        if left is not None and left <= 0:
+            break
+        time.sleep(delay if left is None else min(delay, left))
+        delay = min(delay * GROWTH, LAST_POLL_S)
+    return replies
