@@ -16,6 +16,7 @@ from flwr.app import Array, ArrayRecord
 from flwr.serverapp import Grid
 
 from configs.schema import Config, build_model
+from server import exchange
 from server.calibration import calibrated_validation_counts, pooled_calibration
 from server.checkpoint import RoundCheckpoint
 from server.discovery import discover_sites
@@ -82,6 +83,7 @@ def run_federated(
     run_tags = {"strategy": fed.strategy, "federation_id": federation_id, **(tags or {})}
     if checkpoint is not None:
         run_tags["resumed_from_round"] = str(checkpoint.server_round)
+    exchanges = exchange.LOG.count, exchange.LOG.seconds
     with Run(cfg, mode="federated", tracker=tracker, tags=run_tags) as run:
         run.begin("setup")
         nodes = discover_sites(grid, cfg, config_json, run.problem, federation_id=federation_id)
@@ -182,6 +184,9 @@ def run_federated(
             "tscore_refit": tscore,
             "sites": site_table,
         }
+        # site compute plus the transport's latency, per exchange: where a federation's extra wall goes
+        run.measures["exchanges"] = float(exchange.LOG.count - exchanges[0])
+        run.measures["exchange_seconds"] = exchange.LOG.seconds - exchanges[1]
         return run.finish(
             state_dict=kept.to_torch_state_dict(),
             threshold=threshold,

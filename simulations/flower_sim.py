@@ -91,8 +91,8 @@ def local_superlink(workdir: str | Path, *, ready_timeout: float = 60) -> Iterat
             str(http_port),
             "--fleet-api-address",
             f"127.0.0.1:{_free_port()}",
-            "--database",
-            str(work / "superlink-state.db"),
+            # no --database: the simulation's state lives in memory. In an SQLite file every message, weights
+            # included, was written and read back through the disk (bench: the demo's after-training exchanges)
             "--log-file",
             str(work / "superlink.log"),
         ],

@@ -126,6 +126,7 @@ class Run:
         self._t0 = time.perf_counter()
         self._t_training: float | None = None
         self.timings: dict[str, float] = {}
+        self.measures: dict[str, float] = {}  # other timing figures, as named (a federation's message exchanges)
         self._phase: tuple[str, float] | None = None
 
     def begin(self, phase: str) -> None:
@@ -219,7 +220,7 @@ class Run:
         bundle_written = time.perf_counter()
         self._close_phase(bundle_written)
         seconds = bundle_written - self._t0
-        timings = {f"{k}_seconds": v for k, v in self.timings.items()} | {"wall_seconds": seconds}
+        timings = {f"{k}_seconds": v for k, v in self.timings.items()} | self.measures | {"wall_seconds": seconds}
         if self._t_training is not None:
             timings["training_to_bundle_seconds"] = bundle_written - self._t_training
         metrics = {
