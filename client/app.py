@@ -141,6 +141,25 @@ def _kept(context: Context, runner: SiteRunner) -> KeptState | None:
     return KeptState(runner.cfg.data.cache_dir, federation_id, runner.site) if federation_id else None
 
 
+def _optimizer_state(context: Context, runner: SiteRunner, store: KeptState | None, server_round: int) -> bytes | None:
+    """The AdamW state this site kept after the previous round: from this process's site, else from the site's disk
+    (a restarted node, a resumed federation, a simulation actor that did not serve the last round).
+
+    Not from ``context.state``: Flower's simulation carries a node's context to its ClientApp and back with every
+    message, and AdamW's moments are twice the model (90 MB for the demo's ResNet-18), which cost the demo
+    federation 35 s over its 145 exchanges, most of them the T-score refit's small ones. A node without a
+    federation id to key the disk by (an older server) still keeps it there."""
+    if store is None:
+        kept = context.state.get(OPTIMIZER_STATE)
+        return bytes(kept["state"]) if kept is not None else None
+    if server_round < 2:
+        return None
+    cached = runner.kept_optimizer
+    if cached is not None and cached[:2] == (store.federation_id, server_round - 1):
+        return cached[2]
+    return store.optimizer(server_round - 1)
+
+
 def _reply(message: Message, runner: SiteRunner, **records: ArrayRecord | MetricRecord) -> Message:
     info = ConfigRecord({Field.SITE: runner.site, Field.ROLE: runner.role, Field.VERSION: PROTOCOL_VERSION})
     return Message(RecordDict({Key.INFO: info, **records}), reply_to=message)
@@ -202,10 +221,7 @@ def train(message: Message, context: Context) -> Message:
     server_round = int(instruction[Field.SERVER_ROUND])
     keep = runner.cfg.federation.keep_optimizer_state
     store = _kept(context, runner)
-    kept = context.state.get(OPTIMIZER_STATE) if keep else None
-    optimizer_state = bytes(kept["state"]) if kept is not None else None
-    if keep and optimizer_state is None and store is not None and server_round > 1:  # a resumed federation
-        optimizer_state = store.optimizer(server_round - 1)
+    optimizer_state = _optimizer_state(context, runner, store, server_round) if keep else None
     new_state, metrics, n, optimizer, privacy = runner.train(
         _weights(message, context, runner),
         lr=float(instruction[Field.LEARNING_RATE]),
@@ -219,9 +235,11 @@ def train(message: Message, context: Context) -> Message:
         if store is not None:
             store.save_privacy(privacy)
     if keep:  # AdamW moments are local state: they stay at the site, never in a reply
-        context.state[OPTIMIZER_STATE] = ConfigRecord({"state": optimizer, Field.SERVER_ROUND: server_round})
-        if store is not None:
+        if store is not None:  # this process and the site's disk (see _optimizer_state)
+            runner.kept_optimizer = (store.federation_id, server_round, optimizer)
             store.save_optimizer(optimizer, server_round)
+        else:
+            context.state[OPTIMIZER_STATE] = ConfigRecord({"state": optimizer, Field.SERVER_ROUND: server_round})
     if runner.cfg.federation.strategy == "fedbn":  # BatchNorm tensors stay here (FedBN)
         local = batchnorm_keys(runner.model)
         kept = ArrayRecord({k: v for k, v in new_state.items() if k in local})

@@ -29,6 +29,7 @@ class KeptState:
     def __init__(self, cache_dir: str | Path, federation_id: str, site: str) -> None:
         if not re.fullmatch(r"[0-9a-f]{8,64}", federation_id):
             raise ValueError(f"federation id {federation_id!r} is not a hex id")
+        self.federation_id = federation_id
         self.folder = Path(cache_dir) / "federation-state" / federation_id / site
 
     def _write(self, name: str, payload: dict) -> None:

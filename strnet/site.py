@@ -87,6 +87,9 @@ class SiteRunner:
         if role == "train" and self.splits["train"].empty:
             raise DataError(self.manifest_path, f"site {site_name}: no usable train rows (run `strnet data split`)")
         self._model: torch.nn.Module | None = None
+        # (federation id, server round, AdamW state bytes) after this site's latest training round, kept between
+        # messages by a ClientApp process that keeps its sites (client.app)
+        self.kept_optimizer: tuple[str, int, bytes] | None = None
 
     # ------------------------------------------------------------------------------------------------ helpers
 
@@ -168,6 +171,7 @@ class SiteRunner:
         if server_round < 1:
             raise ValueError(f"site {self.site}: server round {server_round} must be >= 1")
         self.model.load_state_dict(state_dict)
+        self.model.train()  # a kept site's model comes from an evaluation; Opacus checks the mode when attaching
         t = self.cfg.train
         optimizer = build_optimizer(self.model, t)
         if optimizer_state is not None:
