@@ -10,7 +10,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: demo test lint real-data real-data-prepare real-data-experiments real-data-dp dp-table venv
+.PHONY: demo test lint real-data real-data-prepare real-data-experiments real-data-dp dp-table venv bench
 
 venv: $(STAMP)
 
@@ -88,3 +88,8 @@ real-data-dp: real-data-prepare
 paper-gpu-data: $(STAMP)
 	test -f $(REAL)/split.csv || $(MAKE) real-data-prepare
 	$(BIN)/python -m simulations.paper_gpu export --config paper-gpu --out .gpu/paper-gpu.npz
+
+# Speed against what the hardware allows (README, "Performance"): bench.json and bench.md (~10 min on 2 cores).
+.PHONY: bench
+bench: $(STAMP)
+	$(BIN)/strnet bench --out runs/bench
