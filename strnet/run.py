@@ -255,7 +255,10 @@ class Run:
         summary_path.write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False))
         if self.tracker is not None:
             self.tracker.set_tags({f"recipe.{k}": v for k, v in recipe.items()})
-            self.tracker.log_metrics(metrics | {f"timing.{k}": v for k, v in timings.items() if k != "wall_seconds"})
+            # the parts both modes time (a federation's exchange counts stay in summary.json: one vocabulary)
+            parts = {f"timing.{k}": v for k, v in timings.items() if k.endswith("_seconds") and k != "wall_seconds"}
+            parts.pop("timing.exchange_seconds", None)
+            self.tracker.log_metrics(metrics | parts)
             if privacy:
                 self.tracker.set_tags({"privacy": "dp-sgd"})
                 self.tracker.log_metrics(privacy_metrics(privacy))
