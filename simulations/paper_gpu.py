@@ -50,6 +50,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -61,6 +62,7 @@ from torch.nn import functional as F
 from strnet.data.augment import N_DRAWS, AugmentParams, augment_batch
 from strnet.losses import LossWeights
 from strnet.model import build_strnet
+from strnet.schedule import RecipeSchedule
 
 FORMAT = "strnet-paper-gpu/1"
 MODES = ("centralized", "federated")
@@ -147,42 +149,6 @@ def multitask_loss(
     if epoch >= weights.warmup_epochs:
         total = total + weights.t_score * terms[2]
     return total, torch.stack([*terms, total]).detach()
-
-
-class Schedule:
-    """:class:`strnet.engine.RecipeSchedule` (ReduceLROnPlateau on a stand-in parameter, best step, early stopping),
-    repeated here because the engine module needs pandas; a test steps both on the same scores."""
-
-    def __init__(self, lr: float, factor: float, patience: int, early_stop_patience: int, min_steps: int) -> None:
-        self.patience = early_stop_patience
-        self.min_steps = min_steps
-        self._optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)
-        self._plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self._optimizer, mode="max", factor=factor, patience=patience
-        )
-        self.steps = 0
-        self.best_score = -math.inf
-        self.best_step = -1
-        self.bad_steps = 0
-
-    @property
-    def lr(self) -> float:
-        return float(self._optimizer.param_groups[0]["lr"])
-
-    def step(self, score: float) -> bool:
-        finite = score if math.isfinite(score) else -math.inf
-        self._plateau.step(finite if math.isfinite(finite) else 0.0)
-        self.steps += 1
-        improved = finite > self.best_score
-        if improved:
-            self.best_score, self.best_step, self.bad_steps = finite, self.steps, 0
-        else:
-            self.bad_steps += 1
-        return improved
-
-    @property
-    def should_stop(self) -> bool:
-        return self.steps >= self.min_steps and self.bad_steps >= self.patience
 
 
 def fedavg(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
@@ -489,15 +455,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ the two modes
 
-    def schedule(self) -> Schedule:
+    def schedule(self) -> RecipeSchedule:
         t = self.recipe["train"]
-        return Schedule(
-            float(t["lr"]),
-            float(t["plateau_factor"]),
-            int(t["plateau_patience"]),
-            int(t["early_stop_patience"]),
-            int(t.get("min_epochs", 0)),
+        params = SimpleNamespace(
+            lr=float(t["lr"]),
+            plateau_factor=float(t["plateau_factor"]),
+            plateau_patience=int(t["plateau_patience"]),
+            early_stop_patience=int(t["early_stop_patience"]),
+            min_epochs=int(t.get("min_epochs", 0)),
         )
+        return RecipeSchedule(params)
 
     def train_sites(self) -> list[str]:
         return [s["name"] for s in self.recipe["federation"]["sites"] if s["role"] == "train"]
