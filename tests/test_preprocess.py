@@ -163,32 +163,35 @@ def _oracle(img: np.ndarray, params: PreprocessParams, box: tuple[int, int, int,
 
 
 def _box_oracle(img: np.ndarray, params: PreprocessParams) -> tuple[int, int, int, int]:
-    """Otsu on an exact float64 k x k block mean (k = ceil(longest side / OTSU_MAX_SIDE)), then margin."""
-    a = np.asarray(img, dtype=np.float64)
+    """Otsu on a float copy area-averaged to a longest side of OTSU_MAX_SIDE, scaled back outwards, then margin.
+
+    This is the box the real-data results were made with (the preprocessing before the speed work); an
+    integer-factor downscale, faster, moved some Mendeley boxes by up to 100 px and the run with them.
+    """
+    a = np.asarray(img, dtype=np.float32)
     h, w = a.shape
-    k = int(np.ceil(max(h, w) / pre.OTSU_MAX_SIDE))
-    sh, sw = h // k, w // k
-    small = a[: sh * k, : sw * k].reshape(sh, k, sw, k).mean(axis=(1, 3))
-    lo, hi = a.min(), a.max()
-    small8 = np.clip(np.rint((small - lo) * 255.0 / (hi - lo)), 0, 255).astype(np.uint8)
-    _, mask = cv2.threshold(small8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    s = min(1.0, pre.OTSU_MAX_SIDE / max(h, w))
+    sh, sw = max(1, round(h * s)), max(1, round(w * s))
+    small = a if s == 1.0 else cv2.resize(a, (sw, sh), interpolation=cv2.INTER_AREA)
+    lo, hi = float(a.min()), float(a.max())
+    small8 = np.clip(np.rint(np.abs(small.astype(np.float64) * (255.0 / (hi - lo)) - lo * 255.0 / (hi - lo))), 0, 255)
+    _, mask = cv2.threshold(small8.astype(np.uint8), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     ys, xs = np.nonzero(mask)
     if (np.ptp(ys) + 1) * (np.ptp(xs) + 1) < params.min_crop_fraction * sh * sw:
         return 0, h, 0, w
-    y1 = h if ys.max() == sh - 1 else (ys.max() + 1) * k
-    x1 = w if xs.max() == sw - 1 else (xs.max() + 1) * k
+    fy, fx = h / sh, w / sw
+    y0, y1 = int(np.floor(ys.min() * fy)), int(np.ceil((ys.max() + 1) * fy))
+    x0, x1 = int(np.floor(xs.min() * fx)), int(np.ceil((xs.max() + 1) * fx))
     my, mx = round(params.crop_margin * h), round(params.crop_margin * w)
-    return max(0, ys.min() * k - my), min(h, y1 + my), max(0, xs.min() * k - mx), min(w, x1 + mx)
+    return max(0, y0 - my), min(h, y1 + my), max(0, x0 - mx), min(w, x1 + mx)
 
 
 @pytest.mark.parametrize(("h", "w", "seed"), [(600, 450, 0), (1301, 999, 1), (2000, 1500, 2)])
-def test_box_matches_a_block_mean_otsu_oracle(h: int, w: int, seed: int) -> None:
+def test_box_matches_an_area_average_otsu_oracle(h: int, w: int, seed: int) -> None:
     img = _film(h, w, seed)
-    k = int(np.ceil(max(h, w) / pre.OTSU_MAX_SIDE))
     got = foreground_box(img, PreprocessParams())
-    # The film's body reaches the bottom and right edges: the leftover rows/columns that fill no block belong.
-    assert got[1] == h
-    np.testing.assert_allclose(got, _box_oracle(img, PreprocessParams()), atol=k)  # a block, for rounding
+    # A different 8-bit rounding than OpenCV's could move Otsu's level by one grey; on these films it does not.
+    assert got == _box_oracle(img, PreprocessParams())
     assert foreground_box(img.astype(np.float32), PreprocessParams()) == got  # integer-valued float: same
 
 

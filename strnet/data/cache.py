@@ -29,7 +29,7 @@ from strnet.data.preprocess import PreprocessParams
 from strnet.errors import DataError
 
 # Bump when preprocessing code changes what it outputs for the same params, to orphan old entries.
-CODE_VERSION = "2"  # 2: integer-factor Otsu box, exact 8/16-bit percentiles (strnet.data.preprocess)
+CODE_VERSION = "3"  # 3: Otsu box on the exact OTSU_MAX_SIDE scale again (2 had integer factors); exact 8/16-bit percentiles
 _QMAX = 65535.0
 _CHUNK = 1 << 20
 
