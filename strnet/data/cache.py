@@ -29,7 +29,8 @@ from strnet.data.preprocess import PreprocessParams
 from strnet.errors import DataError
 
 # Bump when preprocessing code changes what it outputs for the same params, to orphan old entries.
-CODE_VERSION = "3"  # 3: Otsu box on the exact OTSU_MAX_SIDE scale again (2 had integer factors); exact 8/16-bit percentiles
+# 3: Otsu box on the exact OTSU_MAX_SIDE scale again (2 had integer factors); exact 8/16-bit percentiles
+CODE_VERSION = "3"
 _QMAX = 65535.0
 _CHUNK = 1 << 20
 
