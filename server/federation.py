@@ -32,7 +32,7 @@ from strnet.model import batchnorm_keys
 from strnet.privacy import run_privacy, site_reports_from_history
 from strnet.protocol import WEIGHT, Field, MessageKind, config_digest, round_nbytes
 from strnet.released import StatisticsLedger, usable
-from strnet.run import Run, RunResult, SiteResult, Tracker, recipe
+from strnet.run import Run, RunResult, SiteResult, Tracker, recipe, site_datasets
 from strnet.scoring import task_metrics
 from strnet.sufficient import EvaluationCounts
 
@@ -91,7 +91,10 @@ def run_federated(
         site_table = {e.site: {"role": e.role, "node_id": n, **e.counts} for n, e in nodes.items()}
         train_nodes = {n: e.site for n, e in nodes.items() if e.role == "train"}
         run.log_data(
-            {"sites": site_table}, sites=",".join(sorted(roles)), train_sites=",".join(sorted(train_nodes.values()))
+            {"sites": site_table},
+            datasets=site_datasets(site_table),
+            sites=",".join(sorted(roles)),
+            train_sites=",".join(sorted(train_nodes.values())),
         )
         state, bn_keys = initial_state(cfg)
         ledger = StatisticsLedger(cfg.privacy.statistics)  # every noised statistic of the run, for its ε

@@ -39,7 +39,7 @@ from strnet.errors import DataError
 from strnet.evaluation import EvaluationResult, evaluate_bundle, frame_metrics
 from strnet.ood import fit_ood
 from strnet.privacy import run_privacy
-from strnet.run import Run, RunResult, SiteResult, Tracker, headline, recipe
+from strnet.run import Run, RunResult, SiteResult, Tracker, headline, manifest_datasets, recipe
 from strnet.sufficient import ValidationCounts
 from strnet.tscore import DP_OFF, refit_centralized
 
@@ -74,7 +74,13 @@ def run_centralized(
                 f"{audit['cross_split_groups']} duplicate group(s) span two splits (leakage): "
                 "re-split with `strnet data split`, which keeps duplicate groups together"
             )
-        run.log_data({"data": summary, "audit": audit}, data_fingerprint=summary["fingerprint"])
+        sources = {s.name: s.manifest for s in cfg.federation.sites}
+        run.log_data(
+            {"data": summary, "audit": audit},
+            datasets=manifest_datasets(df, "training", sources),
+            data_fingerprint=summary["fingerprint"],
+            sites=",".join(summary["sites"]),
+        )
 
         device = resolve_device()
         model = build_model(cfg)
@@ -168,7 +174,9 @@ def run_centralized(
                 sites[str(site)] = SiteResult("train", own)
         for site in external_sites(cfg):
             title = f"{cfg.name}: frozen external evaluation at {site.name}"
-            ev = _evaluate(frozen, read_manifest(site.manifest), out_dir / f"external_{site.name}", title, cfg)
+            cohort = read_manifest(site.manifest)
+            run.log_datasets(manifest_datasets(cohort, "evaluation", {site.name: site.manifest}))
+            ev = _evaluate(frozen, cohort, out_dir / f"external_{site.name}", title, cfg)
             sites[site.name] = SiteResult("external", ev.metrics)
             reports[f"external_{site.name}"] = ev.out_dir
         return run.finish(

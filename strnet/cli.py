@@ -146,11 +146,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
+def _load_model(model: str, tracking_uri: str | None):  # type: ignore[no-untyped-def]
+    """A bundle folder, or a registered model ``models:/NAME@ALIAS`` (``models:/NAME/VERSION``) fetched through
+    MLflow (server.models, imported only for such a URI) and loaded with the same SHA-256 check."""
     from strnet.bundle import load_bundle
+
+    if not model.startswith("models:/"):
+        return load_bundle(model)
+    import tempfile
+
+    from server.models import resolve_model_uri
+    from server.tracking import resolve_uri
+
+    with tempfile.TemporaryDirectory(prefix="strnet-model-") as tmp:
+        return load_bundle(resolve_model_uri(model, Path(tmp), uri=resolve_uri(tracking_uri)))
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
     from strnet.predict import predict_files
 
-    bundle = load_bundle(args.model)
+    bundle = _load_model(args.model, args.tracking_uri)
     out = predict_files(bundle, args.inputs, clinical_csv=args.clinical, gradcam_dir=args.gradcam)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     out.to_csv(args.out, index=False)
@@ -171,6 +186,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     _, _, figure = compare(args.tracking_uri, args.experiment, Path(args.out), run_ids=args.run_id)
     print((Path(args.out) / "comparison.txt").read_text(), end="")
     print(f"figure: {figure}")
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from server.compare import latest_runs
+    from server.models import register_model
+    from server.tracking import resolve_uri
+
+    uri = resolve_uri(args.tracking_uri)
+    run_id = args.run_id
+    if run_id is None:
+        runs = latest_runs(uri, args.experiment)
+        picked = runs[runs["tags.mode"] == args.mode]
+        if picked.empty:
+            raise StrnetError(f"no finished {args.mode} run in MLflow experiment {args.experiment!r}")
+        run_id = str(picked.iloc[0]["run_id"])
+    version, model_uri = register_model(run_id, args.name, args.alias, uri=uri)
+    print(f"registered run {run_id} as {args.name} version {version}: {model_uri}")
     return 0
 
 
@@ -365,8 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="screen PNG/JPEG/DICOM files or folders with a bundle")
-    p.add_argument("--model", required=True, help="bundle folder")
+    p.add_argument("--model", required=True, help="bundle folder, or a registered model models:/NAME@ALIAS")
     p.add_argument("inputs", nargs="+", help="image files or folders to screen")
+    p.add_argument(
+        "--tracking-uri", default=None, help="MLflow tracking URI for models:/ (default: sqlite ./mlflow.db)"
+    )
     p.add_argument("--out", required=True, help="results CSV")
     p.add_argument("--gradcam", default=None, help="folder for Grad-CAM overlays")
     p.add_argument("--clinical", default=None, help="CSV with file, age, sex, bmi for the T-score branch")
@@ -378,6 +414,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", action="append", help="compare these runs instead of the newest of each mode")
     p.add_argument("--out", default="runs/compare", help="folder for the comparison table and figure")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("register", help="register a finished run's model in MLflow under a name, with an alias")
+    p.add_argument("--name", required=True, help="registered model name, e.g. strnet-screening")
+    p.add_argument("--alias", required=True, help="alias to point at it: champion or candidate")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run-id", help="the MLflow run whose model to register")
+    which.add_argument("--mode", choices=["centralized", "federated"], help="the newest finished run of this mode")
+    p.add_argument("--experiment", default="strnet", help="MLflow experiment for --mode (default strnet)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite ./mlflow.db)")
+    p.set_defaults(func=cmd_register)
 
     from simulations.bench import add_arguments as bench_arguments
 

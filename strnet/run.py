@@ -10,6 +10,7 @@ implements it with MLflow), so this module stays free of MLflow.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -26,6 +27,7 @@ from configs.schema import Config, build_model
 from strnet import metrics as M
 from strnet import plots
 from strnet.bundle import save_bundle
+from strnet.cases import data_fingerprint
 from strnet.evaluation import strict_json
 from strnet.model import count_params
 from strnet.scoring import prefixed
@@ -52,7 +54,56 @@ class Tracker(Protocol):
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_dict(self, data: dict[str, Any], name: str) -> None: ...
     def set_tags(self, tags: dict[str, Any]) -> None: ...
+    def log_datasets(self, datasets: list[DatasetEntry]) -> None: ...
+    def log_model(self, bundle_dir: Path, tags: dict[str, str]) -> str | None: ...
     def end(self, status: str = "FINISHED") -> None: ...
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """What one site contributed to a run, as the tracker shows it (MLflow: a dataset input of the run).
+
+    ``rows`` are the site's manifest rows when the run saw them (centralized); a federation's server never
+    does, so there it is None and ``counts`` (the site-info counts every site sends) are all there is.
+    ``digest`` is the rows' fingerprint (:func:`strnet.cases.data_fingerprint`) or, without rows, a hash of the
+    counts; ``context`` is ``training`` for a training site and ``evaluation`` for an external one."""
+
+    name: str
+    context: str
+    digest: str
+    counts: dict[str, int]
+    source: str
+    rows: pd.DataFrame | None = None
+
+
+def manifest_datasets(df: pd.DataFrame, context: str, sources: dict[str, str]) -> list[DatasetEntry]:
+    """One entry per site of a manifest table the run read: its rows, per-split counts and fingerprint."""
+    out = []
+    for site, part in df.groupby("site", sort=True):
+        split = part["split"].astype(str)
+        counts = {"n_rows": len(part), "n_labelled": int((part["label_cls"] != "").sum())}
+        counts |= {f"n_{name}": int((split == name).sum()) for name in ("train", "val", "test")}
+        rows = part.drop(columns=[c for c in ("path",) if c in part.columns]).reset_index(drop=True)
+        source = sources.get(str(site), "manifest")
+        out.append(DatasetEntry(str(site), context, data_fingerprint(part), counts, source, rows))
+    return out
+
+
+def site_datasets(sites: dict[str, dict[str, Any]]) -> list[DatasetEntry]:
+    """A federation's sites as the server knows them: role and site-info counts, never a row."""
+    out = []
+    for site, info in sorted(sites.items()):
+        counts = {k: int(v) for k, v in info.items() if k.startswith("n_")}
+        digest = hashlib.sha256(json.dumps([site, counts], sort_keys=True).encode()).hexdigest()
+        context = "training" if info.get("role") == "train" else "evaluation"
+        out.append(DatasetEntry(site, context, digest, counts, f"federated site {site}"))
+    return out
+
+
+def run_name(cfg: Config, mode: Mode) -> str:
+    """``cpu · centralized`` or ``cpu · federated · fedbn``: what a user reads first in MLflow's runs table."""
+    parts = [cfg.name, mode] + ([cfg.federation.strategy] if mode == "federated" else [])
+    return " · ".join(parts)
 
 
 @dataclass
@@ -151,8 +202,12 @@ class Run:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._t0 = time.perf_counter()
         if self.tracker is not None:
-            tags = {"mode": self.mode, **self.tags}
-            self.run_id = self.tracker.start(self.cfg.name, tags=tags, params=flatten(self.cfg.to_dict()))
+            tags = {"mode": self.mode, "preset": self.cfg.name, **self.tags}
+            if self.mode == "federated":
+                tags.setdefault("strategy", self.cfg.federation.strategy)
+            self.run_id = self.tracker.start(
+                run_name(self.cfg, self.mode), tags=tags, params=flatten(self.cfg.to_dict())
+            )
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
@@ -160,12 +215,19 @@ class Run:
             self.tracker.log_dict({"error": f"{exc_type.__name__}: {exc}", "problems": self.problems}, "problems.json")
             self.tracker.end(status="FAILED")
 
-    def log_data(self, summary: dict[str, Any], **tags: str) -> None:
-        """What the run saw (counts and fingerprints only), as an artifact and tags."""
+    def log_data(self, summary: dict[str, Any], datasets: list[DatasetEntry] | None = None, **tags: str) -> None:
+        """What the run saw (counts and fingerprints only), as an artifact, tags and one dataset input per site."""
         if self.tracker is not None:
             self.tracker.log_dict(strict_json(summary), "data_summary.json")
             if tags:
                 self.tracker.set_tags(tags)
+            if datasets:
+                self.tracker.log_datasets(datasets)
+
+    def log_datasets(self, datasets: list[DatasetEntry]) -> None:
+        """Sites the run reads later (a centralized run's external cohorts), as further dataset inputs."""
+        if self.tracker is not None and datasets:
+            self.tracker.log_datasets(datasets)
 
     def log_step(self, step: int, row: dict[str, float]) -> None:
         """One epoch (centralized) or round (federated) of the learning curve, under ``history/``."""
@@ -269,6 +331,12 @@ class Run:
             for path in figures.values():
                 self.tracker.log_artifact(path, "figures")
             self.tracker.log_artifact(bundle_dir, "bundle")
+            # the bundle again as an MLflow model (pyfunc), so it can be registered and served by alias
+            sha = json.loads((bundle_dir / "metadata.json").read_text())["weights_sha256"]
+            try:
+                self.tracker.log_model(bundle_dir, {"mode": self.mode, "preset": self.cfg.name, "weights_sha256": sha})
+            except Exception as exc:  # every output is written: a tracking extra must not fail the run
+                self.problem(f"the bundle was not logged as an MLflow model ({type(exc).__name__}: {exc})")
             for name, path in (artifacts or {}).items():
                 self.tracker.log_artifact(path, name)
             if self.problems:
