@@ -44,7 +44,7 @@ from strnet.protocol import (
 )
 from strnet.released import StatisticsPrivacy
 from strnet.site import SiteRunner
-from strnet.tscore import BranchData, branch_keys, branch_sums, local_steps
+from strnet.tscore import BranchData, branch_keys, branch_sums, validate_then_train
 
 # failures leave the site as kind + generic reason (client.sanitize); STRNET_MESSAGE_AUDIT logs every reply, after
 # privacy.statistics protected its statistics (client.released)
@@ -374,15 +374,18 @@ def tscore_val(message: Message, context: Context) -> Message:
 
 @app.query(MessageKind.action(MessageKind.TSCORE_TRAIN))
 def tscore_train(message: Message, context: Context) -> Message:
-    """Local full-batch steps on the sent branch; replies the branch and the number of T-score cases (0: none)."""
+    """The sent branch's validation sums, then local full-batch steps on it; replies both, and the number of
+    T-score cases trained on (0: none). One exchange per refit round (:func:`strnet.tscore.refit`)."""
     runner = runner_for(message, context)
     runner.model.cpu()
-    train, _ = _branch_data(message, context, runner)
+    train, val = _branch_data(message, context, runner)
     ts = runner.cfg.tscore
-    local_steps(runner.model, train, int(message.content[Key.CONFIG][Field.STEPS]), ts.lr, ts.weight_decay)
+    steps = int(message.content[Key.CONFIG][Field.STEPS])
+    sums = validate_then_train(runner.model, train, val, steps, ts.lr, ts.weight_decay)
     state = runner.model.state_dict()
     values = {k: state[k].detach().numpy() for k in branch_keys(runner.model)}
-    return _reply(message, runner, **{Key.STATS: _arrays(values | {WEIGHT: np.array([len(train)], np.int64)})})
+    counts = {WEIGHT: np.array([len(train)], np.int64), "sums": sums}
+    return _reply(message, runner, **{Key.STATS: _arrays(values | counts)})
 
 
 @app.evaluate(MessageKind.action(MessageKind.FROZEN))

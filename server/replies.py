@@ -60,9 +60,12 @@ class TrainingSites:
         config: dict[str, Any],
         arrays: ArrayRecord | None = None,
         stats: ArrayRecord | None = None,
+        *,
+        partial: bool = False,
     ) -> dict[str, dict[str, np.ndarray]]:
         """site -> its reply's stats arrays; failed, malformed or withheld (``privacy.statistics``) replies are
-        reported and left out."""
+        reported and left out. ``partial``: a reply carrying several statistics keeps those not withheld (the
+        caller checks which arrays it got), so one statistic under k does not drop the others."""
         instruction = ConfigRecord({Field.VERSION: PROTOCOL_VERSION, Field.CONFIG_DIGEST: self.config_digest, **config})
         content = RecordDict(
             {Key.CONFIG: instruction}
@@ -87,6 +90,6 @@ class TrainingSites:
             held = withheld(content, kind, site)
             for exc in held.values():
                 self.problem(f"{kind}: {exc}")
-            if not held:
+            if partial or not held:
                 out[site] = arrays
         return out

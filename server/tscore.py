@@ -1,9 +1,10 @@
 """The T-score branch refit as FedAvg over the branch's weights (:mod:`strnet.tscore`), with pooled validation.
 
-Each round the server sends the current branch; every training site with reference T-scores runs the same
-full-batch steps centralized training runs, and the branch is averaged weighted by those sites' T-score cases.
-Validation error is pooled from additive sums. The first request carries the whole kept model (the sites cache
-the frozen branch inputs); later ones carry the branch only (~14 k numbers).
+Each round the server sends the current branch; every training site replies its validation sums for that
+branch and, if it has reference T-scores, the branch after the same full-batch steps centralized training runs;
+the branch is averaged weighted by those sites' T-score cases. Validation error is pooled from additive sums,
+and only the last round's branch needs a validation message of its own. The first request carries the whole
+kept model (the sites cache the frozen branch inputs); later ones carry the branch only (~14 k numbers).
 """
 
 from __future__ import annotations
@@ -44,17 +45,21 @@ def pooled_tscore_refit(sites: TrainingSites, arrays: ArrayRecord) -> tuple[Arra
         state = model.state_dict()
         return ArrayRecord({k: Array(state[k].detach().cpu().numpy()) for k in keys})
 
-    def validation(_: torch.nn.Module) -> np.ndarray:
-        replies = sites.ask(MessageKind.TSCORE_VAL, config, branch())
-        sums = [np.asarray(v.get("sums")) for v in replies.values()]
+    def pooled(replies: dict[str, dict[str, Any]], what: str) -> np.ndarray:
+        sums = [np.asarray(v.pop("sums", ())) for v in replies.values()]
         good = [s for s in sums if s.shape == (len(SUM_KEYS),) and np.isfinite(s).all()]
         if len(good) < cfg.federation.quorum:
-            raise QuorumError(f"T-score refit validation: {len(good)} usable site(s)")
+            raise QuorumError(f"T-score refit {what}: {len(good)} usable site(s)")
         return np.sum(good, axis=0)
 
-    def train(_: torch.nn.Module, steps: int) -> None:
+    def validation(_: torch.nn.Module) -> np.ndarray:
+        return pooled(sites.ask(MessageKind.TSCORE_VAL, config, branch()), "validation")
+
+    def step(_: torch.nn.Module, steps: int) -> np.ndarray:
+        """Every site's validation sums of the sent branch and its branch after ``steps`` steps, in one exchange."""
         step_config = config | {Field.STEPS: steps}
-        replies = sites.ask(MessageKind.TSCORE_TRAIN, step_config, branch())
+        replies = sites.ask(MessageKind.TSCORE_TRAIN, step_config, branch(), partial=True)
+        sums = pooled(replies, "validation")
         states, weights = [], []
         for site, values in replies.items():
             n = float(np.asarray(values.pop(WEIGHT, [0]))[0])
@@ -69,9 +74,10 @@ def pooled_tscore_refit(sites: TrainingSites, arrays: ArrayRecord) -> tuple[Arra
             raise QuorumError("T-score refit: no site with T-scores replied")
         averaged = weighted_average(states, weights)
         model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in averaged.items()}, strict=False)
+        return sums
 
     try:
-        info = refit(model, train, validation, rounds=ts.rounds, steps_per_round=ts.steps_per_round)
+        info = refit(model, step, validation, rounds=ts.rounds, steps_per_round=ts.steps_per_round)
     except QuorumError as exc:
         problem(f"T-score branch not refitted: {exc}")
         return arrays, {"status": f"failed: {exc}"}

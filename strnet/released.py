@@ -232,6 +232,15 @@ REGISTRY: tuple[Statistic, ...] = (
     ),
     Statistic(
         MessageKind.TSCORE_TRAIN,
+        "tscore_val",
+        "T-score validation sums",
+        "(n, Σ err², Σ |err|) of the sent T-score branch, before the site's steps on it",
+        {"sums": SUMS},
+        "the validation knees with a reference T-score",
+        _first("sums"),
+    ),
+    Statistic(
+        MessageKind.TSCORE_TRAIN,
         "tscore_train",
         "T-score branch",
         "the T-score branch (~14 k weights) after a few full-batch steps, and its case count",

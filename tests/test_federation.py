@@ -265,6 +265,10 @@ def test_federated_run_in_process(scenario, tmp_path: Path) -> None:
     tscore_msgs = [msg for _, msg in grid.sent if msg.metadata.message_type.startswith("query.tscore")]
     sizes = [len(msg.content[Key.ARRAYS]) for msg in tscore_msgs]
     assert sizes[0] == len(bundle.model.state_dict()) and max(sizes[3:]) < sizes[0] / 2
+    # one exchange per refit round (validation of the sent branch rides with its training), one to validate the last
+    kinds_sent = [msg.metadata.message_type for msg in tscore_msgs]
+    assert kinds_sent == ["query.tscore_train"] * 2 * cfg.tscore.rounds + ["query.tscore_val"] * 2
+    assert len(refit["val_mse_history"]) == cfg.tscore.rounds + 1
     sent_kinds = {kind for _, kind in grid.kinds()}
     assert {"query.ood_moments", "query.ood_distances"} <= sent_kinds
     calibrating = [msg for _, msg in grid.sent if msg.metadata.message_type == "query.calibration"]

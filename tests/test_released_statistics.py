@@ -21,7 +21,7 @@ from simulations.inprocess import InProcessGrid
 from strnet import metrics as M
 from strnet.calibration import PlattStats
 from strnet.errors import ConfigError, SiteError, StrnetError
-from strnet.protocol import MessageKind, decode_splits, decode_validation, encode, encode_splits
+from strnet.protocol import WEIGHT, MessageKind, decode_splits, decode_validation, encode, encode_splits
 from strnet.released import (
     REGISTRY,
     StatisticsLedger,
@@ -145,6 +145,21 @@ def test_statistics_over_fewer_than_k_cases_are_withheld_and_pooled_as_nothing()
     assert decoded.severity_hist.sum() == 0 and decoded.hist.sum() == counts["test"].hist.sum()
     text = withheld_problem(MessageKind.FROZEN, "test.screening", 10)
     assert text == "test-split evaluation withheld (fewer than k=10 cases)"
+
+
+def test_a_tscore_round_withholds_its_validation_sums_and_its_branch_separately() -> None:
+    """One refit exchange carries two statistics over different cases: each meets k on its own count."""
+    branch = {"t_fusion.0.weight": np.ones((4, 3), np.float32), WEIGHT: np.array([40])}
+    few_val = branch | {"sums": np.array([6.0, 3.2, 4.1])}
+    release = protect(MessageKind.TSCORE_TRAIN, few_val, ON)
+    assert release.withheld == {"tscore_val": 10} and set(release.arrays) == set(branch)
+    few_train = {
+        "t_fusion.0.weight": np.ones((4, 3), np.float32),
+        WEIGHT: np.array([7]),
+        "sums": np.array([30.0, 1, 2]),
+    }
+    release = protect(MessageKind.TSCORE_TRAIN, few_train, ON)
+    assert release.withheld == {"tscore_train": 10} and set(release.arrays) == {"sums"}
 
 
 def test_an_unregistered_statistic_is_refused_when_protection_is_on() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from strnet.model import build_strnet
-from strnet.tscore import BranchData, branch_keys, branch_sums, local_steps, refit
+from strnet.tscore import BranchData, branch_keys, branch_sums, local_steps, refit, validate_then_train
 
 
 def _data(seed: int, n: int, dim: int) -> BranchData:
@@ -23,7 +23,7 @@ def test_refit_lowers_validation_error_and_touches_only_the_branch() -> None:
     train, val = _data(1, 80, 32), _data(2, 40, 32)
     info = refit(
         model,
-        lambda m, steps: local_steps(m, train, steps, 1e-2, 1e-4),
+        lambda m, steps: validate_then_train(m, train, val, steps, 1e-2, 1e-4),
         lambda m: branch_sums(m, val),
         rounds=20,
         steps_per_round=10,
@@ -45,5 +45,43 @@ def test_refit_lowers_validation_error_and_touches_only_the_branch() -> None:
 def test_refit_without_validation_t_scores_is_skipped() -> None:
     model = build_strnet(backbone="tiny", neck_dim=32)
     empty = BranchData(torch.zeros(0, 32), torch.zeros(0, 3), torch.zeros(0))
-    info = refit(model, lambda m, s: None, lambda m: branch_sums(m, empty), rounds=3, steps_per_round=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train = _data(1, 20, 32)
+    info = refit(
+        model,
+        lambda m, s: validate_then_train(m, train, empty, s, 1e-2, 0.0),
+        lambda m: branch_sums(m, empty),
+        rounds=3,
+        steps_per_round=1,
+    )
     assert info["status"].startswith("skipped")
+    after = model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)  # the step the validation rode on is undone
+
+
+def test_fused_rounds_give_the_history_of_separate_validation_and_training() -> None:
+    """Validating round r's branch in round r + 1's training exchange changes the messages, not the numbers."""
+    train, val = _data(1, 60, 32), _data(2, 30, 32)
+    torch.manual_seed(0)
+    model = build_strnet(backbone="tiny", neck_dim=32)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    calls: list[str] = []
+
+    def step(m: torch.nn.Module, steps: int):  # type: ignore[no-untyped-def]
+        calls.append("step")
+        return validate_then_train(m, train, val, steps, 1e-2, 1e-4)
+
+    def validation(m: torch.nn.Module):  # type: ignore[no-untyped-def]
+        calls.append("validation")
+        return branch_sums(m, val)
+
+    info = refit(model, step, validation, rounds=6, steps_per_round=5)
+    assert calls == ["step"] * 6 + ["validation"]  # 7 exchanges, where validate-then-train-separately made 13
+
+    model.load_state_dict(start)  # the plain loop, written out: validate, then train and validate each round
+    history = [branch_sums(model, val)]
+    for _ in range(6):
+        local_steps(model, train, 5, 1e-2, 1e-4)
+        history.append(branch_sums(model, val))
+    mse = [float(h[1] / h[0]) for h in history]
+    assert info["val_mse_history"] == mse and info["kept_round"] == mse.index(min(mse))
