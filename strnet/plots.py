@@ -9,6 +9,7 @@ never has a hole or a crash where a figure should be.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -382,23 +383,93 @@ def run_figures(
     return figs
 
 
-def comparison_plot(table: pd.DataFrame, out: str | Path) -> Path:
-    """Pooled and per-site AUROC/AUPRC of the compared runs, one colour per run."""
+FOREST_PANELS = (
+    ("auroc", "AUROC (95 % CI)"),
+    ("sensitivity", "Sensitivity at τ* (95 % CI)"),
+    ("specificity", "Specificity at τ* (95 % CI)"),
+)
+_RUN_STYLES = (("tab:blue", "o"), ("tab:orange", "s"), ("tab:green", "D"), ("tab:purple", "^"))
 
-    def draw(ax: Axes) -> None:
-        rows = [r for r in table.index if str(r).endswith(("screening_auroc", "screening_auprc"))]
-        if not rows:
-            raise NotComputable("no AUROC/AUPRC in the compared runs")
-        data = table.loc[rows].astype(float)
-        width = 0.8 / max(1, data.shape[1])
-        for i, col in enumerate(data.columns):
-            ax.barh([j + i * width for j in range(len(rows))], data[col].fillna(0).to_numpy(), height=width, label=col)
-        ax.set_yticks(
-            [j + width * (data.shape[1] - 1) / 2 for j in range(len(rows))],
-            [str(r).replace("test_screening_", "pooled ").replace("site.", "") for r in rows],
-            fontsize=7,
-        )
-        ax.set(xlim=(0, 1.05), xlabel="frozen test value", title="Centralized vs federated STR-Net")
-        ax.legend(fontsize=7, loc="lower left")
 
-    return _save(out, "Centralized vs federated STR-Net", draw)
+def forest_figure(forest: pd.DataFrame, caption: str, title: str = "Centralized vs federated STR-Net") -> Figure:
+    """A horizontal forest plot, one row per cohort (pooled, then each site), one marker and 95 % interval per
+    run, one panel per metric (AUROC; sensitivity and specificity at each run's frozen τ*).
+
+    ``forest`` has columns ``run, cohort, metric, value, lo, hi``. Site names sit on the shared y axis, the legend
+    and the caption (which states τ*, never drawn as a score) below the panels, so no label meets another. A
+    point without an interval is not drawn as if it were certain: the row says "no interval" or "undefined"."""
+    runs = list(dict.fromkeys(forest["run"]))
+    cohorts = list(dict.fromkeys(forest["cohort"]))
+    if not runs or not cohorts:
+        raise NotComputable("no runs to compare")
+    k, r = len(cohorts), len(runs)
+    lines = [w for part in caption.split("\n") for w in textwrap.wrap(part, 150)]
+    # three rows of a constrained layout: the legend (outside the data, under the title), the panels, the caption
+    # (τ* in words); each has its own space, so no label can meet another or a point
+    fig = Figure(figsize=(11.0, 1.3 + 0.42 * k * r + 0.16 * len(lines)), dpi=_DPI, layout="constrained")
+    fig.get_layout_engine().set(wspace=0.08)  # type: ignore[union-attr]  # panel 1's "1.0" clear of panel 2's "0.0"
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(3, len(FOREST_PANELS), height_ratios=[0.45, 0.42 * k * r, 0.16 * len(lines) + 0.1])
+    top, bottom = fig.add_subplot(grid[0, :]), fig.add_subplot(grid[2, :])
+    axes = [fig.add_subplot(grid[1, 0])]
+    axes += [fig.add_subplot(grid[1, i], sharey=axes[0]) for i in range(1, len(FOREST_PANELS))]
+    offsets = (np.arange(r) - (r - 1) / 2) * (0.7 / max(r, 1))
+    for ax, (metric, label) in zip(axes, FOREST_PANELS, strict=True):
+        part = forest[forest["metric"] == metric]
+        for i, run in enumerate(runs):
+            colour, marker = _RUN_STYLES[i % len(_RUN_STYLES)]
+            for j, cohort in enumerate(cohorts):
+                row = part[(part["run"] == run) & (part["cohort"] == cohort)]
+                y = j + offsets[i]
+                v, lo, hi = (float(row[c].iloc[0]) if len(row) else np.nan for c in ("value", "lo", "hi"))
+                if np.isfinite(v) and np.isfinite(lo) and np.isfinite(hi):
+                    ax.errorbar(
+                        v, y, xerr=[[max(v - lo, 0.0)], [max(hi - v, 0.0)]], fmt=marker, color=colour, ms=6,
+                        capsize=3, lw=1.5, label=run if j == 0 else None,
+                    )  # fmt: skip
+                else:
+                    why = "undefined (one class)" if not np.isfinite(v) else "no interval"
+                    ax.text(0.02, y, why, va="center", fontsize=7, color=colour, style="italic")
+        if metric == "auroc":
+            ax.axvline(0.5, color="grey", ls=":", lw=1)
+        ax.set_xlim(-0.03, 1.03)  # a point or interval end at 0 or 1 stays visible
+        ax.set_xticks(np.linspace(0.0, 1.0, 6))
+        ax.set_title(label, fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_yticks(range(k), cohorts, fontsize=9)
+        ax.set_ylim(k - 0.5, -0.5)
+        ax.tick_params(axis="x", labelsize=8)
+    handles, labels = [], []
+    for ax in axes:  # a run whose AUROC is undefined everywhere still has a legend entry from another panel
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    if not handles:
+        raise NotComputable("no metric with an interval in the compared runs")
+    for ax in axes[1:]:
+        ax.tick_params(axis="y", labelleft=False)
+    top.set_axis_off()
+    top.set_title(title, fontsize=11)
+    top.legend(handles, labels, loc="center", ncol=min(r, 3), fontsize=8, frameon=False)
+    bottom.set_axis_off()
+    bottom.text(0.5, 1.0, "\n".join(lines), ha="center", va="top", fontsize=8, transform=bottom.transAxes)
+    return fig
+
+
+def comparison_plot(forest: pd.DataFrame, caption: str, out: str | Path) -> Path:
+    """:func:`forest_figure` as a PNG, or a placeholder that says why it is not computable."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig = forest_figure(forest, caption)
+    except NotComputable as exc:
+        reason = exc
+    else:
+        fig.savefig(path, format="png")
+        return path
+    return _save(path, "Centralized vs federated STR-Net", lambda ax: _raise(reason))
+
+
+def _raise(exc: Exception) -> None:
+    raise exc
