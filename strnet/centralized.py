@@ -166,9 +166,11 @@ def run_centralized(
         sites: dict[str, SiteResult] = {}
         test_metrics: dict[str, float] = {}
         test_counts = None
+        subgroups: list[dict[str, Any]] = []
         if not splits["test"].empty:
             ev = _evaluate(frozen, splits["test"], out_dir / "test_report", f"{cfg.name}: frozen test evaluation", cfg)
             test_metrics, test_counts, reports["test_report"] = ev.metrics, ev.counts, ev.out_dir
+            subgroups = ev.subgroups
             for site, part in ev.predictions.groupby("site"):
                 own, _ = frame_metrics(part, tau, n_bins=n_bins, n_boot=n_boot, seed=cfg.seed)
                 sites[str(site)] = SiteResult("train", own)
@@ -201,6 +203,7 @@ def run_centralized(
             best_step=result.best_epoch,
             artifacts=reports,
             privacy=privacy,
+            subgroups=subgroups,
         )
 
 

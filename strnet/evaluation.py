@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from strnet.data.manifest import screening_target, severity_target
 from strnet.engine import autocast_dtype, make_loader, predict_loader, resolve_device
 from strnet.report import QUALITY_NAMES, write_report
 from strnet.scoring import COUNT_METRICS, TASKS, evaluation_metrics
+from strnet.subgroups import subgroup_metrics
 from strnet.sufficient import SIDE_CODES, EvaluationCounts, Predictions
 
 
@@ -37,6 +38,7 @@ class EvaluationResult:
     out_dir: Path
     figures: dict[str, Path]
     report: Path | None
+    subgroups: list[dict[str, Any]] = field(default_factory=list)  # strnet.subgroups rows of the labelled knees
 
 
 def predict_frame(
@@ -160,6 +162,7 @@ def evaluate_bundle(
     threshold = bundle.threshold
     metrics, counts = frame_metrics(pred, threshold, n_bins=n_bins, n_boot=n_boot, seed=seed)
     n_labelled = int((pred["label_cls"] != "").sum())
+    subgroups = subgroup_metrics(pred, threshold, n_boot=n_boot, seed=seed)
     figures = make_figures(pred, threshold, out / "figures")
     notes = []
     if n_labelled == 0:
@@ -187,8 +190,9 @@ def evaluate_bundle(
         notes=notes,
         headline=bundle.metadata.get("headline", ""),
         quality={k: metrics[k] for k in QUALITY_NAMES if k in metrics} if n_labelled else None,
+        subgroups=subgroups,
     )
-    record = {"threshold": threshold, "n": len(pred), "n_labelled": n_labelled, **metrics}
+    record = {"threshold": threshold, "n": len(pred), "n_labelled": n_labelled, **metrics, "subgroups": subgroups}
     (out / "metrics.json").write_text(json.dumps(strict_json(record), indent=2, allow_nan=False))
     return EvaluationResult(
         metrics=metrics,
@@ -198,6 +202,7 @@ def evaluate_bundle(
         out_dir=out,
         figures=figures,
         report=report,
+        subgroups=subgroups,
     )
 
 

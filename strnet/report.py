@@ -56,8 +56,13 @@ THRESHOLD_NAMES: dict[str, str] = {
     "n_pos": "Validation knees with bone loss",
     "n_neg": "Validation knees without bone loss",
     "chosen_on": "Chosen on",
+    "sites": "Sites whose validation knees chose it",
+    "n_cases": "Validation knees it was chosen on",
+    "excluded": "Sites left out of the choice",
     "grid": "Threshold grid (start, end, step)",
+    "statistics_privacy": "Private statistics (privacy.statistics)",
 }
+COUNT_NAMES = ("n", "n_pos", "n_neg", "tp", "fp", "tn", "fn")  # the confusion table's, never a metric row
 
 FIGURE_CAPTIONS: dict[str, str] = {
     "roc": "ROC curve; the red dot is the frozen operating point τ*.",
@@ -65,6 +70,8 @@ FIGURE_CAPTIONS: dict[str, str] = {
     "confusion": "Confusion matrix at τ*; row percentages read as specificity (top) and sensitivity (bottom).",
     "histogram": "Predicted probability by reference class; the dashed line is τ*.",
     "calibration": "Calibration: predicted probability against the observed fraction with bone loss.",
+    "reliability": "Reliability: predicted probability against the observed fraction with bone loss, before and "
+    "after calibration.",
     "tscore": "Estimated against reference T-score over the WHO bands.",
     "bland_altman": "Bland–Altman agreement between estimated and reference T-score.",
 }
@@ -138,11 +145,80 @@ def _prevalence(summary: Mapping[str, Any]) -> float | None:
     return None
 
 
-def _metric_rows(metrics: Mapping[str, Any], names: Mapping[str, str], cis: Mapping[str, Any]) -> list[list[str]]:
-    rows = [[label, fmt(metrics[key]), fmt_ci(cis.get(key))] for key, label in names.items() if key in metrics]
-    extra = [k for k in metrics if k not in names and not isinstance(metrics[k], Mapping | list | tuple)]
-    rows += [[k, fmt(metrics[k]), fmt_ci(cis.get(k))] for k in extra]
-    return rows
+def _readable(key: str) -> str:
+    return str(key).replace("_", " ").capitalize()
+
+
+def _split_rows(
+    metrics: Mapping[str, Any], names: Mapping[str, str], cis: Mapping[str, Any]
+) -> tuple[list[list[str]], list[list[str]]]:
+    """(rows with a 95 % interval, rows without one). A metric whose interval is missing or undefined goes in
+    the plain table rather than beside an 'n/a'; counts are left out (they have their own table)."""
+    with_ci: list[list[str]] = []
+    plain: list[list[str]] = []
+    keys = [k for k in names if k in metrics] + [k for k in metrics if k not in names]
+    for key in keys:
+        value = metrics[key]
+        if key in COUNT_NAMES or isinstance(value, Mapping | list | tuple):
+            continue
+        label, interval = names.get(key, _readable(key)), fmt_ci(cis.get(key))
+        if interval != "n/a" and fmt(value) != "n/a":
+            with_ci.append([label, fmt(value), interval])
+        else:
+            plain.append([label, fmt(value)])
+    return with_ci, plain
+
+
+def _count(value: Any) -> str:
+    """A count as an integer ('46', never '46.000')."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return fmt(value)
+    return str(int(v)) if math.isfinite(v) and v == int(v) else fmt(value)
+
+
+def _confusion_rows(metrics: Mapping[str, Any]) -> list[list[str]]:
+    tp, fp, tn, fn = (metrics.get(k, math.nan) for k in ("tp", "fp", "tn", "fn"))
+    return [
+        ["Bone loss (reference)", _count(tp), _count(fn), _count(metrics.get("n_pos", tp + fn))],
+        ["Normal (reference)", _count(fp), _count(tn), _count(metrics.get("n_neg", fp + tn))],
+        ["Total", _count(tp + fp), _count(fn + tn), _count(metrics.get("n", tp + fp + tn + fn))],
+    ]
+
+
+SUBGROUP_HEADER = [
+    "Subgroup",
+    "Knees (bone loss / normal)",
+    "AUROC (95% CI)",
+    "Sensitivity at τ* (95% CI)",
+    "Specificity at τ* (95% CI)",
+    "Note",
+]
+
+
+def _with_interval(row: Mapping[str, Any], metric: str) -> str:
+    from strnet.subgroups import finite, undefined_reason
+
+    value, lo, hi = (row.get(f"{metric}{t}") for t in ("", "_ci_lo", "_ci_hi"))
+    if not finite(value):
+        return undefined_reason(metric, int(row["n_pos"]), int(row["n_neg"]))
+    if finite(lo) and finite(hi):
+        return f"{fmt(float(value))} ({fmt(float(lo))} – {fmt(float(hi))})"
+    return f"{fmt(float(value))} (interval undefined)"
+
+
+def subgroup_rows(rows: Sequence[Mapping[str, Any]]) -> list[list[str]]:
+    """The report's subgroup table: every subgroup, small ones marked in the note, undefined values named."""
+    return [
+        [
+            f"{r['variable']}: {r['level']}",
+            f"{r['n']} ({r['n_pos']} / {r['n_neg']})",
+            *(_with_interval(r, m) for m in ("auroc", "sensitivity", "specificity")),
+            str(r.get("small") or ""),
+        ]
+        for r in rows
+    ]
 
 
 QUALITY_NAMES = {
@@ -163,6 +239,10 @@ QUALITY_NAMES = {
 }
 
 
+CALIBRATION_KEYS = ("brier", "brier_raw", "ece", "ece_raw")  # screening_* values the calibration section shows
+QUALITY_COUNTS = ("radiograph_n", "bilateral_n_pairs")
+
+
 def _blocks(
     *,
     metrics: Mapping[str, Any],
@@ -175,6 +255,7 @@ def _blocks(
     notes: Sequence[str],
     headline: str = "",
     quality: Mapping[str, Any] | None = None,
+    subgroups: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[_Block]:
     blocks = [_Block("Read first", [headline])] if headline else []
     blocks += [
@@ -218,7 +299,7 @@ def _blocks(
         "threshold, never re-tuned on it. A knee is flagged when its bone-loss probability is ≥ τ*."
     )
     details = [
-        [THRESHOLD_NAMES.get(k, str(k).replace("_", " ")), fmt(v)]
+        [THRESHOLD_NAMES.get(k, _readable(k)), fmt(v)]
         for k, v in threshold_info.items()
         if k not in ("value", "threshold")
     ]
@@ -228,15 +309,34 @@ def _blocks(
 
     screen = _Block("Screening performance (bone loss vs normal) at τ*")
     if metrics:
-        screen.tables.append((["Metric", "Value", "95% CI"], _metric_rows(metrics, SCREENING_NAMES, cis)))
-        screen.paragraphs.append("95% confidence intervals are from a stratified bootstrap over knees.")
+        # ECE and Brier (before and after calibration) are in the calibration section when it is there
+        shown = {k: v for k, v in metrics.items() if not (quality and k in CALIBRATION_KEYS)}
+        with_ci, plain = _split_rows(shown, SCREENING_NAMES, cis)
+        screen.paragraphs.append(
+            "95% confidence intervals are from a stratified bootstrap that resamples whole radiographs (the two "
+            "knees of a film together). Counts of knees at τ* are in the confusion table below."
+        )
+        if with_ci:
+            screen.tables.append((["Metric", "Value", "95% CI"], with_ci))
+        if plain:
+            screen.tables.append((["Measure (no interval computed)", "Value"], plain))
+        if all(k in metrics for k in ("tp", "fp", "tn", "fn")):
+            screen.tables.append((["Knees at τ*", "Flagged (≥ τ*)", "Not flagged", "Total"], _confusion_rows(metrics)))
     else:
         screen.paragraphs.append("Not computable: no labelled knees.")
     blocks.append(screen)
 
     if quality:
         q = _Block("Per radiograph, left-right agreement, mirror stability and calibration")
-        q.tables.append((["Measure", "Value"], [[QUALITY_NAMES.get(k, k), fmt(v)] for k, v in quality.items()]))
+        q.tables.append(
+            (
+                ["Measure", "Value"],
+                [
+                    [QUALITY_NAMES.get(k, _readable(k)), _count(v) if k in QUALITY_COUNTS else fmt(v)]
+                    for k, v in quality.items()
+                ],
+            )
+        )
         q.paragraphs.append(
             "A radiograph's probability is the mean of its knees' (bone loss is systemic). On bilateral films the "
             "two knees should agree; mirror stability is the mean change in probability when a knee is mirrored. "
@@ -246,10 +346,12 @@ def _blocks(
 
     sev = _Block("Severity (osteoporosis vs osteopenia, among knees with bone loss)")
     if severity:
-        sev.tables.append(
-            (["Metric", "Value", "95% CI"], _metric_rows(severity, {"n": "Knees", **SCREENING_NAMES}, {}))
+        rows = [["Knees with bone loss", _count(severity["n"])]] if "n" in severity else []
+        rows += _split_rows(severity, SCREENING_NAMES, {})[1]
+        sev.tables.append((["Measure (no interval computed)", "Value"], rows))
+        sev.paragraphs.append(
+            "Ranking of the osteoporosis probability among knees with bone loss; no intervals computed."
         )
-        sev.paragraphs.append("Threshold 0.5 on the osteoporosis probability; no confidence intervals computed.")
     else:
         sev.paragraphs.append("Not computable: no labelled knees with bone loss.")
     blocks.append(sev)
@@ -257,8 +359,12 @@ def _blocks(
     agree = _Block("T-score agreement")
     if regression:
         reg_cis = {"pearson_r": regression.get("pearson_ci")}
-        reg = {k: v for k, v in regression.items() if k != "pearson_ci"}
-        agree.tables.append((["Measure", "Value", "95% CI"], _metric_rows(reg, REGRESSION_NAMES, reg_cis)))
+        counts = [[REGRESSION_NAMES[k], _count(regression[k])] for k in ("n", "who_n") if k in regression]
+        reg = {k: v for k, v in regression.items() if k not in ("pearson_ci", "n", "who_n")}
+        with_ci, plain = _split_rows(reg, REGRESSION_NAMES, reg_cis)
+        if with_ci:
+            agree.tables.append((["Measure", "Value", "95% CI"], with_ci))
+        agree.tables.append((["Measure (no interval computed)", "Value"], counts + plain))
         agree.paragraphs.append(
             "95% of differences between estimated and reference T-score are expected within the limits of agreement. "
             "The WHO read calls bone loss when the estimate is below −1.0; unlike the screening probability it "
@@ -267,6 +373,17 @@ def _blocks(
     else:
         agree.paragraphs.append("Not computable: fewer than two knees with a reference T-score.")
     blocks.append(agree)
+
+    if subgroups:
+        sub = _Block("Screening by subgroup (sex, age, BMI, source) at τ*")
+        sub.paragraphs.append(
+            "Every subgroup of the labelled knees, at the same frozen τ*. Small subgroups (fewer than 30 knees or "
+            "fewer than 5 of a class) are marked, not hidden: their intervals are wide or undefined, and a metric "
+            "that needs a class the subgroup lacks is shown as undefined. Age bands in years, BMI bands in kg/m²; "
+            "'unknown' where the manifest has no value."
+        )
+        sub.tables.append((SUBGROUP_HEADER, subgroup_rows(subgroups)))
+        blocks.append(sub)
 
     if figures:
         figs = _Block("Figures")
@@ -372,6 +489,7 @@ def write_report(
     notes: list[str],
     headline: str = "",
     quality: dict | None = None,
+    subgroups: list[dict] | None = None,
 ) -> Path:
     """Write ``report.md`` and ``report.html`` into ``out_dir``; returns the HTML path.
 
@@ -391,6 +509,7 @@ def write_report(
         notes=notes or [],
         headline=headline,
         quality=quality or {},
+        subgroups=subgroups or [],
     )
     missing: list[str] = []
     page = _render_html(title, blocks, missing)

@@ -31,6 +31,7 @@ from strnet.cases import data_fingerprint
 from strnet.evaluation import strict_json
 from strnet.model import count_params
 from strnet.scoring import prefixed
+from strnet.subgroups import FEDERATED_NOTE
 from strnet.sufficient import EvaluationCounts
 
 Mode = Literal["centralized", "federated"]
@@ -256,8 +257,12 @@ class Run:
         best_step: int,
         artifacts: dict[str, Path] | None = None,
         privacy: dict[str, Any] | None = None,
+        subgroups: list[dict[str, Any]] | None = None,
     ) -> RunResult:
         """Write every output of a finished run, log it, and end the tracked run as FINISHED.
+
+        ``subgroups`` (:mod:`strnet.subgroups`, the pooled test split's; a centralized run only) go into
+        ``summary.json`` and MLflow's ``subgroups.json``; a federated run says why it has none.
 
         ``privacy`` (DP-SGD runs, :func:`strnet.privacy.run_privacy`): ε per site goes into the bundle, the
         summary, the headline every report opens with, and MLflow."""
@@ -312,6 +317,9 @@ class Run:
             "sites": {name: {"role": s.role, **prefixed(s.metrics, "test")} for name, s in sorted(sites.items())},
             "timings": timings,
             "problems": self.problems,
+            "subgroups": {"cohort": "pooled test split of the training sites", "rows": subgroups}
+            if subgroups is not None
+            else {"cohort": None, "rows": [], "note": FEDERATED_NOTE},
         } | ({"privacy": privacy} if privacy else {})
         summary_path = self.out_dir / "summary.json"
         summary_path.write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False))
@@ -326,6 +334,7 @@ class Run:
                 self.tracker.log_metrics(privacy_metrics(privacy))
             for name, s in sites.items():
                 self.tracker.log_metrics(prefixed(s.metrics, "test", site=name))
+            self.tracker.log_dict(strict_json(summary["subgroups"]), "subgroups.json")
             for path in (summary_path, self.out_dir / "evaluation.csv"):
                 self.tracker.log_artifact(path)
             for path in figures.values():
