@@ -4,7 +4,9 @@
 2. ``flwr run .``: FedAvg over stage1 + stage2, τ* from pooled validation counts, frozen evaluation at every
    site, the hospital as an external site that never trains;
 3. the centralized run on the same sites and roles (one YAML for both modes);
-4. ``strnet compare`` side by side from MLflow, and ``strnet predict`` with Grad-CAM on the hospital's DICOMs.
+4. ``strnet compare`` side by side from MLflow; both bundles registered as MLflow models (``strnet-screening``:
+   the federated one ``@champion``, the centralized one ``@candidate``), and ``strnet predict`` with Grad-CAM on
+   the hospital's DICOMs through ``models:/strnet-screening@champion``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -20,6 +23,8 @@ from simulations.federate import absolute_config, run_federated
 from simulations.scenario import build_synthetic_scenario
 
 ROLES = {"stage1": "train", "stage2": "train", "hospital": "external"}
+MODEL_NAME = "strnet-screening"
+ALIASES = {"federated": "champion", "centralized": "candidate"}
 
 
 def scenario_config(args: argparse.Namespace, manifests: dict[str, Path], out: Path, mode: str) -> Config:
@@ -41,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default=None, help="default: sqlite ./mlflow.db")
     args = parser.parse_args(argv)
 
-    from server.compare import compare
-    from server.tracking import Tracker
+    from server.compare import compare, latest_runs
+    from server.models import register_model, resolve_model_uri
+    from server.tracking import Tracker, resolve_uri
     from strnet.bundle import load_bundle
     from strnet.centralized import run_centralized
     from strnet.predict import predict_files
@@ -75,9 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     print("[4/5] comparison (from MLflow)", flush=True)
     _, _, figure = compare(cen.tracking.uri, cen.tracking.experiment, out / "compare")
     print(f"      {out / 'compare' / 'comparison.txt'}, {figure}")
+    uri = resolve_uri(cen.tracking.uri)
+    newest = latest_runs(uri, cen.tracking.experiment).set_index("tags.mode")["run_id"]
+    for mode, alias in ALIASES.items():
+        version, model_uri = register_model(str(newest[mode]), MODEL_NAME, alias, uri=uri)
+        print(f"      registered the {mode} bundle: {MODEL_NAME} version {version}, {model_uri}")
 
-    print("[5/5] predict with Grad-CAM on the hospital's DICOM files (federated bundle)", flush=True)
-    bundle = load_bundle(Path(fed.output_dir) / "bundle")
+    champion = f"models:/{MODEL_NAME}@{ALIASES['federated']}"
+    print(f"[5/5] predict with Grad-CAM on the hospital's DICOM files ({champion}, the federated bundle)", flush=True)
+    shutil.rmtree(out / "predictions" / "model", ignore_errors=True)  # a previous demo's download
+    bundle = load_bundle(resolve_model_uri(champion, out / "predictions" / "model", uri=uri))
     pred = predict_files(
         bundle, [scenario.site_dirs["hospital"] / "dicom"], gradcam_dir=out / "predictions" / "gradcam"
     )
