@@ -28,7 +28,7 @@ from configs import Config, load_config
 if TYPE_CHECKING:
     import pandas as pd
 
-PARTS = ("preprocess", "training", "predict", "federation")
+PARTS = ("preprocess", "training", "predict", "federation", "transport")
 REPEATS = 3  # timings of the same work; the fastest counts, for the measured figure and its ceiling alike
 # The issue's targets (README, "Performance"): the figure each ratio is held to.
 TARGETS = {
@@ -48,10 +48,13 @@ class Sizes:
     predict_files: int = 256
     gradcam_files: int = 32
     preprocess_images: int = 200
+    transport_seeds: int = 4
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(train_steps=2, paper_steps=1, predict_files=48, gradcam_files=8, preprocess_images=40)
+        return cls(
+            train_steps=2, paper_steps=1, predict_files=48, gradcam_files=8, preprocess_images=40, transport_seeds=1
+        )
 
 
 def hardware() -> dict[str, Any]:
@@ -377,6 +380,52 @@ def bench_federation(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     }
 
 
+def bench_transport(
+    args: argparse.Namespace, workdir: Path, seeds: int, overrides: tuple[str, ...] = (), patients: int = 150
+) -> dict[str, Any]:
+    """The demo's federation in one process with fp16 and with fp32 weights, paired by training seed.
+
+    One pair of runs cannot say what fp16 does to a whole run: the demo's run is chaotic (the same fp16 run
+    through ``flwr run`` and in one process, which differ only in summation order and process layout, ended
+    0.075 apart in pooled test AUROC). Pairs over seeds give the difference's mean and spread beside the
+    spread between seeds of fp32 runs alone, which is the scale any perturbation of the path reaches.
+    """
+    import numpy as np
+
+    from server.federation import run_federated as server_federation
+    from server.tracking import Tracker
+    from simulations.demo import scenario_config
+    from simulations.inprocess import InProcessGrid, stamp_task_identity
+    from simulations.scenario import build_synthetic_scenario
+
+    ns = argparse.Namespace(set=list(overrides), tracking_uri=args.tracking_uri, config="demo")
+    size = scenario_config(ns, {}, workdir, "x").preprocess.size
+    scenario = build_synthetic_scenario(workdir, seed=42, n_patients=patients, image_size=size * 2)
+    pairs = []
+    for seed in range(42, 42 + seeds):
+        pair: dict[str, Any] = {"seed": seed}
+        for transport in ("fp16", "fp32"):
+            ns.set = [*overrides, "train.early_stop_patience=1000", f"seed={seed}", f"federation.transport={transport}"]
+            cfg = scenario_config(ns, scenario.site_manifests, workdir, f"seed{seed}-{transport}")
+            stamp_task_identity()
+            grid = InProcessGrid(len(cfg.federation.sites))
+            server_federation(grid, cfg, tracker=Tracker(uri=cfg.tracking.uri, experiment="strnet-bench"))  # type: ignore[arg-type]
+            summary = json.loads((Path(cfg.output_dir) / "summary.json").read_text())
+            pair[transport] = summary["metrics"]["test_screening_auroc"]
+        pair["difference"] = pair["fp16"] - pair["fp32"]
+        pairs.append(pair)
+        print(f"  seed {seed}: fp16 {pair['fp16']:.4f}, fp32 {pair['fp32']:.4f}", flush=True)
+    diff = np.array([p["difference"] for p in pairs])
+    fp32 = np.array([p["fp32"] for p in pairs])
+    return {
+        "pairs": pairs,
+        "mean_difference": float(diff.mean()),
+        "mean_abs_difference": float(np.abs(diff).mean()),
+        "sd_difference": float(diff.std(ddof=1)) if len(diff) > 1 else math.nan,
+        "sd_fp32_between_seeds": float(fp32.std(ddof=1)) if len(fp32) > 1 else math.nan,
+    }
+
+
 def _roundtrip_auroc_change(run_dir: Path, scenario: Any) -> float:
     """Pooled test AUROC of one finished model with its weights sent through fp16 and back, minus as kept: what
     the wire's precision does to a model, apart from the different path training takes on rounded weights."""
@@ -467,6 +516,14 @@ def table(result: dict[str, Any]) -> str:
             f"| pooled test AUROC, whole run fp16 − fp32 transport | {f['fp16_minus_fp32_test_auroc']:+.4f} | — | — | "
             "within 0.005 |"
         )
+    t = result.get("transport")
+    if t:
+        n = len(t["pairs"])
+        lines.append(
+            f"| pooled test AUROC, whole run fp16 − fp32, in one process, {n} seed(s): mean (SD) | "
+            f"{t['mean_difference']:+.4f} ({t['sd_difference']:.4f}) | SD between seeds, fp32 alone: "
+            f"{t['sd_fp32_between_seeds']:.4f} | — | within 0.005 |"
+        )
     return "\n".join(lines)
 
 
@@ -512,6 +569,9 @@ def run(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
     if "federation" in parts:
         print("federation (three demo runs) ...", flush=True)
         result["federation"] = bench_federation(args, work / "federation")
+    if "transport" in parts:
+        print(f"transport (fp16 and fp32 federations in one process, {sizes.transport_seeds} seed(s)) ...", flush=True)
+        result["transport"] = bench_transport(args, work / "transport", sizes.transport_seeds)
     result["seconds"] = time.perf_counter() - start
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     text = table(result)

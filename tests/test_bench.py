@@ -4,6 +4,7 @@ Speed itself is never asserted here (timed tests are flaky on shared CPUs); the 
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -52,6 +53,25 @@ def test_cli_writes_json_and_table(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert "321 radiographs/s" in (tmp_path / "bench.md").read_text()
     with pytest.raises(SystemExit):
         bench.main(["--only", "nonsense", "--out", str(tmp_path)])
+
+
+def test_transport_figure_pairs_fp16_and_fp32_runs_by_seed(tmp_path: Path) -> None:
+    import numpy as np
+
+    small = ("model.backbone=tiny", "preprocess.size=32", "train.precision=fp32", "federation.rounds=1")
+    small += ("tscore.rounds=1", "train.batch_size=8", "train.channels_last=false", "evaluate.bootstrap=50")
+    small += (f"data.cache_dir={tmp_path / 'cache'}",)
+    args = argparse.Namespace(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    row = bench.bench_transport(args, tmp_path, seeds=2, overrides=small, patients=20)
+    assert [p["seed"] for p in row["pairs"]] == [42, 43]
+    for seed in (42, 43):
+        for transport in ("fp16", "fp32"):
+            bundle = json.loads((tmp_path / f"seed{seed}-{transport}" / "bundle" / "metadata.json").read_text())
+            assert bundle["training"]["transport"]["dtype"] == transport
+    diff = [p["fp16"] - p["fp32"] for p in row["pairs"]]
+    assert row["mean_difference"] == pytest.approx(np.mean(diff))
+    assert row["sd_fp32_between_seeds"] == pytest.approx(np.std([p["fp32"] for p in row["pairs"]], ddof=1))
+    assert "2 seed(s)" in bench.table({"transport": row})
 
 
 def test_real_preprocessing_throughput_is_measured() -> None:
