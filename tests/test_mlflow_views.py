@@ -190,3 +190,20 @@ def test_registry_errors_name_the_problem(runs: dict, tmp_path: Path, capsys) ->
     code = cli_main(["predict", "--model", "models:/t@candidate", str(tmp_path), "--out", out, "--tracking-uri", uri])
     err = capsys.readouterr().err
     assert code == 2 and "SHA-256 mismatch" in err and "0" * 64 in err
+
+
+def test_subgroups_reach_summary_and_mlflow_and_a_federation_says_why_it_has_none(runs: dict) -> None:
+    cen, fed = runs["cen"], runs["fed"]
+    cen_summary = json.loads((cen.bundle_dir.parent / "summary.json").read_text())
+    fed_summary = json.loads((fed.bundle_dir.parent / "summary.json").read_text())
+    rows = cen_summary["subgroups"]["rows"]
+    assert {r["variable"] for r in rows} == {"sex", "age band", "BMI band", "source"}
+    n_test = int(cen.metrics["test_screening_n"])
+    assert sum(r["n"] for r in rows if r["variable"] == "sex") == n_test
+    assert all(r["small"] for r in rows)  # a 16-patient test split: every subgroup is small, and says so
+    assert fed_summary["subgroups"]["rows"] == [] and "federation" in fed_summary["subgroups"]["note"]
+    mlflow.set_tracking_uri(runs["uri"])
+    logged = mlflow.artifacts.load_dict(f"runs:/{cen.run_id}/subgroups.json")
+    assert logged["rows"] == rows
+    report = (cen.bundle_dir.parent / "test_report" / "report.md").read_text(encoding="utf-8")
+    assert "Screening by subgroup" in report and "small: n &lt; 30" in report
