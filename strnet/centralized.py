@@ -120,6 +120,7 @@ def run_centralized(
                 device,
                 rounds=ts.rounds,
                 steps_per_round=ts.steps_per_round,
+                patience=ts.patience,
                 lr=ts.lr,
                 weight_decay=ts.weight_decay,
             )

@@ -112,8 +112,10 @@ def refit(
     *,
     rounds: int,
     steps_per_round: int,
+    patience: int = 0,
 ) -> dict[str, Any]:
-    """``rounds`` rounds of ``steps_per_round`` steps; keep the round with the lowest pooled validation error.
+    """``rounds`` rounds of ``steps_per_round`` steps; keep the round with the lowest pooled validation error,
+    stopping after ``patience`` rounds without a lower one (0: never).
 
     ``step(model, steps)`` returns the validation sums (:data:`SUM_KEYS`) of the branch *as it received it*,
     then trains it: one exchange per round in a federation, where validating the previous round's branch rides
@@ -140,11 +142,15 @@ def refit(
         history.append(float(mse))
         if mse < best[0]:
             best = (mse, r, sent)
+        elif patience and r - best[1] >= patience:
+            break  # the round just trained is discarded: the best snapshot is restored below
     model.load_state_dict(best[2], strict=False)
     return {
         "status": "refitted",
         "kept_round": best[1],
         "steps_per_round": steps_per_round,
+        "rounds_run": len(history) - 1,
+        "patience": patience,
         "val_mse_before": history[0],
         "val_mse": float(best[0]),
         "n_val": int(first[0]),
@@ -171,6 +177,7 @@ def refit_centralized(
     *,
     rounds: int = 60,
     steps_per_round: int = 25,
+    patience: int = 0,
     lr: float = 1e-3,
     weight_decay: float = 1e-4,
 ) -> dict[str, Any]:
@@ -185,6 +192,7 @@ def refit_centralized(
         lambda m: branch_sums(m, val),
         rounds=rounds,
         steps_per_round=steps_per_round,
+        patience=patience,
     )
     model.to(device)
     return info | {"n_train": len(train)}

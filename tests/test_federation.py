@@ -266,9 +266,15 @@ def test_federated_run_in_process(scenario, tmp_path: Path) -> None:
     sizes = [len(msg.content[Key.ARRAYS]) for msg in tscore_msgs]
     assert sizes[0] == len(bundle.model.state_dict()) and max(sizes[3:]) < sizes[0] / 2
     # one exchange per refit round (validation of the sent branch rides with its training), one to validate the last
+    # (stopped by tscore.patience: the last round's training exchange carried its validation, nothing follows)
     kinds_sent = [msg.metadata.message_type for msg in tscore_msgs]
-    assert kinds_sent == ["query.tscore_train"] * 2 * cfg.tscore.rounds + ["query.tscore_val"] * 2
-    assert len(refit["val_mse_history"]) == cfg.tscore.rounds + 1
+    run = refit["rounds_run"]
+    assert len(refit["val_mse_history"]) == run + 1 and run - refit["kept_round"] <= cfg.tscore.patience
+    if run == cfg.tscore.rounds:
+        assert kinds_sent == ["query.tscore_train"] * 2 * run + ["query.tscore_val"] * 2
+    else:
+        assert run - refit["kept_round"] == cfg.tscore.patience
+        assert kinds_sent == ["query.tscore_train"] * 2 * (run + 1)
     sent_kinds = {kind for _, kind in grid.kinds()}
     assert {"query.ood_moments", "query.ood_distances"} <= sent_kinds
     calibrating = [msg for _, msg in grid.sent if msg.metadata.message_type == "query.calibration"]

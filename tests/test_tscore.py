@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from strnet.model import build_strnet
@@ -57,6 +58,26 @@ def test_refit_without_validation_t_scores_is_skipped() -> None:
     assert info["status"].startswith("skipped")
     after = model.state_dict()
     assert all(torch.equal(after[k], before[k]) for k in before)  # the step the validation rode on is undone
+
+
+def test_patience_stops_the_refit_where_the_full_run_had_no_better_round() -> None:
+    train, val = _data(1, 60, 32), _data(3, 30, 32)
+    torch.manual_seed(0)
+    model = build_strnet(backbone="tiny", neck_dim=32)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def step(m: torch.nn.Module, steps: int):  # type: ignore[no-untyped-def]
+        return validate_then_train(m, train, val, steps, 5e-2, 0.0)  # a large step: it overfits and stalls
+
+    full = refit(model, step, lambda m: branch_sums(m, val), rounds=40, steps_per_round=20)
+    model.load_state_dict(start)
+    early = refit(model, step, lambda m: branch_sums(m, val), rounds=40, steps_per_round=20, patience=3)
+    h = full["val_mse_history"]
+    stop = next(r for r in range(1, len(h)) if r - min(range(r + 1), key=h.__getitem__) >= 3)
+    assert early["rounds_run"] == stop < full["rounds_run"]  # the fixture has to stall, or this tests nothing
+    assert early["val_mse_history"] == h[: stop + 1]
+    assert early["kept_round"] == min(range(stop + 1), key=h.__getitem__)
+    assert branch_sums(model, val)[1] / branch_sums(model, val)[0] == pytest.approx(early["val_mse"])
 
 
 def test_fused_rounds_give_the_history_of_separate_validation_and_training() -> None:
