@@ -25,6 +25,7 @@ from server.ood import pooled_ood
 from server.pooled import QuorumError, pool, pooled_threshold, weighted_average
 from server.replies import TrainingSites
 from server.strategy import build_strategy
+from server.subgroups import FEDERATED_NOTE, federated_subgroups
 from server.tscore import pooled_tscore_refit
 from strnet.calibration import Platt
 from strnet.engine import RecipeSchedule, seed_everything
@@ -156,7 +157,7 @@ def run_federated(
         )
         tau = float(threshold["value"])
         ood = pooled_ood(sites, kept) if cfg.ood.enabled else None
-        frozen = frozen_evaluation(grid, cfg, nodes, kept, tau, platt, digest, run.problem, ledger)
+        frozen, withheld = frozen_evaluation(grid, cfg, nodes, kept, tau, platt, digest, run.problem, ledger)
         if cfg.privacy.statistics.enabled:  # beside τ*, which it chose: summary.json and the bundle
             threshold["statistics_privacy"] = ledger.report()
             if run.tracker is not None and cfg.privacy.statistics.noised:
@@ -174,6 +175,15 @@ def run_federated(
 
         # usable: noised histograms (privacy.statistics) clipped once, after pooling; the identity on exact counts
         val_counts, test_counts = usable(pooled("val")), usable(pooled("test"))
+        # the pooled test split by sex, age band, BMI band and site, from the per-level histograms the sites sent
+        subgroups = federated_subgroups(
+            {s: c["test"] for s, c in frozen.items() if roles[s] == "train" and "test" in c},
+            withheld,
+            tau,
+            min_cases=cfg.privacy.statistics.min_cases,
+            n_boot=cfg.evaluate.bootstrap,
+            seed=cfg.seed,
+        )
         dp = cfg.privacy.dp
         training: dict[str, Any] = {
             "rounds_run": strategy.rounds_run,
@@ -204,4 +214,6 @@ def run_federated(
             test_counts=test_counts,
             best_step=strategy.best_round,
             privacy=run_privacy(dp, site_reports_from_history(dp, run.history)) if dp.enabled else None,
+            subgroups=subgroups,
+            subgroups_note=FEDERATED_NOTE,
         )

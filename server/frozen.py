@@ -29,11 +29,13 @@ def frozen_evaluation(
     config_digest: str,
     problem: Callable[[str], None],
     ledger: StatisticsLedger | None = None,
-) -> dict[str, dict[str, EvaluationCounts]]:
-    """site -> split (``test``: its evaluation cohort; ``val``: a training site's validation split) -> counts.
+) -> tuple[dict[str, dict[str, EvaluationCounts]], dict[str, set[str]]]:
+    """site -> split (``test``: its evaluation cohort; ``val``: a training site's validation split) -> counts, and
+    site -> the ids (``<split>.<statistic>``) of the statistics it withheld.
 
-    Under ``privacy.statistics`` a statistic a site withheld counts as zeros (named in the problems) and the
-    counts at τ* are read off the noised histograms; ``ledger`` counts the noised releases."""
+    Under ``privacy.statistics`` a statistic a site withheld counts as zeros (named in the problems; the ids let
+    the subgroup table say "withheld" instead of reading those zeros as data) and the counts at τ* are read off
+    the noised histograms; ``ledger`` counts the noised releases."""
     policy = cfg.privacy.statistics
     n_bins = cfg.threshold.histogram_bins
     instruction = ConfigRecord(
@@ -48,6 +50,7 @@ def frozen_evaluation(
     record = RecordDict({Key.ARRAYS: arrays, Key.CONFIG: instruction})
     messages = [Message(content=record, message_type=MessageKind.FROZEN, dst_node_id=n) for n in sorted(nodes)]
     out: dict[str, dict[str, EvaluationCounts]] = {}
+    held_by: dict[str, set[str]] = {}
     for msg in send_and_receive(grid, messages, timeout=cfg.federation.round_timeout):
         node = msg.metadata.src_node_id
         site = nodes[node].site if node in nodes else f"<unknown node {node}>"
@@ -60,6 +63,7 @@ def frozen_evaluation(
                 if ledger is not None:
                     ledger.record(site, MessageKind.FROZEN, arrays_in)
                 held = withheld(content, MessageKind.FROZEN, site)
+                held_by[site] = set(held)
                 for exc in held.values():
                     problem(f"frozen evaluation: {exc}")
                 empty = EvaluationCounts.empty(n_bins).arrays()
@@ -67,4 +71,4 @@ def frozen_evaluation(
             out[site] = decode_splits(site, arrays_in, n_bins=n_bins, noised=policy.noised)
         except SiteError as exc:
             problem(f"frozen evaluation: {exc}")
-    return out
+    return out, {site: ids for site, ids in held_by.items() if site in out}

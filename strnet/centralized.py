@@ -40,6 +40,7 @@ from strnet.evaluation import EvaluationResult, evaluate_bundle, frame_metrics
 from strnet.ood import fit_ood
 from strnet.privacy import run_privacy
 from strnet.run import Run, RunResult, SiteResult, Tracker, headline, manifest_datasets, recipe
+from strnet.subgroups import CENTRALIZED_NOTE
 from strnet.sufficient import ValidationCounts
 from strnet.tscore import DP_OFF, refit_centralized
 
@@ -205,6 +206,7 @@ def run_centralized(
             artifacts=reports,
             privacy=privacy,
             subgroups=subgroups,
+            subgroups_note=CENTRALIZED_NOTE,
         )
 
 

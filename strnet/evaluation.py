@@ -25,7 +25,7 @@ from strnet.data.manifest import screening_target, severity_target
 from strnet.engine import autocast_dtype, make_loader, predict_loader, resolve_device
 from strnet.report import QUALITY_NAMES, write_report
 from strnet.scoring import COUNT_METRICS, TASKS, evaluation_metrics
-from strnet.subgroups import subgroup_metrics
+from strnet.subgroups import level_codes, subgroup_metrics
 from strnet.sufficient import SIDE_CODES, EvaluationCounts, Predictions
 
 
@@ -101,6 +101,7 @@ def predictions_from_frame(pred: pd.DataFrame) -> Predictions:
     return extra | {
         "film": np.asarray(film, np.int64),
         "side": side,
+        "subgroup": level_codes(pred.reset_index(drop=True)),
         "y_screen": label.map(screening_target).to_numpy(float),
         "prob_screen": pred["prob_bone_loss"].to_numpy(float),
         "prob_screen_raw": pred["prob_bone_loss_uncalibrated"].to_numpy(float),

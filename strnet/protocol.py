@@ -29,7 +29,7 @@ from strnet.calibration import PlattStats
 from strnet.errors import SiteError
 from strnet.sufficient import EvaluationCounts, ValidationCounts
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4  # 4: the frozen evaluation carries per-subgroup histograms
 
 
 class MessageKind:
@@ -155,8 +155,7 @@ def decode_evaluation(
     site: str, arrays: Mapping[str, np.ndarray], *, n_bins: int, noised: bool = False
 ) -> EvaluationCounts:
     """Evaluation counts from a reply, checked; ``noised``: histograms under ``privacy.statistics`` noise."""
-    names = tuple(f.name for f in fields(EvaluationCounts))
-    stats = EvaluationCounts(**_arrays(site, arrays, names))
+    stats = EvaluationCounts.from_arrays(_arrays(site, arrays, EvaluationCounts.wire_names()))
     try:
         stats.check(n_bins=n_bins, noised=noised)
     except ValueError as exc:

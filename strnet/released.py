@@ -23,10 +23,13 @@ Protection, off by default (the pooled τ* is then exactly the concatenated coho
   the other histograms are sent exactly, under k only.
 * **ε**: one case (a knee) moves one count of a per-class histogram, so each noised histogram is the Gaussian
   mechanism with L2 sensitivity 1 (√2 for the per-radiograph histogram, where a knee moves its film's mean from
-  one bin to another). The server composes every noised histogram it receives from a site over the whole run —
-  each round's validation counts, the calibrated ones, both splits of the frozen evaluation — with Opacus's RDP
-  accountant (:class:`StatisticsLedger`) and reports the largest ε over sites. Conservative: releases over
-  disjoint splits are composed as if they were the same cases. A patient with both knees counts twice.
+  one bin to another). The subgroup histograms of one variable (sex, age band, BMI band: one per level, each
+  withheld under k on its own) are over disjoint knees, so a knee moves one count among all of them: together
+  they are one release of sensitivity 1 per split. The server composes every noised histogram it receives from a
+  site over the whole run — each round's validation counts, the calibrated ones, both splits of the frozen
+  evaluation — with Opacus's RDP accountant (:class:`StatisticsLedger`) and reports the largest ε over sites.
+  Conservative: releases over disjoint splits are composed as if they were the same cases. A patient with both
+  knees counts twice.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ import numpy as np
 from strnet import metrics as M
 from strnet.data.manifest import WHO_NORMAL_MIN
 from strnet.protocol import WEIGHT, Key, MessageKind
-from strnet.sufficient import EvaluationCounts, usable_quad
+from strnet.subgroups import SUBGROUP_LEVELS
+from strnet.sufficient import SUBGROUP_ARRAYS, EvaluationCounts, usable_quad
 
 WITHHELD = "withheld"  # MetricRecord of a reply: statistic id -> the k it fell short of
 
@@ -124,12 +128,38 @@ class Statistic:
     noised: Mapping[str, float] = field(default_factory=dict)
     derived: Mapping[str, str] = field(default_factory=dict)
     protection: str = "withheld under k"
+    # statistics sharing a non-empty name are over disjoint cases (the levels of one subgroup variable): a knee
+    # moves one count of one of them, so together they are one Gaussian release of sensitivity 1 (the ledger)
+    disjoint: str = ""
 
     def ident(self, split: str = "") -> str:
         return f"{split}.{self.key}" if self.per_split else self.key
 
     def describe(self, split: str = "") -> str:
         return self.label.format(split=split)
+
+
+def _subgroup_statistics() -> tuple[Statistic, ...]:
+    """One statistic per level of :data:`strnet.subgroups.SUBGROUP_LEVELS`, each with its own case count, so a
+    level over fewer than k knees is withheld on its own and the others still go."""
+    return tuple(
+        Statistic(
+            MessageKind.FROZEN,
+            name,
+            f"{{split}}-split subgroup {variable} {level}",
+            f"score histogram per class of the knees whose {variable} is {level} (fixed levels; source: the "
+            "server reads each site's split as one source)",
+            {name: HISTOGRAM},
+            f"the split's labelled knees whose {variable} is {level}",
+            _total(name),
+            per_split=True,
+            noised={name: 1.0},
+            protection="withheld under k (per level); histogram noised (one release per variable: its levels "
+            "are disjoint)",
+            disjoint=variable,
+        )
+        for (variable, level), name in zip(SUBGROUP_LEVELS, SUBGROUP_ARRAYS, strict=True)
+    )
 
 
 _WEIGHTS_NOTE = "not withheld (that would drop the site from FedAvg); privacy.dp (DP-SGD) bounds what they reveal"
@@ -336,6 +366,7 @@ REGISTRY: tuple[Statistic, ...] = (
         _first("mirror_sums"),
         per_split=True,
     ),
+    *_subgroup_statistics(),
 )
 
 
@@ -493,7 +524,8 @@ def usable(counts: EvaluationCounts) -> EvaluationCounts:
 
     Post-processing of the sum (the noise stays unbiased through pooling, clipping happens once); the identity on
     exact counts."""
-    hists = {n: np.clip(getattr(counts, n), 0, None) for n in ("hist", "raw_hist", "severity_hist", "film_hist")}
+    names = ("hist", "raw_hist", "severity_hist", "film_hist", "subgroup_hist")
+    hists = {n: np.clip(getattr(counts, n), 0, None) for n in names}
     quads = {
         n: np.array([int(v) for v in usable_quad(*getattr(counts, n))], np.int64)
         for n in ("at_threshold", "film_at_threshold", "tscore_who")
@@ -537,11 +569,17 @@ class StatisticsLedger:
         if not self.policy.noised:
             return
         stats = statistics_of(message)
-        noised = {n: sens for s in stats for n, sens in s.noised.items()}
+        noised = {n: (sens, s.disjoint) for s in stats for n, sens in s.noised.items()}
+        seen: set[tuple[str, str]] = set()  # (split, disjoint group) already counted in this reply
         for full in arrays:
-            name = full.partition(".")[2] if stats and stats[0].per_split else full
+            split, name = full.partition(".")[::2] if stats and stats[0].per_split else ("", full)
             if name in noised:
-                multiplier = self.policy.noise_multiplier / noised[name]
+                sensitivity, group_name = noised[name]
+                if group_name:
+                    if (split, group_name) in seen:
+                        continue
+                    seen.add((split, group_name))
+                multiplier = self.policy.noise_multiplier / sensitivity
                 counts = self.releases.setdefault(site, {})
                 counts[multiplier] = counts.get(multiplier, 0) + 1
 

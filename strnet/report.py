@@ -187,6 +187,7 @@ def _confusion_rows(metrics: Mapping[str, Any]) -> list[list[str]]:
     ]
 
 
+RADIOGRAPH_BOOTSTRAP = "a stratified bootstrap that resamples whole radiographs (the two knees of a film together)"
 SUBGROUP_HEADER = [
     "Subgroup",
     "Knees (bone loss / normal)",
@@ -209,16 +210,23 @@ def _with_interval(row: Mapping[str, Any], metric: str) -> str:
 
 
 def subgroup_rows(rows: Sequence[Mapping[str, Any]]) -> list[list[str]]:
-    """The report's subgroup table: every subgroup, small ones marked in the note, undefined values named."""
-    return [
-        [
-            f"{r['variable']}: {r['level']}",
-            f"{r['n']} ({r['n_pos']} / {r['n_neg']})",
-            *(_with_interval(r, m) for m in ("auroc", "sensitivity", "specificity")),
-            str(r.get("small") or ""),
-        ]
-        for r in rows
-    ]
+    """The report's subgroup table: every subgroup, small ones marked in the note, undefined values named, and
+    (federated) a level withheld under k shown as withheld, never as numbers."""
+    out = []
+    for r in rows:
+        note = "; ".join(str(t) for t in (r.get("small"), r.get("withheld")) if t)
+        if r.get("n") is None:
+            out.append([f"{r['variable']}: {r['level']}", *(["withheld"] * 4), note])
+            continue
+        out.append(
+            [
+                f"{r['variable']}: {r['level']}",
+                f"{r['n']} ({r['n_pos']} / {r['n_neg']})",
+                *(_with_interval(r, m) for m in ("auroc", "sensitivity", "specificity")),
+                note,
+            ]
+        )
+    return out
 
 
 QUALITY_NAMES = {
@@ -256,6 +264,8 @@ def _blocks(
     headline: str = "",
     quality: Mapping[str, Any] | None = None,
     subgroups: Sequence[Mapping[str, Any]] | None = None,
+    interval_method: str = RADIOGRAPH_BOOTSTRAP,
+    subgroup_note: str = "",
 ) -> list[_Block]:
     blocks = [_Block("Read first", [headline])] if headline else []
     blocks += [
@@ -313,8 +323,8 @@ def _blocks(
         shown = {k: v for k, v in metrics.items() if not (quality and k in CALIBRATION_KEYS)}
         with_ci, plain = _split_rows(shown, SCREENING_NAMES, cis)
         screen.paragraphs.append(
-            "95% confidence intervals are from a stratified bootstrap that resamples whole radiographs (the two "
-            "knees of a film together). Counts of knees at τ* are in the confusion table below."
+            f"95% confidence intervals are from {interval_method}. Counts of knees at τ* are in the confusion "
+            "table below."
         )
         if with_ci:
             screen.tables.append((["Metric", "Value", "95% CI"], with_ci))
@@ -382,6 +392,8 @@ def _blocks(
             "that needs a class the subgroup lacks is shown as undefined. Age bands in years, BMI bands in kg/m²; "
             "'unknown' where the manifest has no value."
         )
+        if subgroup_note:
+            sub.paragraphs.append(subgroup_note[:1].upper() + subgroup_note[1:] + ".")
         sub.tables.append((SUBGROUP_HEADER, subgroup_rows(subgroups)))
         blocks.append(sub)
 
@@ -490,6 +502,8 @@ def write_report(
     headline: str = "",
     quality: dict | None = None,
     subgroups: list[dict] | None = None,
+    interval_method: str = RADIOGRAPH_BOOTSTRAP,
+    subgroup_note: str = "",
 ) -> Path:
     """Write ``report.md`` and ``report.html`` into ``out_dir``; returns the HTML path.
 
@@ -510,6 +524,8 @@ def write_report(
         headline=headline,
         quality=quality or {},
         subgroups=subgroups or [],
+        interval_method=interval_method,
+        subgroup_note=subgroup_note,
     )
     missing: list[str] = []
     page = _render_html(title, blocks, missing)

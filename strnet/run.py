@@ -28,10 +28,10 @@ from strnet import metrics as M
 from strnet import plots
 from strnet.bundle import save_bundle
 from strnet.cases import data_fingerprint
-from strnet.evaluation import strict_json
+from strnet.evaluation import report_sections, strict_json
 from strnet.model import count_params
+from strnet.report import QUALITY_NAMES, write_report
 from strnet.scoring import prefixed
-from strnet.subgroups import FEDERATED_NOTE
 from strnet.sufficient import EvaluationCounts
 
 Mode = Literal["centralized", "federated"]
@@ -258,11 +258,14 @@ class Run:
         artifacts: dict[str, Path] | None = None,
         privacy: dict[str, Any] | None = None,
         subgroups: list[dict[str, Any]] | None = None,
+        subgroups_note: str = "",
     ) -> RunResult:
         """Write every output of a finished run, log it, and end the tracked run as FINISHED.
 
-        ``subgroups`` (:mod:`strnet.subgroups`, the pooled test split's; a centralized run only) go into
-        ``summary.json`` and MLflow's ``subgroups.json``; a federated run says why it has none.
+        ``subgroups`` (the pooled test split's rows, same keys in both modes: :mod:`strnet.subgroups` from
+        per-knee predictions, ``server/subgroups.py`` from the sites' histograms) and ``subgroups_note`` (how they
+        were computed) go into ``summary.json`` and MLflow's ``subgroups.json``. A federated run's report of the
+        pooled test split (``test_report/``: a centralized run's evaluation wrote its own) shows them too.
 
         ``privacy`` (DP-SGD runs, :func:`strnet.privacy.run_privacy`): ε per site goes into the bundle, the
         summary, the headline every report opens with, and MLflow."""
@@ -306,6 +309,11 @@ class Run:
             {"val": val_counts, "test": test_counts},
             float(threshold["value"]),
         )
+        artifacts = dict(artifacts or {})
+        if self.mode == "federated":
+            artifacts["test_report"] = self._pooled_report(
+                test, threshold, first_line, figures, subgroups or [], subgroups_note
+            )
         summary = {
             "mode": self.mode,
             "headline": first_line,
@@ -317,9 +325,11 @@ class Run:
             "sites": {name: {"role": s.role, **prefixed(s.metrics, "test")} for name, s in sorted(sites.items())},
             "timings": timings,
             "problems": self.problems,
-            "subgroups": {"cohort": "pooled test split of the training sites", "rows": subgroups}
-            if subgroups is not None
-            else {"cohort": None, "rows": [], "note": FEDERATED_NOTE},
+            "subgroups": {
+                "cohort": "pooled test split of the training sites",
+                "rows": subgroups or [],
+                "note": subgroups_note,
+            },
         } | ({"privacy": privacy} if privacy else {})
         summary_path = self.out_dir / "summary.json"
         summary_path.write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False))
@@ -346,7 +356,7 @@ class Run:
                 self.tracker.log_model(bundle_dir, {"mode": self.mode, "preset": self.cfg.name, "weights_sha256": sha})
             except Exception as exc:  # every output is written: a tracking extra must not fail the run
                 self.problem(f"the bundle was not logged as an MLflow model ({type(exc).__name__}: {exc})")
-            for name, path in (artifacts or {}).items():
+            for name, path in artifacts.items():
                 self.tracker.log_artifact(path, name)
             if self.problems:
                 self.tracker.log_dict({"problems": self.problems}, "problems.json")
@@ -363,6 +373,40 @@ class Run:
             run_id=self.run_id,
             headline=summary["headline"],
         )
+
+    def _pooled_report(
+        self,
+        test: dict[str, float],
+        threshold: dict[str, Any],
+        first_line: str,
+        figures: dict[str, Path],
+        subgroups: list[dict[str, Any]],
+        subgroups_note: str,
+    ) -> Path:
+        """``test_report/report.{md,html}`` of a federation's pooled test split: the same one-page report a
+        centralized evaluation writes, from the pooled metrics (the server holds no prediction to draw from)."""
+        out = self.out_dir / "test_report"
+        labelled = bool(test.get("screening_n"))
+        sections = report_sections(test) if labelled else {}
+        write_report(
+            out,
+            title=f"{self.cfg.name}: federated frozen test evaluation (pooled over the training sites' test splits)",
+            metrics=sections.get("screening", {}),
+            cis=sections.get("cis", {}),
+            threshold_info=threshold,
+            figures={k: v for k, v in figures.items() if k.startswith("test_")},
+            severity=sections.get("severity") if test.get("severity_n") else None,
+            regression=sections.get("t_score") if test.get("t_score_n", 0) >= 2 else None,
+            dataset_summary={"labelled knees (pooled test splits)": int(test.get("screening_n", 0))},
+            notes=[],
+            headline=first_line,
+            quality={k: test[k] for k in QUALITY_NAMES if k in test} if labelled else None,
+            subgroups=subgroups,
+            interval_method="a stratified bootstrap of the pooled histogram counts (the server holds no per-knee "
+            "score, so it cannot resample radiographs)",
+            subgroup_note=subgroups_note,
+        )
+        return out
 
 
 def privacy_metrics(privacy: dict[str, Any]) -> dict[str, float]:

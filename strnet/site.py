@@ -45,7 +45,7 @@ from strnet.errors import DataError
 from strnet.losses import MultiTaskLoss
 from strnet.ood import FeatureGaussian, FeatureMoments, site_distance_histogram, site_moments
 from strnet.privacy import PrivateTraining, steps_per_epoch
-from strnet.sufficient import EvaluationCounts, ValidationCounts, with_films
+from strnet.sufficient import EvaluationCounts, ValidationCounts, with_films, with_subgroups
 
 ROLES = ("train", "external")
 
@@ -143,7 +143,7 @@ class SiteRunner:
             test_time_mirror=self.cfg.model.test_time_mirror,
             with_mirror=with_mirror,
         )
-        return with_films(preds, df)
+        return with_subgroups(with_films(preds, df), df)
 
     # ------------------------------------------------------------------------------------------------ tasks
 

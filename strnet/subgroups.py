@@ -7,8 +7,9 @@ intervals), so the table never suggests that a group was checked when it was not
 
 Computed from per-knee predictions (a centralized run's evaluations, ``strnet evaluate`` at a site) with the
 metric and bootstrap functions of :mod:`strnet.metrics`; the interval resamples whole radiographs, like the
-pooled one. A federation's server holds no per-knee prediction and no site sends subgroup counts, so a
-federated run has no subgroup table (``summary.json`` says so).
+pooled one. A federation's server holds no per-knee prediction: each site releases, per split it evaluates, a
+per-class score histogram for every level of :data:`LEVELS` (fixed vocabularies, so no array's shape depends
+on the data), and ``server/subgroups.py`` builds the same table from their sums (source: one row per site).
 """
 
 from __future__ import annotations
@@ -28,9 +29,8 @@ METRICS = ("auroc", "sensitivity", "specificity")
 UNKNOWN = "unknown"
 AGE_BANDS = ((50.0, "< 50"), (65.0, "50–64"), (75.0, "65–74"), (math.inf, "≥ 75"))
 BMI_BANDS = ((18.5, "< 18.5"), (25.0, "18.5–24.9"), (30.0, "25–29.9"), (math.inf, "≥ 30"))
-FEDERATED_NOTE = (
-    "not computed in a federation: the server holds no per-knee prediction and sites send no subgroup counts; "
-    "`strnet evaluate` at a site writes its own subgroup table"
+CENTRALIZED_NOTE = (
+    "from per-knee predictions: AUROC exact; 95% intervals from a stratified bootstrap over whole radiographs"
 )
 
 
@@ -57,10 +57,38 @@ VARIABLES: dict[str, tuple[str, Callable[[Any], str]]] = {
 }
 
 
+# The levels a federated site histograms (``source`` is not among them: a site's whole split is its source).
+# Fixed, and the same labels the per-knee table uses, so both modes' rows line up level by level.
+LEVELS: dict[str, tuple[str, ...]] = {
+    "sex": ("female", "male", UNKNOWN),
+    "age band": (*(name for _, name in AGE_BANDS), UNKNOWN),
+    "BMI band": (*(name for _, name in BMI_BANDS), UNKNOWN),
+}
+SUBGROUP_LEVELS: tuple[tuple[str, str], ...] = tuple((v, level) for v, levels in LEVELS.items() for level in levels)
+_VARIABLE_SLUGS = {"sex": "sex", "age band": "age", "BMI band": "bmi"}
+
+
+def level_slug(variable: str, level: str) -> str:
+    """An ASCII name for a level (``sex_female``, ``age_50_to_64``, ``bmi_ge30``): wire arrays and statistic ids."""
+    text = level.replace("≥", "ge").replace("<", "lt").replace("–", "_to_").replace(".", "_").replace(" ", "")
+    return f"{_VARIABLE_SLUGS[variable]}_{text.lower()}"
+
+
+def level_codes(frame: pd.DataFrame) -> np.ndarray:
+    """(rows, len(LEVELS)) int64: each row's level of every :data:`LEVELS` variable, as an index into its
+    vocabulary (a missing column reads as unknown). What a site histograms; the rows themselves stay there."""
+    out = np.empty((len(frame), len(LEVELS)), np.int64)
+    for j, (variable, vocabulary) in enumerate(LEVELS.items()):
+        column, level_of = VARIABLES[variable]
+        values = frame[column] if column in frame else pd.Series([None] * len(frame), index=frame.index)
+        out[:, j] = [vocabulary.index(level_of(v)) for v in values]
+    return out
+
+
 def subgroup_metrics(pred: pd.DataFrame, threshold: float, *, n_boot: int, seed: int) -> list[dict[str, Any]]:
     """One row per (variable, level) of the labelled knees of a :func:`strnet.evaluation.predict_frame` table:
     knees, bone-loss and normal knees, AUROC/sensitivity/specificity at ``threshold`` with their 95 % intervals
-    (NaN where undefined: one class only), and ``small`` with the reason."""
+    (NaN where undefined: one class only), ``small`` with the reason, and ``withheld`` (always '' here)."""
     labelled = pred[pred["label_cls"].astype(str) != ""]
     if labelled.empty:
         return []
@@ -85,6 +113,7 @@ def subgroup_metrics(pred: pd.DataFrame, threshold: float, *, n_boot: int, seed:
             for k in METRICS:
                 row |= {k: float(m[k]), f"{k}_ci_lo": float(cis[k][0]), f"{k}_ci_hi": float(cis[k][1])}
             row["small"] = small_reason(row["n"], row["n_pos"], row["n_neg"])
+            row["withheld"] = ""  # a federated row names the sites that withheld it (server/subgroups.py)
             rows.append(row)
     return rows
 
@@ -121,7 +150,7 @@ def undefined_reason(metric: str, n_pos: int, n_neg: int) -> str:
 def as_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["variable", "level", "n", "n_pos", "n_neg"] + [
         c for k in METRICS for c in (k, f"{k}_ci_lo", f"{k}_ci_hi")
-    ] + ["small"])  # fmt: skip
+    ] + ["small", "withheld"])  # fmt: skip
 
 
 def finite(value: Any) -> bool:

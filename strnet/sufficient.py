@@ -17,6 +17,7 @@ import pandas as pd
 
 from strnet import metrics as M
 from strnet.data.manifest import WHO_NORMAL_MIN
+from strnet.subgroups import LEVELS, SUBGROUP_LEVELS, level_codes, level_slug
 
 Predictions = dict[str, np.ndarray]  # engine.predict_loader's output: y_screen, prob_screen, ..., NaN = unknown
 
@@ -145,6 +146,13 @@ def with_films(preds: Predictions, frame: pd.DataFrame) -> Predictions:
     return dict(preds) | {"film": np.asarray(film, np.int64)[order], "side": side[order]}
 
 
+def with_subgroups(preds: Predictions, frame: pd.DataFrame) -> Predictions:
+    """Attach each case's subgroup levels (``subgroup``: (cases, 3) indices into :data:`strnet.subgroups.LEVELS`)
+    so a site can histogram its scores per level; the levels, like the scores, never leave it."""
+    order = np.asarray(preds["index"], np.int64)
+    return dict(preds) | {"subgroup": level_codes(frame.reset_index(drop=True))[order]}
+
+
 def knee_films(preds: Predictions) -> np.ndarray | None:
     """The radiograph of each labelled knee (the bootstrap's resampling unit), or None when films are unknown."""
     if "film" not in preds:
@@ -202,6 +210,26 @@ def _confusion(y: np.ndarray, p: np.ndarray, threshold: float) -> np.ndarray:
     )
 
 
+SUBGROUP_ARRAYS: tuple[str, ...] = tuple(f"subgroup_{level_slug(v, level)}" for v, level in SUBGROUP_LEVELS)
+
+
+def subgroup_histograms(preds: Predictions, n_bins: int) -> np.ndarray:
+    """Per-class screening histogram of every :data:`strnet.subgroups.SUBGROUP_LEVELS` level (labelled cases);
+    without ``subgroup`` codes (:func:`with_subgroups`) every case's levels are unknown."""
+    y, p = screening_cases(preds)
+    known = ~np.isnan(preds["y_screen"])
+    if "subgroup" in preds:
+        codes = np.asarray(preds["subgroup"], np.int64)[known]
+    else:
+        codes = np.tile(np.array([len(v) - 1 for v in LEVELS.values()], np.int64), (len(y), 1))
+    out = []
+    for j, vocabulary in enumerate(LEVELS.values()):
+        for i in range(len(vocabulary)):
+            keep = codes[:, j] == i
+            out.append(score_histogram(y[keep], p[keep], n_bins))
+    return np.stack(out).astype(np.int64)
+
+
 @dataclass
 class EvaluationCounts(Additive):
     """A frozen evaluation at τ*: everything the reported metrics need, per knee and per radiograph."""
@@ -220,6 +248,9 @@ class EvaluationCounts(Additive):
     mirror_sums: np.ndarray  # (3,) float64: knees, flag changes at τ*, Σ |P − P_mirror|  (all zero: not measured)
     tscore_hist: np.ndarray  # (2, M.TSCORE_BINS) int64 the T-score estimate per screening class (T-score cohort)
     tscore_who: np.ndarray  # (4,) int64: tp, fp, tn, fn of the WHO read (estimate < -1.0 = bone loss)
+    # (len(SUBGROUP_LEVELS), 2, n_bins) int64: the screening histogram of each sex / age-band / BMI-band level. On
+    # the wire one array per level (SUBGROUP_ARRAYS), so privacy.statistics withholds a level under k on its own.
+    subgroup_hist: np.ndarray
 
     @classmethod
     def from_predictions(cls, preds: Predictions, *, threshold: float, n_bins: int) -> EvaluationCounts:
@@ -238,6 +269,7 @@ class EvaluationCounts(Additive):
         ty, t_pred = tscore_screening_cases(preds)
         who = _confusion(ty, (t_pred < WHO_NORMAL_MIN).astype(np.float64), 0.5)
         return cls(
+            subgroup_hist=subgroup_histograms(preds, n_bins),
             hist=score_histogram(y, p, n_bins),
             at_threshold=_confusion(y, p, threshold),
             brier_sum=np.array([float(((p - y) ** 2).sum())], np.float64),
@@ -262,6 +294,7 @@ class EvaluationCounts(Additive):
         z = np.zeros((2, n_bins), np.int64)
         b = BILATERAL_BINS
         return cls(
+            subgroup_hist=np.zeros((len(SUBGROUP_LEVELS), 2, n_bins), np.int64),
             hist=z,
             at_threshold=np.zeros(4, np.int64),
             brier_sum=np.zeros(1),
@@ -278,6 +311,22 @@ class EvaluationCounts(Additive):
             tscore_who=np.zeros(4, np.int64),
         )
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Field name -> array as they travel: ``subgroup_hist`` as one (2, n_bins) array per level."""
+        out = {k: v for k, v in super().arrays().items() if k != "subgroup_hist"}
+        return out | {name: np.asarray(self.subgroup_hist[i]) for i, name in enumerate(SUBGROUP_ARRAYS)}
+
+    @classmethod
+    def wire_names(cls) -> tuple[str, ...]:
+        """Every array name of :meth:`arrays` (what a frozen-evaluation reply carries per split)."""
+        return tuple(f.name for f in fields(cls) if f.name != "subgroup_hist") + SUBGROUP_ARRAYS
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> EvaluationCounts:
+        """The inverse of :meth:`arrays` (exactly :meth:`wire_names`, checked by the caller)."""
+        own = {k: v for k, v in arrays.items() if k not in SUBGROUP_ARRAYS}
+        return cls(**own, subgroup_hist=np.stack([np.asarray(arrays[n]) for n in SUBGROUP_ARRAYS]))
+
     def check(self, *, n_bins: int, noised: bool = False) -> None:
         """Shapes, dtypes, and counts that agree with their histograms; ``noised`` (``privacy.statistics``): the
         per-class histograms carry independent unclipped noise (counts may be negative, and the calibrated and raw
@@ -286,6 +335,12 @@ class EvaluationCounts(Additive):
             _check_counts(name, getattr(self, name), (2, n_bins), signed=noised)
         _check_counts("bilateral_hist", self.bilateral_hist, (BILATERAL_BINS, BILATERAL_BINS))
         _check_counts("tscore_hist", self.tscore_hist, (2, M.TSCORE_BINS), signed=noised)
+        _check_counts("subgroup_hist", self.subgroup_hist, (len(SUBGROUP_LEVELS), 2, n_bins), signed=noised)
+        if not noised:  # a variable's levels split the knees (a level withheld under k counts as zeros)
+            for variable in LEVELS:
+                rows = [i for i, (v, _) in enumerate(SUBGROUP_LEVELS) if v == variable]
+                if (self.subgroup_hist[rows].sum(axis=(0, 2)) > self.hist.sum(axis=1)).any():
+                    raise ValueError(f"subgroup histograms of {variable} count more knees than hist")
         for name, hist in (
             ("at_threshold", self.hist),
             ("film_at_threshold", self.film_hist),

@@ -4,6 +4,7 @@ federated runs driven through a Grid stand-in that delivers Messages to the real
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import mlflow
@@ -15,11 +16,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import roc_auc_score
 
+import server.federation
 from configs.schema import FederationConfig, ThresholdConfig, load_config
 from server.app import config_from_run_config
 from server.federation import run_federated
+from server.frozen import frozen_evaluation
 from server.pooled import QuorumError, weighted_average
 from server.strategy import SiteFedAvg, build_strategy
+from server.subgroups import federated_subgroups
 from server.tracking import Tracker
 from simulations.inprocess import InProcessGrid
 from simulations.scenario import build_synthetic_scenario
@@ -30,9 +34,11 @@ from strnet.data.cache import PreprocessCache
 from strnet.data.manifest import read_manifest
 from strnet.engine import RecipeSchedule, TrainParams
 from strnet.errors import ConfigError, DataError
-from strnet.evaluation import predict_frame
+from strnet.evaluation import predict_frame, strict_json
 from strnet.protocol import PROTOCOL_VERSION, Field, Key, MessageKind, encode
+from strnet.subgroups import subgroup_metrics
 from strnet.sufficient import ValidationCounts
+from tests.test_subgroups import auroc_tolerance, level_mask
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 TH = ThresholdConfig()
@@ -200,10 +206,34 @@ def _overrides(scenario, out: Path) -> list[str]:
     ]
 
 
-def test_federated_run_in_process(scenario, tmp_path: Path) -> None:
+def _same_subgroups(federated: list[dict], central: list[dict], labelled: pd.DataFrame) -> None:
+    """Federated rows (as summary.json writes them: undefined = null) against the per-knee ones, level by level."""
+    assert [(r["variable"], r["level"]) for r in federated] == [(r["variable"], r["level"]) for r in central]
+    y_all = (labelled["label_cls"] != "normal").to_numpy(int)
+    for f, c in zip(federated, central, strict=True):
+        assert set(f) == set(c) and f["withheld"] == ""
+        assert (f["n"], f["n_pos"], f["n_neg"], f["small"]) == (c["n"], c["n_pos"], c["n_neg"], c["small"]), f
+        for m in ("sensitivity", "specificity"):
+            assert (f[m] is None and math.isnan(c[m])) or f[m] == pytest.approx(c[m], abs=1e-12), (f, m)
+        mask = level_mask(labelled, f["variable"], f["level"])
+        y, p = y_all[mask], labelled["prob_bone_loss"].to_numpy()[mask]
+        if f["auroc"] is None:
+            assert math.isnan(c["auroc"])
+        else:
+            assert abs(f["auroc"] - c["auroc"]) <= auroc_tolerance(y, p, BINS), f
+
+
+def test_federated_run_in_process(scenario, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     overrides = _overrides(scenario, tmp_path)
     cfg = config_from_run_config({"config": "demo", "overrides": " ".join(f"'{o}'" for o in overrides)})
     assert cfg == load_config("demo", overrides)
+    sent_to_the_server: list = []  # what the frozen evaluation decoded from the sites' replies
+
+    def keep(*args, **kwargs):  # type: ignore[no-untyped-def]
+        sent_to_the_server.append(frozen_evaluation(*args, **kwargs))
+        return sent_to_the_server[-1]
+
+    monkeypatch.setattr(server.federation, "frozen_evaluation", keep)
     grid = InProcessGrid(3)
     result = run_federated(grid, cfg, tracker=Tracker(uri=cfg.tracking.uri, experiment="fed-test"))  # type: ignore[arg-type]
 
@@ -292,6 +322,26 @@ def test_federated_run_in_process(scenario, tmp_path: Path) -> None:
     assert lo <= result.metrics["test_screening_auroc"] <= hi  # pooled intervals from the histogram bootstrap
     assert list(result.table["site"])[-1].startswith("pooled")
 
+    # subgroups from the per-level histograms the sites released == the per-knee table of the same frozen model on
+    # the concatenated knees (source = the site): counts and sensitivity/specificity at τ* exactly, AUROC within
+    # half the share of bone-loss/normal pairs sharing one of the 1000 bins. The run's own table (test split, in
+    # summary.json), and the same code on the val-split histograms the sites sent in that run (more knees)
+    summary = json.loads((Path(cfg.output_dir) / "summary.json").read_text())
+    federated = summary["subgroups"]["rows"]
+    per_site, withheld = sent_to_the_server[0]
+    val_rows = federated_subgroups(
+        {s: c["val"] for s, c in per_site.items() if s != "stage2"}, withheld, bundle.threshold,
+        split="val", min_cases=10, n_boot=0, seed=0,
+    )  # fmt: skip
+    for split, rows in (("test", federated), ("val", strict_json(val_rows))):
+        named = zip(("stage1", "hospital"), frames, strict=True)
+        knees = pd.concat([f[f["split"] == split].assign(source=s) for s, f in named], ignore_index=True)
+        labelled = predict_frame(bundle, knees, cache=cache, precision="fp32").query("label_cls != ''")
+        _same_subgroups(rows, subgroup_metrics(labelled, bundle.threshold, n_boot=0, seed=0), labelled)
+    assert {r["variable"] for r in federated} == {"sex", "age band", "BMI band", "source"}
+    report = (Path(cfg.output_dir) / "test_report" / "report.md").read_text(encoding="utf-8")
+    assert "Screening by subgroup" in report and "source: stage1" in report
+
     # MLflow: one federated run with the shared metric names
     mlflow.set_tracking_uri(cfg.tracking.uri)
     run = MlflowClient().get_run(result.run_id)
@@ -300,6 +350,9 @@ def test_federated_run_in_process(scenario, tmp_path: Path) -> None:
     assert run.data.metrics["tau_star"] == bundle.threshold
     assert "test_screening_sensitivity" in run.data.metrics
     assert "site.stage2.test_screening_specificity" in run.data.metrics
+    logged = mlflow.artifacts.load_dict(f"runs:/{result.run_id}/subgroups.json")
+    assert logged["rows"] == federated and "histograms" in logged["note"]
+    assert "test_report" in {a.path for a in MlflowClient().list_artifacts(result.run_id)}
     history = MlflowClient().get_metric_history(result.run_id, "history/val_screening_auprc")
     assert sorted(m.step for m in history) == [1, 2]
     best = max(history, key=lambda m: (m.value, -m.step))  # the kept model: best pooled val AUPRC, earliest on ties

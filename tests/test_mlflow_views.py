@@ -192,7 +192,7 @@ def test_registry_errors_name_the_problem(runs: dict, tmp_path: Path, capsys) ->
     assert code == 2 and "SHA-256 mismatch" in err and "0" * 64 in err
 
 
-def test_subgroups_reach_summary_and_mlflow_and_a_federation_says_why_it_has_none(runs: dict) -> None:
+def test_subgroups_reach_summary_mlflow_and_the_report_in_both_modes_with_the_same_keys(runs: dict) -> None:
     cen, fed = runs["cen"], runs["fed"]
     cen_summary = json.loads((cen.bundle_dir.parent / "summary.json").read_text())
     fed_summary = json.loads((fed.bundle_dir.parent / "summary.json").read_text())
@@ -201,9 +201,19 @@ def test_subgroups_reach_summary_and_mlflow_and_a_federation_says_why_it_has_non
     n_test = int(cen.metrics["test_screening_n"])
     assert sum(r["n"] for r in rows if r["variable"] == "sex") == n_test
     assert all(r["small"] for r in rows)  # a 16-patient test split: every subgroup is small, and says so
-    assert fed_summary["subgroups"]["rows"] == [] and "federation" in fed_summary["subgroups"]["note"]
+    # the federation's table, from the sites' per-level histograms: the same keys, every variable, one source per
+    # training site, every knee of the pooled test split in one level of each variable
+    fed_rows = fed_summary["subgroups"]["rows"]
+    assert set(fed_summary["subgroups"]) == set(cen_summary["subgroups"])
+    assert {tuple(sorted(r)) for r in fed_rows} == {tuple(sorted(rows[0]))}
+    assert {r["variable"] for r in fed_rows} == {"sex", "age band", "BMI band", "source"}
+    assert [r["level"] for r in fed_rows if r["variable"] == "source"] == ["stage1", "stage2"]
+    for variable in ("sex", "age band", "BMI band", "source"):
+        assert sum(r["n"] for r in fed_rows if r["variable"] == variable) == fed.metrics["test_screening_n"]
     mlflow.set_tracking_uri(runs["uri"])
-    logged = mlflow.artifacts.load_dict(f"runs:/{cen.run_id}/subgroups.json")
-    assert logged["rows"] == rows
-    report = (cen.bundle_dir.parent / "test_report" / "report.md").read_text(encoding="utf-8")
-    assert "Screening by subgroup" in report and "small: n &lt; 30" in report
+    for run, expected in ((cen, rows), (fed, fed_rows)):
+        logged = mlflow.artifacts.load_dict(f"runs:/{run.run_id}/subgroups.json")
+        assert logged["rows"] == expected
+    for run in (cen, fed):
+        report = (run.bundle_dir.parent / "test_report" / "report.md").read_text(encoding="utf-8")
+        assert "Screening by subgroup" in report and "small: n &lt; 30" in report

@@ -54,7 +54,7 @@ def _validation(y: np.ndarray, p: np.ndarray, th: ThresholdConfig) -> Validation
 def test_the_registry_lists_every_field_a_site_computes_exactly_once() -> None:
     for message, names in (
         (MessageKind.VAL_STATS, [f.name for f in fields(ValidationCounts)]),
-        (MessageKind.FROZEN, [f.name for f in fields(EvaluationCounts)]),
+        (MessageKind.FROZEN, list(EvaluationCounts.empty(10).arrays())),  # subgroup_hist: one array per level
         (MessageKind.CALIBRATE, [f.name for f in fields(PlattStats)]),
     ):
         listed = [n for s in statistics_of(message) for n in s.arrays]
@@ -228,14 +228,16 @@ def test_the_runs_epsilon_is_a_fresh_accountants_over_every_release() -> None:
     fresh = RDPAccountant()
     fresh.history = [(5.0, 1.0, 7)]
     assert ledger.epsilon("a") == pytest.approx(fresh.get_epsilon(1e-5), rel=1e-12)
-    # a frozen evaluation: four histograms of sensitivity 1 and the per-radiograph one of sensitivity √2, per split
+    # a frozen evaluation, per split: four histograms of sensitivity 1, the per-radiograph one of sensitivity √2, and
+    # one release per subgroup variable (sex, age band, BMI band: its levels are disjoint knees, 13 arrays in all)
     names = encode_splits({"test": EvaluationCounts.empty(100), "val": EvaluationCounts.empty(100)})
+    assert sum(".subgroup_" in n for n in names) == 2 * 13
     ledger.record("a", MessageKind.FROZEN, names)
     fresh = RDPAccountant()
-    fresh.history = [(5.0, 1.0, 15), (5.0 / math.sqrt(2), 1.0, 2)]
+    fresh.history = [(5.0, 1.0, 7 + 2 * (4 + 3)), (5.0 / math.sqrt(2), 1.0, 2)]
     assert ledger.epsilon("a") == pytest.approx(fresh.get_epsilon(1e-5), rel=1e-12)
     report = ledger.report()
-    assert report["epsilon"] == ledger.epsilon("a") and report["sites"]["a"]["releases"] == 17
+    assert report["epsilon"] == ledger.epsilon("a") and report["sites"]["a"]["releases"] == 23
     restored = StatisticsLedger(policy)
     restored.load_state_dict(json.loads(json.dumps(ledger.state_dict())))  # a checkpoint round trip
     assert restored.epsilon("a") == ledger.epsilon("a")
@@ -290,6 +292,20 @@ def test_a_protected_run_names_what_was_withheld_and_reports_epsilon(
     assert withheld, result.problems
     assert all(re.search(r"site '(stage1|hospital|stage2)': ", p) for p in withheld)
     assert summary["problems"] == result.problems
+    # a subgroup level a training site withheld from its test split (its source row: the whole split) is named in
+    # the subgroup table, and only those
+    held = {
+        (m[1], m[2] or f"source {m[1]}")
+        for p in result.problems
+        if (m := re.search(r"site '(stage1|hospital)': test-split (?:subgroup (.+)|evaluation) withheld \(fewer", p))
+    }
+    named = {
+        (site, f"{r['variable']} {r['level']}")
+        for r in summary["subgroups"]["rows"]
+        if r["withheld"]
+        for site in re.findall(r"stage1|hospital", r["withheld"])
+    }
+    assert held and named == held
 
     # every validation statistic withheld: the quorum fails, and says why
     strict = _config(tmp_path / "strict", "privacy.statistics.min_cases=100000")

@@ -1,5 +1,6 @@
-"""Subgroup screening metrics against scikit-learn, small subgroups marked, and a report whose metric tables hold
-metrics with intervals only (counts in the confusion table, no 'n/a' interval)."""
+"""Subgroup screening metrics against scikit-learn, small subgroups marked, the federated table from released
+per-level histograms against the per-knee one (levels under k withheld and shown so), and a report whose metric
+tables hold metrics with intervals only (counts in the confusion table, no 'n/a' interval)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,14 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from server.subgroups import federated_subgroups
+from strnet import metrics as M
 from strnet.evaluation import frame_metrics, report_sections
-from strnet.report import QUALITY_NAMES, write_report
-from strnet.subgroups import subgroup_metrics
+from strnet.protocol import MessageKind, decode_splits, encode_splits
+from strnet.released import StatisticsPrivacy, protect, restore_evaluation
+from strnet.report import QUALITY_NAMES, subgroup_rows, write_report
+from strnet.subgroups import VARIABLES, subgroup_metrics
+from strnet.sufficient import EvaluationCounts
 
 TAU = 0.5
 RAW_KEYS = {"n", "n_pos", "n_neg", "tp", "fp", "tn", "fn", "threshold", "brier_raw", "ece", "ece_raw", "n_cases"}
@@ -78,6 +84,79 @@ def test_subgroup_metrics_match_sklearn_and_mark_small_groups(pred: pd.DataFrame
     assert [lvl for v, lvl in by if v == "age band"] == ["< 50", "50–64", "65–74", "≥ 75", "unknown"]
     # a large, two-class subgroup is not marked
     assert by[("source", "kaggle")]["small"] == ""
+
+
+def auroc_tolerance(y: np.ndarray, p: np.ndarray, n_bins: int) -> float:
+    """How far a histogram AUROC can be from the per-knee one: a bone-loss/normal pair in different bins is
+    ordered the same by both, a pair sharing a bin counts 1/2 there and 0, 1/2 or 1 per knee — so at most half
+    the share of pairs that share a bin."""
+    h = M.score_histogram(y, p, n_bins).astype(float)
+    return 0.5 * float((h[0] * h[1]).sum()) / max(float(h[0].sum() * h[1].sum()), 1.0) + 1e-12
+
+
+def level_mask(pred: pd.DataFrame, variable: str, level: str) -> np.ndarray:
+    column, level_of = VARIABLES[variable]
+    return (pred[column].map(level_of) == level).to_numpy()
+
+
+def test_federated_subgroups_from_released_histograms_match_per_knee_and_name_what_was_withheld(
+    pred: pd.DataFrame,
+) -> None:
+    """Two sites (the fixture's sources) release their per-level histograms under k = 12: the pooled rows equal
+    subgroup_metrics on the concatenated knees (counts exactly, AUROC within the binning bound); a level some
+    site withheld is pooled without it and names it; one withheld wherever it has knees has no numbers."""
+    tau, bins, k = 0.5, 100, 12
+    policy = StatisticsPrivacy(enabled=True, min_cases=k)
+    sites = {str(s): part.assign(site=str(s)) for s, part in pred.groupby("source")}
+    per_site, withheld = {}, {}
+    for site, part in sites.items():
+        counts = frame_metrics(part, tau, n_bins=bins, n_boot=0, seed=0)[1]
+        release = protect(MessageKind.FROZEN, encode_splits({"test": counts}), policy)  # what leaves the site
+        empty = EvaluationCounts.empty(bins).arrays()
+        restored = restore_evaluation(release.arrays, release.withheld, threshold=tau, empty=empty)
+        per_site[site] = decode_splits(site, restored, n_bins=bins)["test"]
+        withheld[site] = set(release.withheld)
+    rows = federated_subgroups(per_site, withheld, tau, min_cases=k, n_boot=100, seed=0)
+    central = {(r["variable"], r["level"]): r for r in subgroup_metrics(pred, tau, n_boot=0, seed=0)}
+    assert [(r["variable"], r["level"]) for r in rows] == list(central)  # same levels, same order
+    y_all = (pred["label_cls"] != "normal").to_numpy(int)
+    p_all = pred["prob_bone_loss"].to_numpy()
+    cases = {"exact": 0, "partial": 0, "withheld": 0}
+    for row in rows:
+        key = (row["variable"], row["level"])
+        assert set(row) == set(central[key]), key  # the same keys as the per-knee table
+        mask = level_mask(pred, *key)
+        n_at = {s: int(mask[(pred["source"] == s).to_numpy()].sum()) for s in sites}
+        held = sorted(s for s, n in n_at.items() if 0 < n < k)
+        if row["variable"] == "source":
+            held = []  # a whole site's split is well over k here
+        if held and len(held) == sum(n > 0 for n in n_at.values()):
+            cases["withheld"] += 1
+            assert row["n"] is None and all(math.isnan(row[m]) for m in ("auroc", "sensitivity", "specificity"))
+            assert row["withheld"] == f"withheld by {', '.join(held)} (fewer than k={k} knees)"
+            continue
+        keep = mask & ~pred["source"].isin(held).to_numpy()
+        y, p = y_all[keep], p_all[keep]
+        expected = M.classification_metrics(y, p, tau)
+        assert (row["n"], row["n_pos"], row["n_neg"]) == (len(y), int(y.sum()), int((1 - y).sum())), key
+        for m in ("sensitivity", "specificity"):
+            assert row[m] == pytest.approx(expected[m], nan_ok=True), key
+        if 0 < y.sum() < len(y):
+            assert abs(row["auroc"] - roc_auc_score(y, p)) <= auroc_tolerance(y, p, bins), key
+            assert row["auroc_ci_lo"] <= row["auroc_ci_hi"]
+        else:
+            assert math.isnan(row["auroc"]), key
+        if held:
+            cases["partial"] += 1
+            assert row["withheld"] == f"without {', '.join(held)}: withheld there (fewer than k={k} knees)"
+        else:
+            cases["exact"] += 1
+            assert row["withheld"] == "" and row["small"] == central[key]["small"], key
+    assert all(cases.values()), cases  # each kind of row was exercised
+    # the report shows a withheld level as withheld, never as a count
+    shown = {r[0]: r for r in subgroup_rows(rows)}
+    gone = next(r for r in rows if r["n"] is None)
+    assert shown[f"{gone['variable']}: {gone['level']}"][1:5] == ["withheld"] * 4
 
 
 def _tables(md: str) -> list[tuple[list[str], list[list[str]]]]:
