@@ -15,6 +15,7 @@ from sklearn.metrics import roc_auc_score
 
 from server.subgroups import federated_subgroups
 from strnet import metrics as M
+from strnet.errors import SiteError
 from strnet.evaluation import frame_metrics, report_sections
 from strnet.protocol import MessageKind, decode_splits, encode_splits
 from strnet.released import StatisticsPrivacy, protect, restore_evaluation
@@ -157,6 +158,16 @@ def test_federated_subgroups_from_released_histograms_match_per_knee_and_name_wh
     shown = {r[0]: r for r in subgroup_rows(rows)}
     gone = next(r for r in rows if r["n"] is None)
     assert shown[f"{gone['variable']}: {gone['level']}"][1:5] == ["withheld"] * 4
+
+
+def test_a_reply_with_malformed_subgroup_histograms_is_refused_naming_the_site(pred: pd.DataFrame) -> None:
+    arrays = encode_splits({"test": frame_metrics(pred, 0.5, n_bins=100, n_boot=0, seed=0)[1]})
+    arrays["test.subgroup_sex_female"] = arrays["test.subgroup_sex_female"] + 1  # 100 more knees than the split
+    with pytest.raises(SiteError, match=r"site 'hospital': .*subgroup histograms of sex count more knees than"):
+        decode_splits("hospital", arrays, n_bins=100)
+    del arrays["test.subgroup_bmi_ge30"]
+    with pytest.raises(SiteError, match=r"site 'hospital': malformed statistics: missing \['subgroup_bmi_ge30'\]"):
+        decode_splits("hospital", arrays, n_bins=100)
 
 
 def _tables(md: str) -> list[tuple[list[str], list[list[str]]]]:
