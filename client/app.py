@@ -10,8 +10,10 @@ in-process by :func:`strnet.site.site_cases`). Replies carry weights, a few scal
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,7 +45,7 @@ from strnet.protocol import (
     to_wire,
 )
 from strnet.released import StatisticsPrivacy
-from strnet.site import SiteRunner
+from strnet.site import SiteRunner, load_optimizer_state
 from strnet.tscore import BranchData, branch_keys, branch_sums, validate_then_train
 
 # failures leave the site as kind + generic reason (client.sanitize); STRNET_MESSAGE_AUDIT logs every reply, after
@@ -141,7 +143,9 @@ def _kept(context: Context, runner: SiteRunner) -> KeptState | None:
     return KeptState(runner.cfg.data.cache_dir, federation_id, runner.site) if federation_id else None
 
 
-def _optimizer_state(context: Context, runner: SiteRunner, store: KeptState | None, server_round: int) -> bytes | None:
+def _optimizer_state(
+    context: Context, runner: SiteRunner, store: KeptState | None, server_round: int
+) -> dict[str, Any] | None:
     """The AdamW state this site kept after the previous round: from this process's site, else from the site's disk
     (a restarted node, a resumed federation, a simulation actor that did not serve the last round).
 
@@ -151,13 +155,14 @@ def _optimizer_state(context: Context, runner: SiteRunner, store: KeptState | No
     federation id to key the disk by (an older server) still keeps it there."""
     if store is None:
         kept = context.state.get(OPTIMIZER_STATE)
-        return bytes(kept["state"]) if kept is not None else None
+        return load_optimizer_state(bytes(kept["state"]), runner.device, runner.site) if kept is not None else None
     if server_round < 2:
         return None
     cached = runner.kept_optimizer
     if cached is not None and cached[:2] == (store.federation_id, server_round - 1):
         return cached[2]
-    return store.optimizer(server_round - 1)
+    data = store.optimizer(server_round - 1)
+    return load_optimizer_state(data, runner.device, runner.site) if data is not None else None
 
 
 def _reply(message: Message, runner: SiteRunner, **records: ArrayRecord | MetricRecord) -> Message:
@@ -239,7 +244,9 @@ def train(message: Message, context: Context) -> Message:
             runner.kept_optimizer = (store.federation_id, server_round, optimizer)
             store.save_optimizer(optimizer, server_round)
         else:
-            context.state[OPTIMIZER_STATE] = ConfigRecord({"state": optimizer, Field.SERVER_ROUND: server_round})
+            buf = io.BytesIO()
+            torch.save(optimizer, buf)
+            context.state[OPTIMIZER_STATE] = ConfigRecord({"state": buf.getvalue(), Field.SERVER_ROUND: server_round})
     if runner.cfg.federation.strategy == "fedbn":  # BatchNorm tensors stay here (FedBN)
         local = batchnorm_keys(runner.model)
         kept = ArrayRecord({k: v for k, v in new_state.items() if k in local})

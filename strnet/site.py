@@ -12,6 +12,7 @@ its own run state.
 
 from __future__ import annotations
 
+import copy
 import functools
 import io
 import pickle
@@ -98,9 +99,9 @@ class SiteRunner:
         if role == "train" and self.splits["train"].empty:
             raise DataError(self.manifest_path, f"site {site_name}: no usable train rows (run `strnet data split`)")
         self._model: torch.nn.Module | None = None
-        # (federation id, server round, AdamW state bytes) after this site's latest training round, kept between
+        # (federation id, server round, AdamW state dict) after this site's latest training round, kept between
         # messages by a ClientApp process that keeps its sites (client.app)
-        self.kept_optimizer: tuple[str, int, bytes] | None = None
+        self.kept_optimizer: tuple[str, int, dict[str, Any]] | None = None
 
     # ------------------------------------------------------------------------------------------------ helpers
 
@@ -164,7 +165,7 @@ class SiteRunner:
         *,
         lr: float,
         server_round: int,
-        optimizer_state: bytes | None,
+        optimizer_state: dict[str, Any] | None,
         proximal_mu: float = 0.0,
         privacy_state: dict[str, Any] | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, float], int, bytes, dict[str, Any] | None]:
@@ -186,7 +187,9 @@ class SiteRunner:
         t = self.cfg.train
         optimizer = build_optimizer(self.model, t)
         if optimizer_state is not None:
-            optimizer.load_state_dict(load_optimizer_state(optimizer_state, self.device, self.site))
+            # a copy: load_state_dict aliases the tensors, and a round that fails half-way must leave the kept
+            # state as it was for its retry (91 MB for ResNet-18: ~20 ms; serialising it cost 0.1 s a round)
+            optimizer.load_state_dict(copy.deepcopy(optimizer_state))
         set_learning_rate(optimizer, lr)
         train = self.splits["train"]
         private = self.private_training()
@@ -229,10 +232,8 @@ class SiteRunner:
         if private is not None:
             private.detach()
             summary |= private.metrics()
-        buf = io.BytesIO()
-        torch.save(optimizer.state_dict(), buf)
         kept_privacy = private.state() if private is not None else None
-        return self.state_dict(), summary, len(train), buf.getvalue(), kept_privacy
+        return self.state_dict(), summary, len(train), optimizer.state_dict(), kept_privacy
 
     def private_training(self) -> PrivateTraining | None:
         """This site's DP-SGD for the run (None without ``privacy.dp``): σ from the site's own sampling rate and

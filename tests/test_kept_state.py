@@ -12,23 +12,22 @@ from strnet.errors import DataError
 
 
 def test_optimizer_states_keep_the_two_latest_rounds(tmp_path: Path) -> None:
+    from strnet.site import load_optimizer_state
+
     kept = KeptState(tmp_path, "ab12cd34", "hospital")
     for r in (1, 2, 3):
-        kept.save_optimizer(f"state-{r}".encode(), r)
+        kept.save_optimizer({"state": {0: {"step": torch.tensor(float(r))}}, "param_groups": []}, r)
     assert kept.optimizer(1) is None
-    assert kept.optimizer(2) == b"state-2" and kept.optimizer(3) == b"state-3"
+    for r in (2, 3):
+        assert load_optimizer_state(kept.optimizer(r), torch.device("cpu"), "hospital")["state"][0]["step"] == r
 
 
 def test_a_tampered_optimizer_file_is_refused_when_loaded(tmp_path: Path) -> None:
-    import io
-
     from strnet.errors import SiteError
     from strnet.site import load_optimizer_state
 
     kept = KeptState(tmp_path, "ab12cd34", "hospital")
-    buf = io.BytesIO()
-    torch.save({"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": []}, buf)
-    kept.save_optimizer(buf.getvalue(), 1)
+    kept.save_optimizer({"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": []}, 1)
     assert load_optimizer_state(kept.optimizer(1), torch.device("cpu"), "hospital")["state"][0]["step"] == 3.0
     marker = tmp_path / "pwned"
 
