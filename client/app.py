@@ -158,9 +158,9 @@ def _optimizer_state(
         return load_optimizer_state(bytes(kept["state"]), runner.device, runner.site) if kept is not None else None
     if server_round < 2:
         return None
-    cached = runner.kept_optimizer
-    if cached is not None and cached[:2] == (store.federation_id, server_round - 1):
-        return cached[2]
+    cached = runner.kept_optimizer.get((store.federation_id, server_round - 1))
+    if cached is not None:
+        return cached
     data = store.optimizer(server_round - 1)
     return load_optimizer_state(data, runner.device, runner.site) if data is not None else None
 
@@ -195,14 +195,18 @@ def _weights(
         return weights
     instruction = message.content[Key.CONFIG]
     server_round = int(instruction.get(Field.SERVER_ROUND, -1))
-    kept = context.state.get(_bn_key(server_round)) or context.state.get(BN_LATEST)
+    before = message.metadata.message_type == MessageKind.TRAIN
+    if before:  # round r trains (and validates) from the tensors of the latest round before r, even when it is
+        # sent again after this site trained it once already (a new learning rate)
+        earlier = [r for r in (_bn_round(k) for k in context.state.array_records) if r is not None and r < server_round]
+        kept = context.state.get(_bn_key(max(earlier))) if earlier else None
+    else:
+        kept = context.state.get(_bn_key(server_round)) or context.state.get(BN_LATEST)
     if kept is not None:
         return weights | kept.to_torch_state_dict()
     # a resumed federation: this run has not trained yet; training continues from the round before
     store = _kept(context, runner)
-    on_disk = (
-        store.batchnorm(server_round, before=message.metadata.message_type == MessageKind.TRAIN) if store else None
-    )
+    on_disk = store.batchnorm(server_round, before=before) if store else None
     if on_disk is None:
         raise ConfigError(f"site {runner.site}: FedBN weights without BatchNorm tensors, and none kept at this site")
     return weights | on_disk
@@ -210,6 +214,11 @@ def _weights(
 
 def _bn_key(server_round: int) -> str:
     return f"{BN_STATE}.round-{server_round}"
+
+
+def _bn_round(key: str) -> int | None:
+    prefix = f"{BN_STATE}.round-"
+    return int(key[len(prefix) :]) if key.startswith(prefix) else None
 
 
 @app.query(MessageKind.action(MessageKind.SITE_INFO))
@@ -221,14 +230,20 @@ def site_info(message: Message, context: Context) -> Message:
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
+    """Local epochs from the sent weights; when the instruction says ``validate``, their validation counts first
+    (the previous round's average, scored in the same exchange: :class:`server.strategy.SiteFedAvg`)."""
     runner = runner_for(message, context)
     instruction = message.content[Key.CONFIG]
     server_round = int(instruction[Field.SERVER_ROUND])
     keep = runner.cfg.federation.keep_optimizer_state
     store = _kept(context, runner)
     optimizer_state = _optimizer_state(context, runner, store, server_round) if keep else None
+    weights = _weights(message, context, runner)
+    validation = (
+        {Key.STATS: _arrays(encode(runner.validation_counts(weights)))} if instruction.get(Field.VALIDATE) else {}
+    )
     new_state, metrics, n, optimizer, privacy = runner.train(
-        _weights(message, context, runner),
+        weights,
         lr=float(instruction[Field.LEARNING_RATE]),
         server_round=server_round,
         optimizer_state=optimizer_state,
@@ -241,7 +256,10 @@ def train(message: Message, context: Context) -> Message:
             store.save_privacy(privacy)
     if keep:  # AdamW moments are local state: they stay at the site, never in a reply
         if store is not None:  # this process and the site's disk (see _optimizer_state)
-            runner.kept_optimizer = (store.federation_id, server_round, optimizer)
+            kept_rounds = runner.kept_optimizer
+            kept_rounds[(store.federation_id, server_round)] = optimizer
+            for old in sorted(kept_rounds, key=lambda k: k[1])[:-2]:
+                del kept_rounds[old]
             store.save_optimizer(optimizer, server_round)
         else:
             buf = io.BytesIO()
@@ -259,6 +277,7 @@ def train(message: Message, context: Context) -> Message:
         message,
         runner,
         **{Key.ARRAYS: _weights_record(new_state, runner), Key.METRICS: MetricRecord({**metrics, WEIGHT: n})},
+        **validation,
     )
 
 

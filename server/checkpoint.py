@@ -1,9 +1,10 @@
 """Resume a federated run from its last completed round.
 
 Flower 1.42 has no resume: a stopped ServerApp or SuperLink loses the run. After every round the server writes
-what the next round depends on — the global weights, the strategy's state (the recipe's learning-rate
-schedule and early-stopping counters, the best round and its weights, every round's pooled validation counts,
-the server optimizer's momentum or Adam moments) and the learning curve — to ``<output_dir>/
+what the next round depends on — the global weights (the round's average, whose validation rides in the next
+round's train message, so a resumed run validates them first; format 2), the strategy's state (the recipe's
+learning-rate schedule and early-stopping counters, the best round and its weights, every round's pooled
+validation counts, the server optimizer's momentum or Adam moments) and the learning curve — to ``<output_dir>/
 federation-checkpoint.pt``. A resumed run is a new Flower run whose nodes start with an empty
 ``context.state``, so what a site keeps between rounds (its AdamW moments, FedBN's BatchNorm tensors) is
 also written at the site, under its cache, keyed by the federation id this checkpoint carries.
@@ -26,7 +27,7 @@ from flwr.app import Array, ArrayRecord
 from strnet.errors import ConfigError, DataError
 
 CHECKPOINT = "federation-checkpoint.pt"
-FORMAT = 1
+FORMAT = 2  # 2: the weights of an unfinished checkpoint are not validated yet
 
 
 def to_plain(value: Any) -> Any:

@@ -190,6 +190,8 @@ def run_federated(
             "resumed_from_round": checkpoint.server_round if checkpoint is not None else None,
             "federation_id": federation_id,
             "stopped_early": strategy.rounds_run < fed.rounds,
+            # rounds sent again because their validation changed the learning rate (server.strategy.SiteFedAvg)
+            "redone_rounds": list(strategy.redone_rounds),
             "best_score": strategy.schedule.best_score,
             "quorum": fed.quorum,
             # the weights' precision on the wire in every round, and the bytes per training site per round

@@ -12,7 +12,14 @@ Differences from Flower's stock FedAvg, each for a reason:
   global record's dtypes (fp32) before averaging, so the average, the global record, a server optimizer's state
   (FedAvgM momentum, FedAdam moments: Flower keeps them from the fp32 record this strategy is given) and the
   checkpoint all stay fp32;
-- the evaluate step pools the sites' *additive* validation counts instead of averaging per-site metrics.
+- the evaluate step pools the sites' *additive* validation counts instead of averaging per-site metrics;
+- one exchange per round: a round's train message also asks each site to validate the weights it carries (the
+  previous round's average) before training from them, so the weights reach a site once per round instead of
+  twice. The learning rate that validation sets is speculated: the round trains at the current one, and in the
+  rare round where the pooled validation changes it (a plateau), the server sends the round again at the new
+  rate and each site trains again from the state it kept before (:meth:`SiteFedAvg.start`). Early stopping
+  discards the round that trained meanwhile. The weights, the history and the kept round are exactly those of
+  a train-then-validate loop (``tests/test_federation.py``).
 """
 
 from __future__ import annotations
@@ -89,7 +96,9 @@ class SiteFedAvg(FedAvg):
         self.best_arrays: ArrayRecord | None = None
         self._train_row: dict[str, float] = {}
         self._evaluated: ArrayRecord | None = None
-        self._lr = schedule.lr
+        self._lr = schedule.lr  # the learning rate of the round whose training numbers are in _train_row
+        self._sent_lr = schedule.lr  # ... and of the latest train message
+        self.redone_rounds: list[int] = []  # rounds sent again at the learning rate their validation set
         self._reference: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         # FedBN: tensors that stay at the sites; they travel to a site once (round 1, the starting weights) and
         # never come back in a reply. The global record keeps its starting values for them.
@@ -114,6 +123,7 @@ class SiteFedAvg(FedAvg):
             "round_pooled": {str(r): encode(c) for r, c in self.round_pooled.items()},
             "round_sites": {str(r): v for r, v in self.round_sites.items()},
             "problems": list(self.problems),
+            "redone_rounds": list(self.redone_rounds),
             "server_optimizer": {k: getattr(self, k) for k in self.SERVER_OPTIMIZER_STATE if hasattr(self, k)},
             "statistics_releases": self.ledger.state_dict() if self.ledger is not None else {},
         }
@@ -122,7 +132,8 @@ class SiteFedAvg(FedAvg):
         th = self.threshold
         noised = self.ledger is not None and self.ledger.policy.noised
         self.schedule.load_state_dict(state["schedule"])
-        self._lr = self.schedule.lr
+        self._lr = self._sent_lr = self.schedule.lr
+        self.redone_rounds = list(state.get("redone_rounds", []))
         self.rounds_run = int(state["rounds_run"])
         self.best_round = None if int(state["best_round"]) < 0 else int(state["best_round"])
         self.best_arrays = state["best_arrays"]
@@ -187,39 +198,74 @@ class SiteFedAvg(FedAvg):
         start_round: int = 1,
         on_round_end: Callable[[int, ArrayRecord, bool], None] | None = None,
     ) -> Result:
-        """Flower's round loop (train, then pooled validation), ended early by the recipe's early stopping.
+        """Flower's round loop, one exchange per round, ended early by the recipe's early stopping.
 
-        ``start_round`` > 1 continues a run restored with :meth:`load_state_dict` from ``initial_arrays``;
-        ``on_round_end(round, arrays, finished)`` follows every completed round (the checkpoint)."""
+        ``arrays`` at the top of round r are the average of round r − 1, not yet validated (round 1: the starting
+        weights, which nobody validates): round r's message asks every site to validate them and then to train
+        from them at the learning rate in force. Their pooled validation steps the recipe; when it stops the run,
+        round r's training is discarded; when it changes the learning rate, round r is sent again at the new one
+        (sites take their state from before round r). A last validation-only exchange scores the final round.
+
+        ``start_round`` > 1 continues a run restored with :meth:`load_state_dict` from ``initial_arrays`` (the
+        average of round ``start_round`` − 1, not yet validated); ``on_round_end(round, arrays, finished)``
+        follows every completed round with the same meaning (the checkpoint)."""
         self.summary()
         result = Result()
         arrays = initial_arrays
         t0 = time.time()
+        stopped = False
         for server_round in range(start_round, num_rounds + 1):
             log(INFO, "[ROUND %s/%s] lr %.3g", server_round, num_rounds, self.schedule.lr)
-            replies = send_and_receive(
-                grid, self.configure_train(server_round, arrays, train_config or ConfigRecord(), grid), timeout=timeout
-            )
+            validate = server_round > 1
+            config = ConfigRecord({**dict(train_config or ConfigRecord()), Field.VALIDATE: validate})
+            replies = send_and_receive(grid, self.configure_train(server_round, arrays, config, grid), timeout=timeout)
+            if validate:
+                val_metrics = self.aggregate_evaluate(server_round - 1, replies, kind=MessageKind.TRAIN)
+                if val_metrics is not None:
+                    result.evaluate_metrics_clientapp[server_round - 1] = val_metrics
+                self.rounds_run = server_round - 1
+                if self.schedule.should_stop:
+                    stopped = True
+                    if on_round_end is not None:
+                        on_round_end(server_round - 1, arrays, True)
+                    log(
+                        INFO,
+                        "early stop after round %d: no better pooled validation %s",
+                        server_round - 1,
+                        self.monitor,
+                    )
+                    break
+                if self.schedule.lr != self._sent_lr:
+                    log(
+                        INFO,
+                        "round %d again: its validation set the learning rate to %.3g",
+                        server_round,
+                        self.schedule.lr,
+                    )
+                    self.redone_rounds.append(server_round)
+                    config = ConfigRecord({**dict(train_config or ConfigRecord()), Field.VALIDATE: False})
+                    replies = send_and_receive(
+                        grid, self.configure_train(server_round, arrays, config, grid), timeout=timeout
+                    )
             new_arrays, train_metrics = self.aggregate_train(server_round, replies)
             if new_arrays is not None:
                 arrays = result.arrays = new_arrays
             if train_metrics is not None:
                 result.train_metrics_clientapp[server_round] = train_metrics
+            if on_round_end is not None:
+                on_round_end(server_round, arrays, False)
+        if not stopped and self.rounds_run < num_rounds:
             replies = send_and_receive(
                 grid,
-                self.configure_evaluate(server_round, arrays, evaluate_config or ConfigRecord(), grid),
+                self.configure_evaluate(num_rounds, arrays, evaluate_config or ConfigRecord(), grid),
                 timeout=timeout,
             )
-            val_metrics = self.aggregate_evaluate(server_round, replies)
+            val_metrics = self.aggregate_evaluate(num_rounds, replies)
             if val_metrics is not None:
-                result.evaluate_metrics_clientapp[server_round] = val_metrics
-            self.rounds_run = server_round
-            stop = self.schedule.should_stop
+                result.evaluate_metrics_clientapp[num_rounds] = val_metrics
+            self.rounds_run = num_rounds
             if on_round_end is not None:
-                on_round_end(server_round, arrays, stop or server_round == num_rounds)
-            if stop:
-                log(INFO, "early stop after round %d: no better pooled validation %s", server_round, self.monitor)
-                break
+                on_round_end(num_rounds, arrays, True)
         log(INFO, "%d round(s) in %.0f s; kept round %s", self.rounds_run, time.time() - t0, self.best_round)
         return result
 
@@ -228,16 +274,20 @@ class SiteFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Every training site, every round, at the recipe's current learning rate."""
+        """Every training site, every round, at the recipe's current learning rate; with ``Field.VALIDATE`` in
+        ``config`` the sites first return validation counts of ``arrays`` (which :meth:`aggregate_evaluate` then
+        scores and may keep)."""
+        if config.get(Field.VALIDATE):
+            self._evaluated = arrays
         self._global = arrays
         self._reference = {
             k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in arrays.items() if k not in self.local_keys
         }
         if self.local_keys and server_round > 1:
             arrays = self.shared(arrays)
-        self._lr = self.schedule.lr
+        self._sent_lr = self.schedule.lr
         # ``config`` carries what a Flower strategy mixed in front of this one adds (FedProx: ``proximal-mu``)
-        instruction = self._instruction(server_round, **dict(config), **{Field.LEARNING_RATE: self._lr})
+        instruction = self._instruction(server_round, **dict(config), **{Field.LEARNING_RATE: self._sent_lr})
         return self._messages(
             RecordDict({Key.ARRAYS: self.wire(arrays), Key.CONFIG: instruction}), MessageKind.TRAIN, server_round
         )
@@ -288,6 +338,7 @@ class SiteFedAvg(FedAvg):
                 + ("; ".join(p for p in self.problems if p.startswith(f"round {server_round} ")) or "no reply")
             )
         averaged = weighted_average([u[1] for u in usable], [u[3] for u in usable], self._reference)
+        self._lr = self._sent_lr
         total = sum(u[3] for u in usable)
         common = set.intersection(*(set(u[2]) for u in usable)) - set(PRIVACY_METRICS)
         self._train_row = {k: sum(u[2][k] * u[3] for u in usable) / total for k in sorted(common)}
@@ -324,8 +375,11 @@ class SiteFedAvg(FedAvg):
         record = RecordDict({Key.ARRAYS: self.wire(self.shared(arrays)), Key.CONFIG: self._instruction(server_round)})
         return self._messages(record, MessageKind.VAL_STATS, server_round)
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Pool the counts, step the recipe on the pooled score, keep the best round's weights.
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message], kind: str = MessageKind.VAL_STATS
+    ) -> MetricRecord | None:
+        """Pool the counts, step the recipe on the pooled score, keep the best round's weights. ``kind``: the
+        message the counts came back in (a validation query, or the next round's train message).
 
         A round whose pooled counts miss the quorum is skipped by the schedule (no score, no decision); the
         run fails later only if no round at all produced pooled validation counts.
@@ -340,8 +394,8 @@ class SiteFedAvg(FedAvg):
                 content = reply_content(msg, site)
                 arrays = stats_arrays(content, site)
                 if self.ledger is not None:
-                    self.ledger.record(site, MessageKind.VAL_STATS, arrays)
-                for exc in withheld(content, MessageKind.VAL_STATS, site).values():
+                    self.ledger.record(site, kind, arrays)
+                for exc in withheld(content, kind, site).values():
                     raise exc  # privacy.statistics: fewer than k validation cases
                 noised = self.ledger is not None and self.ledger.policy.noised
                 if noised:  # τ-grid counts from the noised histogram

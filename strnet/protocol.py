@@ -29,7 +29,7 @@ from strnet.calibration import PlattStats
 from strnet.errors import SiteError
 from strnet.sufficient import EvaluationCounts, ValidationCounts
 
-PROTOCOL_VERSION = 4  # 4: the frozen evaluation carries per-subgroup histograms
+PROTOCOL_VERSION = 5  # 5: a train message may ask for validation counts of its weights first
 
 
 class MessageKind:
@@ -39,7 +39,7 @@ class MessageKind:
     """
 
     SITE_INFO = "query.site_info"  # who are you, how many cases; carries the run's configuration
-    TRAIN = "train"  # local epochs from the global weights at the round's learning rate
+    TRAIN = "train"  # local epochs from the global weights at the round's learning rate (validating them first)
     VAL_STATS = "query.val_stats"  # ValidationCounts of the global model (calibrated when the message says so)
     CALIBRATE = "query.calibration"  # PlattStats of the kept model's validation logits at the sent (a, b)
     BATCHNORM = "query.batchnorm"  # FedBN: the site's BatchNorm tensors of one round, sent once after training
@@ -73,6 +73,7 @@ class Field:
     FEDERATION_ID = "federation-id"  # names a federation across a resume; sites key their kept state by it
     SERVER_ROUND = "server-round"
     LEARNING_RATE = "lr"
+    VALIDATE = "validate"  # a train message: validation counts of the sent weights first, in the reply's stats
     PROXIMAL_MU = "proximal-mu"  # FedProx (Flower's key): weight of the proximal term in a site's loss
     THRESHOLD = "threshold"
     PLATT_A = "platt-a"  # the screening calibration p = sigmoid(a·logit + b)
@@ -265,11 +266,11 @@ def round_nbytes(
     """Weight bytes one training site sends and receives in one federated round at ``transport``, computed from
     the global model's state dict exactly as :func:`to_wire` packs it (for ``strnet bench``).
 
-    ``to_site``: the global weights twice, in the train message and in the validation-statistics message;
-    ``from_site``: the trained weights in the train reply. ``local_keys`` (FedBN's BatchNorm tensors) never
-    travel in a round after the first; round 1's train message carries them once more. Statistics arrays
-    (histograms, counts) are a few kilobytes and not counted.
+    ``to_site``: the global weights once, in the train message (which also asks for their validation counts);
+    ``from_site``: the trained weights in the train reply. A run adds one validation-only message after its last
+    round. ``local_keys`` (FedBN's BatchNorm tensors) never travel in a round after the first; round 1's train
+    message carries them once more. Statistics arrays (histograms, counts) are a few kilobytes and not counted.
     """
     shared = to_wire({k: v for k, v in state.items() if k not in local_keys}, transport)
     weights = wire_nbytes(shared)
-    return {"to_site": 2 * weights, "from_site": weights, "total": 3 * weights}
+    return {"to_site": weights, "from_site": weights, "total": 2 * weights}

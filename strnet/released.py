@@ -165,6 +165,26 @@ def _subgroup_statistics() -> tuple[Statistic, ...]:
 _WEIGHTS_NOTE = "not withheld (that would drop the site from FedAvg); privacy.dp (DP-SGD) bounds what they reveal"
 _SPLIT_CASES = "the split's labelled knees (test: the evaluation cohort; val: a training site's validation split)"
 
+# a round's validation counts: asked by a validation query, or in the next round's train message
+_VALIDATION = Statistic(
+    MessageKind.VAL_STATS,
+    "validation",
+    "validation statistics",
+    "score histogram per class (fixed bins) and tp/fp/tn/fn at every τ-grid threshold",
+    {
+        "hist": HISTOGRAM,
+        "tp": THRESHOLD_COUNTS,
+        "fp": THRESHOLD_COUNTS,
+        "tn": THRESHOLD_COUNTS,
+        "fn": THRESHOLD_COUNTS,
+    },
+    "the labelled validation knees",
+    _total("hist"),
+    noised={"hist": 1.0},
+    derived={"tp": "hist", "fp": "hist", "tn": "hist", "fn": "hist"},
+    protection="withheld under k; histogram noised, τ-grid counts derived by the server",
+)
+
 REGISTRY: tuple[Statistic, ...] = (
     Statistic(
         MessageKind.SITE_INFO,
@@ -197,23 +217,12 @@ REGISTRY: tuple[Statistic, ...] = (
         record=Key.METRICS,
         protection=_WEIGHTS_NOTE,
     ),
-    Statistic(
-        MessageKind.VAL_STATS,
-        "validation",
-        "validation statistics",
-        "score histogram per class (fixed bins) and tp/fp/tn/fn at every τ-grid threshold",
-        {
-            "hist": HISTOGRAM,
-            "tp": THRESHOLD_COUNTS,
-            "fp": THRESHOLD_COUNTS,
-            "tn": THRESHOLD_COUNTS,
-            "fn": THRESHOLD_COUNTS,
-        },
-        "the labelled validation knees",
-        _total("hist"),
-        noised={"hist": 1.0},
-        derived={"tp": "hist", "fp": "hist", "tn": "hist", "fn": "hist"},
-        protection="withheld under k; histogram noised, τ-grid counts derived by the server",
+    _VALIDATION,
+    dataclasses.replace(
+        _VALIDATION,
+        message=MessageKind.TRAIN,
+        label="validation statistics of the round's weights",
+        what=_VALIDATION.what + ", of the weights the train message carries, before training from them",
     ),
     Statistic(
         MessageKind.CALIBRATE,

@@ -99,9 +99,10 @@ class SiteRunner:
         if role == "train" and self.splits["train"].empty:
             raise DataError(self.manifest_path, f"site {site_name}: no usable train rows (run `strnet data split`)")
         self._model: torch.nn.Module | None = None
-        # (federation id, server round, AdamW state dict) after this site's latest training round, kept between
-        # messages by a ClientApp process that keeps its sites (client.app)
-        self.kept_optimizer: tuple[str, int, dict[str, Any]] | None = None
+        # (federation id, server round) -> AdamW state dict after that training round, for the two latest rounds:
+        # kept between messages by a ClientApp process that keeps its sites (client.app); the one before the
+        # latest is the state a round the server sends again (at a new learning rate) starts from
+        self.kept_optimizer: dict[tuple[str, int], dict[str, Any]] = {}
 
     # ------------------------------------------------------------------------------------------------ helpers
 

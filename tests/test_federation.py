@@ -627,6 +627,84 @@ def test_a_stopped_federation_resumes_to_the_same_final_weights(scenario, tmp_pa
     )
 
 
+class TrainThenValidate(SiteFedAvg):
+    """The oracle: the plain round loop, two exchanges a round (train; then validate the average, whose pooled
+    score sets the next round's learning rate and may stop the run)."""
+
+    def start(self, grid, initial_arrays, num_rounds=3, timeout=3600, *args, on_round_end=None, **kwargs):  # type: ignore[no-untyped-def, override]
+        arrays = initial_arrays
+        for server_round in range(1, num_rounds + 1):
+            sent = self.configure_train(server_round, arrays, ConfigRecord(), grid)
+            arrays, _ = self.aggregate_train(server_round, grid.send_and_receive(sent, timeout=timeout))
+            sent = self.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
+            self.aggregate_evaluate(server_round, grid.send_and_receive(sent, timeout=timeout))
+            self.rounds_run = server_round
+            if self.schedule.should_stop:
+                break
+
+
+class CountingGrid(InProcessGrid):
+    def __init__(self, n_nodes: int) -> None:
+        super().__init__(n_nodes)
+        self.train_messages = 0
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        messages = list(messages)
+        self.train_messages += sum(m.metadata.message_type == MessageKind.TRAIN for m in messages)
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedbn"])
+def test_one_exchange_rounds_equal_train_then_validate(
+    scenario, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strategy: str
+) -> None:
+    """Validation riding in the next round's train message, with the learning rate speculated and a round sent
+    again where its validation changed it, and the round trained meanwhile discarded at the early stop: the
+    history, the kept round and the bundled weights are exactly the plain loop's. The plateau (patience 0) and
+    the early stop (patience 2) both fire within the rounds, so both paths are taken."""
+    extra = [
+        f"federation.strategy={strategy}",
+        "federation.rounds=6",
+        "train.plateau_patience=0",
+        "train.early_stop_patience=2",
+        "train.min_epochs=0",
+        "train.lr=0.01",
+        "tracking.enabled=false",
+        "tscore.rounds=0",
+        "ood.enabled=false",
+    ]
+    fused_cfg = load_config("demo", [*_overrides(scenario, tmp_path / "fused"), *extra])
+    grid = CountingGrid(3)
+    fused = run_federated(grid, fused_cfg)  # type: ignore[arg-type]
+
+    built = server.federation.build_strategy
+
+    def plain(*args, **kwargs):  # type: ignore[no-untyped-def]
+        strategy = built(*args, **kwargs)
+        strategy.__class__ = TrainThenValidate
+        return strategy
+
+    monkeypatch.setattr(server.federation, "build_strategy", plain)
+    plain_cfg = load_config("demo", [*_overrides(scenario, tmp_path / "plain"), *extra])
+    reference = run_federated(InProcessGrid(3), plain_cfg)  # type: ignore[arg-type]
+
+    training = json.loads((Path(fused_cfg.output_dir) / "bundle" / "metadata.json").read_text())["training"]
+    rounds = training["rounds_run"]
+    assert training["redone_rounds"], "no learning-rate change: the redo path was not taken"
+    assert rounds < 6 and training["stopped_early"], "no early stop: the discarded round was not taken"
+    # two training sites: one train message each per round, per round sent again, and the discarded round
+    assert grid.train_messages == 2 * (rounds + len(training["redone_rounds"]) + 1)
+    assert [r["lr"] for r in fused.history] == [r["lr"] for r in reference.history]
+    assert len({r["lr"] for r in fused.history}) > 1
+    for got, want in zip(fused.history, reference.history, strict=True):
+        assert got.keys() == want.keys()
+        for key in (k for k in want if not k.endswith("images_per_s")):  # throughput: a clock, not a result
+            assert got[key] == want[key] or (math.isnan(got[key]) and math.isnan(want[key])), key
+    a = load_bundle(Path(fused_cfg.output_dir) / "bundle").model.state_dict()
+    b = load_bundle(Path(plain_cfg.output_dir) / "bundle").model.state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_refuses_another_configuration_and_a_tampered_checkpoint(scenario, tmp_path: Path) -> None:
     extra = ["federation.rounds=1", "tracking.enabled=false", "tscore.rounds=0"]
     cfg = load_config("demo", [*_overrides(scenario, tmp_path), *extra])
