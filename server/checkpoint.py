@@ -16,6 +16,7 @@ tampered checkpoint fails to load instead of running code.
 from __future__ import annotations
 
 import pickle
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,3 +113,35 @@ class RoundCheckpoint:
             history=list(raw["history"]),
             finished=bool(raw["finished"]),
         )
+
+
+class CheckpointWriter:
+    """Writes each round's checkpoint on one background thread while the next round trains at the sites.
+
+    Written inline, the file (two fp32 models: the global and the kept round's weights) held the server for
+    ~0.15 s a round between exchanges, time the sites waited for the next message. Writes stay in order, one at
+    a time; a failed write surfaces at the next :meth:`submit` or at :meth:`wait`; leaving the ``with`` block
+    waits for the last one, also when the run fails, so a stopped run still leaves its last completed round."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending: Future[Path] | None = None
+
+    def submit(self, checkpoint: RoundCheckpoint) -> None:
+        self.wait()
+        self._pending = self._pool.submit(checkpoint.save, self.folder)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown()

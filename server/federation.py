@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 from configs.schema import Config, build_model
 from server import exchange
 from server.calibration import calibrated_validation_counts, pooled_calibration
-from server.checkpoint import RoundCheckpoint
+from server.checkpoint import CheckpointWriter, RoundCheckpoint
 from server.discovery import discover_sites
 from server.frozen import frozen_evaluation
 from server.ood import pooled_ood
@@ -120,21 +120,27 @@ def run_federated(
             for row in checkpoint.history:  # the resumed run's record holds the whole curve
                 run.log_step(int(row["step"]), {k: v for k, v in row.items() if k != "step"})
 
-        def save(server_round: int, arrays: ArrayRecord, finished: bool) -> None:
-            RoundCheckpoint(
-                server_round, federation_id, digest, arrays, strategy.state_dict(), run.history, finished
-            ).save(cfg.output_dir)
-
         run.begin("training")
         if not finished:
-            strategy.start(
-                grid=grid,
-                initial_arrays=arrays,
-                num_rounds=fed.rounds,
-                timeout=fed.round_timeout,
-                start_round=start_round,
-                on_round_end=save,
-            )
+            with CheckpointWriter(cfg.output_dir) as writer:
+
+                def save(server_round: int, arrays: ArrayRecord, finished: bool) -> None:
+                    # the state as of now (the history grows while the file is written); the records are replaced,
+                    # never changed in place, from round to round
+                    state = strategy.state_dict()
+                    history = [dict(row) for row in run.history]
+                    writer.submit(
+                        RoundCheckpoint(server_round, federation_id, digest, arrays, state, history, finished)
+                    )
+
+                strategy.start(
+                    grid=grid,
+                    initial_arrays=arrays,
+                    num_rounds=fed.rounds,
+                    timeout=fed.round_timeout,
+                    start_round=start_round,
+                    on_round_end=save,
+                )
         if strategy.best_round is None or strategy.best_arrays is None:
             raise QuorumError(
                 f"no round produced pooled validation statistics (quorum {fed.quorum}): " + "; ".join(strategy.problems)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
 import torch
 
-from client.kept import KeptState, load_run_config, save_run_config
+from client.kept import KeptState, flush, load_run_config, save_run_config
 from strnet.errors import DataError
 
 
@@ -20,6 +21,20 @@ def test_optimizer_states_keep_the_two_latest_rounds(tmp_path: Path) -> None:
     assert kept.optimizer(1) is None
     for r in (2, 3):
         assert load_optimizer_state(kept.optimizer(r), torch.device("cpu"), "hospital")["state"][0]["step"] == r
+
+
+def test_a_background_optimizer_write_is_on_disk_before_any_read_and_its_failure_surfaces(tmp_path: Path) -> None:
+    store = KeptState(tmp_path, "ab" * 8, "alpha")
+    state = {"state": {0: {"exp_avg": torch.arange(1000.0)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
+    store.save_optimizer(state, 1)
+    data = store.optimizer(1)  # waits for the queued write
+    assert data is not None and torch.equal(torch.load(io.BytesIO(data))["state"][0]["exp_avg"], torch.arange(1000.0))
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder should be")
+    KeptState(blocked, "cd" * 8, "beta").save_optimizer(state, 1)  # returns at once; the write fails behind it
+    with pytest.raises(OSError):
+        flush()
+    flush()  # reported once, then the queue is empty
 
 
 def test_a_tampered_optimizer_file_is_refused_when_loaded(tmp_path: Path) -> None:
