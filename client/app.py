@@ -212,6 +212,42 @@ def _weights(
     return weights | on_disk
 
 
+def _model(message: Message, context: Context, runner: SiteRunner) -> dict[str, torch.Tensor]:
+    """The weights of a message after training: the whole model it names by ``model-digest`` when it carries
+    none, the kept ``base-digest`` model overlaid with the tensors it carries, or what it carries; kept under its
+    digest when the message says ``keep-model`` (server.replies.ModelShipping sends the final model once)."""
+    instruction = message.content[Key.CONFIG]
+    digest = instruction.get(Field.MODEL_DIGEST)
+    sent = _weights(message, None, runner) if Key.ARRAYS in message.content else {}
+    base = instruction.get(Field.BASE_DIGEST)
+    if base is not None:
+        weights = _held_model(context, runner, str(base)) | sent
+    elif not sent and digest is not None:
+        weights = _held_model(context, runner, str(digest))
+    else:
+        weights = sent
+    if instruction.get(Field.KEEP_MODEL):
+        if digest is None:
+            raise ConfigError(f"site {runner.site}: asked to keep a model without its digest")
+        runner.held_models[str(digest)] = weights
+        while len(runner.held_models) > 2:
+            runner.held_models.pop(next(iter(runner.held_models)))
+        store = _kept(context, runner)
+        if store is not None:
+            store.save_model(str(digest), weights)
+    return weights
+
+
+def _held_model(context: Context, runner: SiteRunner, digest: str) -> dict[str, torch.Tensor]:
+    held = runner.held_models.get(digest)
+    if held is None:
+        store = _kept(context, runner)
+        held = store.model(digest) if store is not None else None
+    if held is None:
+        raise ConfigError(f"site {runner.site}: no model {digest} kept here (the first message about it carries it)")
+    return dict(held)
+
+
 def _bn_key(server_round: int) -> str:
     return f"{BN_STATE}.round-{server_round}"
 
@@ -315,24 +351,29 @@ def _platt(message: Message) -> Platt:
 @app.query(MessageKind.action(MessageKind.VAL_STATS))
 def val_stats(message: Message, context: Context) -> Message:
     runner = runner_for(message, context)
-    counts = runner.validation_counts(_weights(message, context, runner), _platt(message))
+    # a round's average (FedBN: completed with this site's BatchNorm), or the final model, named by digest
+    model_message = Field.MODEL_DIGEST in message.content[Key.CONFIG]
+    weights = _model(message, context, runner) if model_message else _weights(message, context, runner)
+    counts = runner.validation_counts(weights, _platt(message))
     return _reply(message, runner, **{Key.STATS: _arrays(encode(counts))})
 
 
 @app.query(MessageKind.action(MessageKind.CALIBRATE))
 def calibrate(message: Message, context: Context) -> Message:
-    """One Newton step's statistics. The first step carries the weights; the site keeps the validation logits
-    in its node state (never in a reply) and later steps name the weights by digest only."""
+    """One Newton step's statistics. The first step is about the whole model (sent, or kept here); the site
+    keeps the validation logits in its node state (never in a reply) and later steps name the model by digest."""
     runner = runner_for(message, context)
     instruction = message.content[Key.CONFIG]
     digest = str(instruction[Field.MODEL_DIGEST])
-    if Key.ARRAYS in message.content:
-        logits, labels = runner.validation_logits(_weights(message))
+    kept = context.state.get(VAL_LOGITS_DIGEST)
+    if Key.ARRAYS in message.content or kept is None or kept[Field.MODEL_DIGEST] != digest:
+        try:
+            weights = _model(message, context, runner)
+        except ConfigError as exc:
+            raise ConfigError(f"site {runner.site}: no validation logits of model {digest} ({exc})") from exc
+        logits, labels = runner.validation_logits(weights)
         context.state[VAL_LOGITS] = _arrays({"logits": logits, "labels": labels})
         context.state[VAL_LOGITS_DIGEST] = ConfigRecord({Field.MODEL_DIGEST: digest})
-    kept = context.state.get(VAL_LOGITS_DIGEST)
-    if kept is None or kept[Field.MODEL_DIGEST] != digest:
-        raise ConfigError(f"site {runner.site}: no validation logits of model {digest} (the first step carries it)")
     record = context.state[VAL_LOGITS]
     targets = (float(instruction[Field.TARGET_NEG]), float(instruction[Field.TARGET_POS]))
     stats = PlattStats.from_logits(record["logits"].numpy(), record["labels"].numpy(), _platt(message), targets)
@@ -343,7 +384,7 @@ def calibrate(message: Message, context: Context) -> Message:
 def ood_moments(message: Message, context: Context) -> Message:
     """Sums of neck features and of their outer products over this site's training knees (never the features)."""
     runner = runner_for(message, context)
-    m = runner.ood_moments(_weights(message))
+    m = runner.ood_moments(_model(message, context, runner))
     values = {"n": np.array([m.n], np.int64), "sum": m.sum, "sum_outer": m.sum_outer}
     return _reply(message, runner, **{Key.STATS: _arrays(values)})
 
@@ -359,7 +400,7 @@ def ood_distances(message: Message, context: Context) -> Message:
         float(instruction[Field.SHRINKAGE]),
         int(instruction[Field.N_CASES]),
     )
-    hist = runner.ood_histogram(_weights(message), gaussian)
+    hist = runner.ood_histogram(_model(message, context, runner), gaussian)
     return _reply(message, runner, **{Key.STATS: _arrays({"hist": hist})})
 
 
@@ -367,7 +408,7 @@ def _branch_data(message: Message, context: Context, runner: SiteRunner) -> tupl
     """This site's frozen T-score branch inputs (train, val) for the kept model: computed when the message carries
     the whole model, kept in node state, and reused while later messages carry only the branch."""
     digest = str(message.content[Key.CONFIG][Field.MODEL_DIGEST])
-    weights = _weights(message)
+    weights = _model(message, context, runner)
     if set(weights) != set(branch_keys(runner.model)):
         runner.model.load_state_dict(weights)
         data = {
@@ -418,5 +459,5 @@ def tscore_train(message: Message, context: Context) -> Message:
 def evaluate_frozen(message: Message, context: Context) -> Message:
     runner = runner_for(message, context)
     threshold = float(message.content[Key.CONFIG][Field.THRESHOLD])
-    counts = runner.evaluate_frozen(_weights(message), threshold, _platt(message))
+    counts = runner.evaluate_frozen(_model(message, context, runner), threshold, _platt(message))
     return _reply(message, runner, **{Key.STATS: _arrays(encode_splits(counts))})

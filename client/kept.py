@@ -96,6 +96,22 @@ class KeptState:
         path = self.folder / f"optimizer-round-{server_round}.pt"
         return path.read_bytes() if path.is_file() else None
 
+    def save_model(self, digest: str, state: dict[str, torch.Tensor]) -> None:
+        """The whole model the messages after training name by digest (the two latest stay): a simulation may
+        serve this node's next message from another process."""
+        if not re.fullmatch(r"[0-9a-f]{8,64}", digest):
+            raise ValueError(f"model digest {digest!r} is not a hex digest")
+        flush()
+        self._write(f"model-{digest}.pt", {k: v.detach().cpu() for k, v in state.items()})
+        models = sorted(self.folder.glob("model-*.pt"), key=lambda p: p.stat().st_mtime_ns)
+        for old in models[:-2]:
+            old.unlink(missing_ok=True)
+
+    def model(self, digest: str) -> dict[str, torch.Tensor] | None:
+        if not re.fullmatch(r"[0-9a-f]{8,64}", digest):
+            raise ValueError(f"model digest {digest!r} is not a hex digest")
+        return self._read(f"model-{digest}.pt")
+
     def save_batchnorm(self, tensors: dict[str, torch.Tensor], server_round: int) -> None:
         self._write(f"batchnorm-round-{server_round}.pt", {k: v.detach().cpu() for k, v in tensors.items()})
 

@@ -48,7 +48,7 @@ def pooled_calibration(sites: TrainingSites, arrays: ArrayRecord, counts: Valida
             Field.TARGET_NEG: targets[0],
             Field.TARGET_POS: targets[1],
         }
-        replies = sites.ask(MessageKind.CALIBRATE, config, arrays if first else None)
+        replies = sites.ask(MessageKind.CALIBRATE, config, model=arrays if first else None)
         per_site: dict[str, PlattStats] = {}
         for site, values in replies.items():
             try:
@@ -78,7 +78,7 @@ def calibrated_validation_counts(
     config = {Field.PLATT_A: platt.a, Field.PLATT_B: platt.b}
     per_site: dict[str, ValidationCounts] = {}
     noised = sites.cfg.privacy.statistics.noised
-    for site, values in sites.ask(MessageKind.VAL_STATS, config, arrays).items():
+    for site, values in sites.ask(MessageKind.VAL_STATS, config, model=arrays).items():
         if noised:  # τ-grid counts from the noised histogram
             values = restore_validation(values, th.grid())
         try:

@@ -163,7 +163,9 @@ def run_federated(
         )
         tau = float(threshold["value"])
         ood = pooled_ood(sites, kept) if cfg.ood.enabled else None
-        frozen, withheld = frozen_evaluation(grid, cfg, nodes, kept, tau, platt, digest, run.problem, ledger)
+        frozen, withheld = frozen_evaluation(
+            grid, cfg, nodes, kept, tau, platt, digest, run.problem, ledger, shipping=sites.shipping
+        )
         if cfg.privacy.statistics.enabled:  # beside τ*, which it chose: summary.json and the bundle
             threshold["statistics_privacy"] = ledger.report()
             if run.tracker is not None and cfg.privacy.statistics.noised:

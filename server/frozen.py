@@ -11,7 +11,7 @@ from flwr.serverapp import Grid
 from configs.schema import Config
 from server.discovery import SiteNode
 from server.exchange import send_and_receive
-from server.replies import reply_content, stats_arrays, withheld
+from server.replies import ModelShipping, reply_content, stats_arrays, withheld
 from strnet.calibration import Platt
 from strnet.errors import SiteError
 from strnet.protocol import PROTOCOL_VERSION, Field, Key, MessageKind, decode_splits
@@ -29,26 +29,32 @@ def frozen_evaluation(
     config_digest: str,
     problem: Callable[[str], None],
     ledger: StatisticsLedger | None = None,
+    shipping: ModelShipping | None = None,
 ) -> tuple[dict[str, dict[str, EvaluationCounts]], dict[str, set[str]]]:
     """site -> split (``test``: its evaluation cohort; ``val``: a training site's validation split) -> counts, and
     site -> the ids (``<split>.<statistic>``) of the statistics it withheld.
 
     Under ``privacy.statistics`` a statistic a site withheld counts as zeros (named in the problems; the ids let
     the subgroup table say "withheld" instead of reading those zeros as data) and the counts at τ* are read off
-    the noised histograms; ``ledger`` counts the noised releases."""
+    the noised histograms; ``ledger`` counts the noised releases. ``shipping``: the models the training sites
+    keep from the messages after training (they get the final model's digest; external sites get the model)."""
     policy = cfg.privacy.statistics
     n_bins = cfg.threshold.histogram_bins
-    instruction = ConfigRecord(
-        {
-            Field.VERSION: PROTOCOL_VERSION,
-            Field.CONFIG_DIGEST: config_digest,
-            Field.THRESHOLD: float(tau),
-            Field.PLATT_A: platt.a,
-            Field.PLATT_B: platt.b,
-        }
-    )
-    record = RecordDict({Key.ARRAYS: arrays, Key.CONFIG: instruction})
-    messages = [Message(content=record, message_type=MessageKind.FROZEN, dst_node_id=n) for n in sorted(nodes)]
+    instruction = {
+        Field.VERSION: PROTOCOL_VERSION,
+        Field.CONFIG_DIGEST: config_digest,
+        Field.THRESHOLD: float(tau),
+        Field.PLATT_A: platt.a,
+        Field.PLATT_B: platt.b,
+    }
+    shipping = shipping if shipping is not None else ModelShipping()
+    messages = []
+    for n in sorted(nodes):
+        sent, fields = shipping.pack(n, arrays)
+        record = RecordDict(
+            {Key.CONFIG: ConfigRecord(instruction | fields)} | ({Key.ARRAYS: sent} if sent is not None else {})
+        )
+        messages.append(Message(content=record, message_type=MessageKind.FROZEN, dst_node_id=n))
     out: dict[str, dict[str, EvaluationCounts]] = {}
     held_by: dict[str, set[str]] = {}
     for msg in send_and_receive(grid, messages, timeout=cfg.federation.round_timeout):

@@ -25,7 +25,7 @@ def pooled_ood(sites: TrainingSites, arrays: ArrayRecord) -> dict[str, Any] | No
     quorum = cfg.federation.quorum
     config: dict[str, Any] = {}
     moments: list[FeatureMoments] = []
-    for site, values in sites.ask(MessageKind.OOD_MOMENTS, config, arrays).items():
+    for site, values in sites.ask(MessageKind.OOD_MOMENTS, config, model=arrays).items():
         try:
             moments.append(FeatureMoments(int(values["n"][0]), values["sum"], values["sum_outer"]))
         except (KeyError, ValueError, IndexError) as exc:
@@ -38,7 +38,7 @@ def pooled_ood(sites: TrainingSites, arrays: ArrayRecord) -> dict[str, Any] | No
         config |= {Field.SHRINKAGE: gaussian.shrinkage, Field.N_CASES: gaussian.n}
         edges = default_edges()
         hists = []
-        replies = sites.ask(MessageKind.OOD_DISTANCES, config, arrays, stats=sent)
+        replies = sites.ask(MessageKind.OOD_DISTANCES, config, stats=sent, model=arrays)
         for site, values in replies.items():
             hist = np.asarray(values.get("hist"))
             if hist.shape != (len(edges) - 1,) or (hist < 0).any():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -13,7 +13,7 @@ from flwr.serverapp import Grid
 from configs.schema import Config
 from server.exchange import send_and_receive
 from strnet.errors import SiteError
-from strnet.protocol import PROTOCOL_VERSION, Field, Key, check_version
+from strnet.protocol import PROTOCOL_VERSION, Field, Key, check_version, model_digest
 from strnet.released import WITHHELD, StatisticsLedger, withheld_problem
 
 
@@ -42,6 +42,57 @@ def withheld(content: RecordDict, kind: str, site: str) -> dict[str, SiteError]:
     return {str(k): SiteError(site, withheld_problem(kind, str(k), int(v))) for k, v in record.items()}  # type: ignore[arg-type]
 
 
+class ModelShipping:
+    """Which whole models each node keeps, so the final model travels to a site once after training.
+
+    Six messages after training are about the same final model (calibration, calibrated validation, two OOD
+    queries, frozen evaluation; the T-score refit's first message about the kept one, which differs from it in the
+    ~14 k weights of the T-score branch). Each carried it whole, at fp32: ~585 MB on the demo, ~2 s of its wall.
+    Now the first message to a node carries the model (or only the tensors that differ from a model it keeps,
+    with that model's digest) and asks the node to keep it; later messages name it by digest. A node counts as
+    keeping a model once it replied usably to a message that carried it."""
+
+    def __init__(self) -> None:
+        self._held: dict[int, dict[str, ArrayRecord]] = {}  # node -> digest -> the model
+        self._digests: dict[int, tuple[ArrayRecord, str]] = {}  # id(record) -> (record, digest)
+
+    def digest(self, model: ArrayRecord) -> str:
+        known = self._digests.get(id(model))
+        if known is None or known[0] is not model:
+            known = (model, model_digest({k: v.numpy() for k, v in model.items()}))
+            self._digests[id(model)] = known
+        return known[1]
+
+    def pack(self, node: int, model: ArrayRecord) -> tuple[ArrayRecord | None, dict[str, Any]]:
+        """(arrays, instruction fields) that give ``node`` the whole ``model``: nothing when it keeps it, else the
+        tensors that differ from the model it keeps that shares most (when that is under half the bytes), else
+        the model."""
+        digest = self.digest(model)
+        held = self._held.get(node, {})
+        if digest in held:
+            return None, {Field.MODEL_DIGEST: digest}
+        best: tuple[int, str, list[str]] | None = None
+        for base_digest, base in held.items():
+            if set(base.keys()) != set(model.keys()):
+                continue
+            changed = [k for k in model if not np.array_equal(model[k].numpy(), base[k].numpy())]
+            size = sum(model[k].numpy().nbytes for k in changed)
+            if best is None or size < best[0]:
+                best = (size, base_digest, changed)
+        fields: dict[str, Any] = {Field.MODEL_DIGEST: digest, Field.KEEP_MODEL: True}
+        total = sum(v.numpy().nbytes for v in model.values())
+        if best is not None and best[0] < total / 2:
+            return ArrayRecord({k: model[k] for k in best[2]}), fields | {Field.BASE_DIGEST: best[1]}
+        return model, fields
+
+    def delivered(self, node: int, model: ArrayRecord) -> None:
+        """``node`` keeps ``model`` now (and, like the site, only its two latest)."""
+        held = self._held.setdefault(node, {})
+        held[self.digest(model)] = model
+        while len(held) > 2:
+            held.pop(next(iter(held)))
+
+
 @dataclass
 class TrainingSites:
     """The training nodes of a run and how to ask them something after training (calibration, OOD model,
@@ -53,6 +104,7 @@ class TrainingSites:
     config_digest: str
     problem: Callable[[str], None]
     ledger: StatisticsLedger | None = None  # privacy.statistics: the noised releases of the run
+    shipping: ModelShipping = field(default_factory=ModelShipping)
 
     def ask(
         self,
@@ -61,18 +113,25 @@ class TrainingSites:
         arrays: ArrayRecord | None = None,
         stats: ArrayRecord | None = None,
         *,
+        model: ArrayRecord | None = None,
         partial: bool = False,
     ) -> dict[str, dict[str, np.ndarray]]:
         """site -> its reply's stats arrays; failed, malformed or withheld (``privacy.statistics``) replies are
-        reported and left out. ``partial``: a reply carrying several statistics keeps those not withheld (the
-        caller checks which arrays it got), so one statistic under k does not drop the others."""
-        instruction = ConfigRecord({Field.VERSION: PROTOCOL_VERSION, Field.CONFIG_DIGEST: self.config_digest, **config})
-        content = RecordDict(
-            {Key.CONFIG: instruction}
-            | ({Key.ARRAYS: arrays} if arrays is not None else {})
-            | ({Key.STATS: stats} if stats is not None else {})
-        )
-        messages = [Message(content=content, message_type=kind, dst_node_id=n) for n in sorted(self.nodes)]
+        reported and left out. ``model``: the whole model the message is about, shipped as :class:`ModelShipping`
+        says (instead of ``arrays``). ``partial``: a reply carrying several statistics keeps those not withheld
+        (the caller checks which arrays it got), so one statistic under k does not drop the others."""
+        if model is not None and arrays is not None:
+            raise ValueError("ask: a message carries a whole model or arrays, not both")
+        messages = []
+        for node in sorted(self.nodes):
+            sent, fields = self.shipping.pack(node, model) if model is not None else (arrays, {})
+            fields = {Field.VERSION: PROTOCOL_VERSION, Field.CONFIG_DIGEST: self.config_digest, **config, **fields}
+            content = RecordDict(
+                {Key.CONFIG: ConfigRecord(fields)}
+                | ({Key.ARRAYS: sent} if sent is not None else {})
+                | ({Key.STATS: stats} if stats is not None else {})
+            )
+            messages.append(Message(content=content, message_type=kind, dst_node_id=node))
         out: dict[str, dict[str, np.ndarray]] = {}
         replies = send_and_receive(self.grid, messages, timeout=self.cfg.federation.round_timeout)
         for node in sorted(set(self.nodes) - {msg.metadata.src_node_id for msg in replies}):
@@ -85,6 +144,8 @@ class TrainingSites:
             except SiteError as exc:
                 self.problem(f"{kind}: {exc}")
                 continue
+            if model is not None:
+                self.shipping.delivered(msg.metadata.src_node_id, model)
             if self.ledger is not None:
                 self.ledger.record(site, kind, arrays)
             held = withheld(content, kind, site)

@@ -37,13 +37,15 @@ def pooled_tscore_refit(sites: TrainingSites, arrays: ArrayRecord) -> tuple[Arra
     config = {Field.MODEL_DIGEST: digest}
     sent_full = False
 
-    def branch() -> ArrayRecord:
+    def branch() -> dict[str, ArrayRecord]:
+        """The first message is about the whole kept model (shipped once, server.replies.ModelShipping); later
+        ones carry the current branch."""
         nonlocal sent_full
         if not sent_full:
             sent_full = True
-            return arrays
+            return {"model": arrays}
         state = model.state_dict()
-        return ArrayRecord({k: Array(state[k].detach().cpu().numpy()) for k in keys})
+        return {"arrays": ArrayRecord({k: Array(state[k].detach().cpu().numpy()) for k in keys})}
 
     def pooled(replies: dict[str, dict[str, Any]], what: str) -> np.ndarray:
         sums = [np.asarray(v.pop("sums", ())) for v in replies.values()]
@@ -53,12 +55,12 @@ def pooled_tscore_refit(sites: TrainingSites, arrays: ArrayRecord) -> tuple[Arra
         return np.sum(good, axis=0)
 
     def validation(_: torch.nn.Module) -> np.ndarray:
-        return pooled(sites.ask(MessageKind.TSCORE_VAL, config, branch()), "validation")
+        return pooled(sites.ask(MessageKind.TSCORE_VAL, config, **branch()), "validation")
 
     def step(_: torch.nn.Module, steps: int) -> np.ndarray:
         """Every site's validation sums of the sent branch and its branch after ``steps`` steps, in one exchange."""
         step_config = config | {Field.STEPS: steps}
-        replies = sites.ask(MessageKind.TSCORE_TRAIN, step_config, branch(), partial=True)
+        replies = sites.ask(MessageKind.TSCORE_TRAIN, step_config, **branch(), partial=True)
         sums = pooled(replies, "validation")
         states, weights = [], []
         for site, values in replies.items():

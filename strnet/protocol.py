@@ -29,7 +29,8 @@ from strnet.calibration import PlattStats
 from strnet.errors import SiteError
 from strnet.sufficient import EvaluationCounts, ValidationCounts
 
-PROTOCOL_VERSION = 5  # 5: a train message may ask for validation counts of its weights first
+PROTOCOL_VERSION = 5  # 5: a train message may ask for validation counts of its weights first; the final model
+# travels to a site once and is named by digest afterwards
 
 
 class MessageKind:
@@ -83,7 +84,9 @@ class Field:
     STEPS = "steps"  # local optimizer steps (T-score branch refit)
     SHRINKAGE = "shrinkage"  # the pooled Gaussian's covariance shrinkage and case count (OOD)
     N_CASES = "n-cases"
-    MODEL_DIGEST = "model-digest"  # which weights a calibration step refers to (sent once, then by digest)
+    MODEL_DIGEST = "model-digest"  # which whole model a message is about (sent once, then named by digest)
+    KEEP_MODEL = "keep-model"  # the site keeps the message's whole model under MODEL_DIGEST for later messages
+    BASE_DIGEST = "base-digest"  # the message's arrays are the tensors that differ from this model the site keeps
     SITE = "site"
     ROLE = "role"
 

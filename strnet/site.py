@@ -103,6 +103,8 @@ class SiteRunner:
         # kept between messages by a ClientApp process that keeps its sites (client.app); the one before the
         # latest is the state a round the server sends again (at a new learning rate) starts from
         self.kept_optimizer: dict[tuple[str, int], dict[str, Any]] = {}
+        # digest -> the whole model the messages after training are about (client.app; also on the site's disk)
+        self.held_models: dict[str, dict[str, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------------------------------------ helpers
 

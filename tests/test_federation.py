@@ -38,6 +38,7 @@ from strnet.evaluation import predict_frame, strict_json
 from strnet.protocol import PROTOCOL_VERSION, Field, Key, MessageKind, encode
 from strnet.subgroups import subgroup_metrics
 from strnet.sufficient import ValidationCounts
+from strnet.tscore import branch_keys
 from tests.test_subgroups import auroc_tolerance, level_mask
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
@@ -426,8 +427,12 @@ def test_weights_travel_at_the_configured_precision(scenario, tmp_path: Path, tr
     }
     in_round = [m for m in sent["train"] + sent["query.val_stats"] if m.metadata.group_id == "1"]
     assert [floating(m) for m in in_round] == [{wire}] * 4  # train and the round's validation statistics
-    final = [m for m in sent["query.val_stats"] + sent["evaluate.frozen"] if m not in in_round]
-    assert [floating(m) for m in final] == [{"float32"}] * 5  # calibrated counts, frozen evaluation: the bundle's
+    # after training, every message that carries weights (the T-score refit's and calibration's first, the
+    # external site's frozen evaluation: the rest name the final model by digest) carries the bundle's, at fp32
+    final = [m for _, m in grid.sent if m not in in_round and m.metadata.message_type != "train"]
+    carrying = [floating(m) for m in final if Key.ARRAYS in m.content]
+    assert len(carrying) >= 5 and all(f == {"float32"} for f in carrying)
+    assert [floating(m) for m in sent["evaluate.frozen"]] == [set(), set(), {"float32"}]  # the external site
     train_replies = [r for r in replies if r.metadata.message_type == "train"]
     assert len(train_replies) == 2 and all(floating(r) == {wire} for r in train_replies)
     counters = [v for r in train_replies for k, v in r.content[Key.ARRAYS].items() if k.endswith("num_batches_tracked")]
@@ -703,6 +708,58 @@ def test_one_exchange_rounds_equal_train_then_validate(
     a = load_bundle(Path(fused_cfg.output_dir) / "bundle").model.state_dict()
     b = load_bundle(Path(plain_cfg.output_dir) / "bundle").model.state_dict()
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class ForgetfulGrid(InProcessGrid):
+    """Every site forgets the models it keeps in memory before each message, so each one comes from its disk, as
+    when a simulation serves a node's next message from another process."""
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        import client.app
+
+        replies = []
+        for msg in messages:
+            for runner in client.app._SITES.values():
+                runner.held_models.clear()
+            replies += super().send_and_receive([msg], timeout=timeout)
+        return replies
+
+
+def test_the_final_model_reaches_each_site_once(scenario, tmp_path: Path) -> None:
+    """After training, the T-score refit's first message ships the kept model, calibration's first step only the
+    refitted branch on top of it, and the calibrated validation, the OOD queries and the frozen evaluation name
+    the final model by digest; the external site, which kept nothing, gets it whole. Served from the sites'
+    disks, the run ends exactly as one served from memory."""
+    extra = ["tracking.enabled=false", "tscore.rounds=3"]
+    cfg = load_config("demo", [*_overrides(scenario, tmp_path / "disk"), *extra])
+    grid = ForgetfulGrid(3)
+    run_federated(grid, cfg)  # type: ignore[arg-type]
+    same = load_config("demo", [*_overrides(scenario, tmp_path / "memory"), *extra])
+    run_federated(InProcessGrid(3), same)  # type: ignore[arg-type]
+    a, b = (json.loads((Path(c.output_dir) / "summary.json").read_text())["metrics"] for c in (cfg, same))
+    assert {k: v for k, v in a.items() if "seconds" not in k} == {k: v for k, v in b.items() if "seconds" not in k}
+
+    model = load_bundle(Path(cfg.output_dir) / "bundle").model
+    everything = set(model.state_dict())
+    external = 102  # stage2, the third configured site
+    shipped: dict[int, list[tuple[str, set[str], bool]]] = {}
+    for node, msg in grid.sent:
+        instruction = msg.content[Key.CONFIG]
+        if Field.MODEL_DIGEST not in instruction and msg.metadata.message_type != MessageKind.FROZEN:
+            continue  # the rounds
+        keys = set(msg.content[Key.ARRAYS].keys()) if Key.ARRAYS in msg.content else set()
+        shipped.setdefault(node, []).append((msg.metadata.message_type, keys, Field.BASE_DIGEST in instruction))
+    for node, sent in shipped.items():
+        whole = [kind for kind, keys, _ in sent if keys == everything]
+        if node == external:
+            assert sent == [(MessageKind.FROZEN, everything, False)]
+            continue
+        assert whole == [MessageKind.TSCORE_TRAIN], sent  # the kept model, once
+        first_calibration = next(s for s in sent if s[0] == MessageKind.CALIBRATE)
+        assert first_calibration[2] and first_calibration[1] == set(branch_keys(model))  # the branch on top
+        by_digest = [kind for kind, keys, _ in sent if not keys]
+        for kind in (MessageKind.VAL_STATS, MessageKind.OOD_MOMENTS, MessageKind.OOD_DISTANCES, MessageKind.FROZEN):
+            assert kind in by_digest, (kind, sent)
 
 
 def test_resume_refuses_another_configuration_and_a_tampered_checkpoint(scenario, tmp_path: Path) -> None:

@@ -270,3 +270,24 @@ def test_the_transport_key_validates() -> None:
     assert set(allowed) == set(WIRE_DTYPES)  # the schema and the wire format name the same precisions
     with pytest.raises(ValueError, match=r"federation\.transport"):
         to_wire({"w": np.ones(2, np.float32)}, "int8")
+
+
+def test_model_shipping_sends_a_model_once_and_then_what_differs_from_it() -> None:
+    from server.replies import ModelShipping
+
+    rng = np.random.default_rng(0)
+    kept = {"backbone": rng.normal(size=(64, 64)).astype(np.float32), "branch": np.ones(4, np.float32)}
+    model = ArrayRecord({k: Array(v) for k, v in kept.items()})
+    refitted = ArrayRecord({"backbone": model["backbone"], "branch": Array(np.zeros(4, np.float32))})
+    other = ArrayRecord({k: Array(np.zeros_like(v)) for k, v in kept.items()})
+    shipping = ModelShipping()
+    sent, fields = shipping.pack(7, model)
+    assert sent is model and fields[Field.KEEP_MODEL] and Field.BASE_DIGEST not in fields
+    shipping.delivered(7, model)
+    assert shipping.pack(7, model) == (None, {Field.MODEL_DIGEST: fields[Field.MODEL_DIGEST]})
+    assert shipping.pack(8, model)[0] is model  # another node keeps nothing yet
+    sent, fields = shipping.pack(7, refitted)
+    assert sent is not None and list(sent.keys()) == ["branch"]
+    assert fields[Field.BASE_DIGEST] == shipping.digest(model) and fields[Field.KEEP_MODEL]
+    assert fields[Field.MODEL_DIGEST] == shipping.digest(refitted) != shipping.digest(model)
+    assert shipping.pack(7, other)[0] is other  # differs everywhere: whole
