@@ -128,16 +128,25 @@ def _neighbour_correlation(gray: np.ndarray) -> float:
         # Area averaging keeps white noise white (means of disjoint blocks are independent) and makes the
         # statistic independent of the file's resolution.
         gray = cv2.resize(gray, (max(2, round(w * scale)), max(2, round(h * scale))), interpolation=cv2.INTER_AREA)
-    a = gray.astype(np.float64) - float(gray.mean())
-    pairs = ((a[:, 1:], a[:, :-1]), (a[1:, :], a[:-1, :]))
+    a = gray.astype(np.float64)  # a copy, centred in place
+    a -= a.mean()
+    # Contiguous dot products only (BLAS; 0.22 instead of 0.29 ms for a 280² film, and predict runs this per
+    # file): the horizontal pairs are the flat array against itself shifted by one, minus the pairs that wrap
+    # from one row's end to the next row's start; the vertical ones are whole rows against the rows below.
+    flat = a.ravel()
+    squares = float(flat @ flat)
+    first, last = a[:, 0], a[:, -1]
+    horizontal = (
+        float(flat[1:] @ flat[:-1]) - float(last[:-1] @ first[1:]),
+        squares - float(first @ first),
+        squares - float(last @ last),
+    )
+    top, bottom = a[0], a[-1]
+    vertical = (float(a[1:].ravel() @ a[:-1].ravel()), squares - float(top @ top), squares - float(bottom @ bottom))
     corrs = []
-
-    def dot(x: np.ndarray, y: np.ndarray) -> float:
-        return float(np.einsum("ij,ij->", x, y))  # no product array: 2.4x faster, and predict runs this per file
-
-    for x, y in pairs:
-        den = math.sqrt(dot(x, x) * dot(y, y))
-        corrs.append(dot(x, y) / den if den > 0 else 1.0)
+    for cross, xx, yy in (horizontal, vertical):
+        den = math.sqrt(xx * yy)
+        corrs.append(cross / den if den > 0 else 1.0)
     return float(np.mean(corrs))
 
 

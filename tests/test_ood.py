@@ -24,11 +24,13 @@ from strnet.data.imageio import is_image_file
 from strnet.data.preprocess import PreprocessParams
 from strnet.model import build_strnet
 from strnet.ood import (
+    CHECK_SIDE,
     STATUS_OK,
     STATUS_OOD,
     FeatureGaussian,
     FeatureMoments,
     OODModel,
+    _neighbour_correlation,
     default_edges,
     distance_histogram,
     extract_features,
@@ -149,6 +151,28 @@ def test_ood_model_assess_and_json_round_trip() -> None:
 @pytest.fixture(scope="module")
 def non_radiographs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
     return write_non_radiographs(tmp_path_factory.mktemp("non_radiographs"), seed=0, per_kind=2, size=192)
+
+
+@pytest.mark.parametrize("shape", [(280, 280), (37, 53), (600, 410)])
+def test_neighbour_correlation_equals_the_products_of_shifted_views(shape: tuple[int, int]) -> None:
+    """The contiguous-dot-product form against the plain one: neighbours side by side and one above the other."""
+    rng = np.random.default_rng(sum(shape))
+    smooth = cv2.GaussianBlur(rng.normal(size=shape).astype(np.float32), (0, 0), 3)
+    for gray in (
+        smooth,
+        rng.normal(size=shape).astype(np.float32),
+        smooth + 5 * rng.normal(size=shape[1]).astype(np.float32),
+    ):
+        small = gray
+        scale = min(1.0, CHECK_SIDE / max(shape))
+        if scale < 1.0:
+            small = cv2.resize(gray, (round(shape[1] * scale), round(shape[0] * scale)), interpolation=cv2.INTER_AREA)
+        a = small.astype(np.float64) - small.astype(np.float64).mean()
+        corrs = [
+            float((x * y).sum() / math.sqrt((x * x).sum() * (y * y).sum()))
+            for x, y in ((a[:, 1:], a[:, :-1]), (a[1:, :], a[:-1, :]))
+        ]
+        assert _neighbour_correlation(gray) == pytest.approx(float(np.mean(corrs)), abs=1e-12)
 
 
 @pytest.mark.parametrize("kind", [k for k in NON_RADIOGRAPHS if k not in RADIOGRAPH_LIKE])
