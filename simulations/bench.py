@@ -381,26 +381,50 @@ def bench_federation(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 
 def bench_transport(
-    args: argparse.Namespace, workdir: Path, seeds: int, overrides: tuple[str, ...] = (), patients: int = 150
+    args: argparse.Namespace,
+    workdir: Path,
+    seeds: int,
+    overrides: tuple[str, ...] = (),
+    patients: int = 150,
+    draw_patients: int = 300,
 ) -> dict[str, Any]:
     """The demo's federation in one process with fp16 and with fp32 weights, paired by training seed.
 
     One pair of runs cannot say what fp16 does to a whole run: the demo's run is chaotic (the same fp16 run
     through ``flwr run`` and in one process, which differ only in summation order and process layout, ended
-    0.075 apart in pooled test AUROC). Pairs over seeds give the difference's mean and spread beside the
-    spread between seeds of fp32 runs alone, which is the scale any perturbation of the path reaches.
+    0.075 apart in pooled test AUROC). Pairs over seeds give the difference's mean, spread and 95 % t-interval
+    beside the spread between seeds of fp32 runs alone, which is the scale any perturbation of the path reaches.
+    The demo's pooled test split is ~60 knees, so every model is also scored on an independent synthetic draw
+    of the training sites (another generator seed, ``draw_patients`` per site, all labelled knees): a test
+    set that size no longer adds its own noise to the comparison of two models.
     """
-    import numpy as np
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
 
     from server.federation import run_federated as server_federation
     from server.tracking import Tracker
     from simulations.demo import scenario_config
     from simulations.inprocess import InProcessGrid, stamp_task_identity
     from simulations.scenario import build_synthetic_scenario
+    from strnet.bundle import load_bundle
+    from strnet.data.manifest import read_manifest
+    from strnet.evaluation import predict_frame
 
     ns = argparse.Namespace(set=list(overrides), tracking_uri=args.tracking_uri, config="demo")
     size = scenario_config(ns, {}, workdir, "x").preprocess.size
     scenario = build_synthetic_scenario(workdir, seed=42, n_patients=patients, image_size=size * 2)
+    draw_sites = build_synthetic_scenario(workdir / "draw", seed=7, n_patients=draw_patients, image_size=size * 2)
+    train_sites = [
+        s.name for s in scenario_config(ns, scenario.site_manifests, workdir, "x").federation.sites if s.role == "train"
+    ]
+    draw = pd.concat([read_manifest(draw_sites.site_manifests[s]) for s in train_sites], ignore_index=True).query(
+        "label_cls != ''"
+    )
+
+    def draw_auroc(run_dir: Path) -> float:
+        pred = predict_frame(load_bundle(run_dir / "bundle"), draw, cache=None, progress=False)
+        return float(roc_auc_score(pred["label_cls"] != "normal", pred["prob_bone_loss"]))
+
     pairs = []
     for seed in range(42, 42 + seeds):
         pair: dict[str, Any] = {"seed": seed}
@@ -412,17 +436,41 @@ def bench_transport(
             server_federation(grid, cfg, tracker=Tracker(uri=cfg.tracking.uri, experiment="strnet-bench"))  # type: ignore[arg-type]
             summary = json.loads((Path(cfg.output_dir) / "summary.json").read_text())
             pair[transport] = summary["metrics"]["test_screening_auroc"]
+            pair[f"draw_{transport}"] = draw_auroc(Path(cfg.output_dir))
         pair["difference"] = pair["fp16"] - pair["fp32"]
+        pair["draw_difference"] = pair["draw_fp16"] - pair["draw_fp32"]
         pairs.append(pair)
-        print(f"  seed {seed}: fp16 {pair['fp16']:.4f}, fp32 {pair['fp32']:.4f}", flush=True)
-    diff = np.array([p["difference"] for p in pairs])
-    fp32 = np.array([p["fp32"] for p in pairs])
+        print(
+            f"  seed {seed}: fp16 {pair['fp16']:.4f}, fp32 {pair['fp32']:.4f}; "
+            f"on the draw {pair['draw_fp16']:.4f}, {pair['draw_fp32']:.4f}",
+            flush=True,
+        )
     return {
         "pairs": pairs,
+        "draw_knees": len(draw),
+        **_paired([p["difference"] for p in pairs], [p["fp32"] for p in pairs]),
+        **{
+            f"draw_{k}": v
+            for k, v in _paired([p["draw_difference"] for p in pairs], [p["draw_fp32"] for p in pairs]).items()
+        },
+    }
+
+
+def _paired(differences: list[float], fp32: list[float]) -> dict[str, float]:
+    """Mean, SD and 95 % t-interval of paired differences, and the SD between seeds of the fp32 runs alone."""
+    import numpy as np
+    from scipy import stats
+
+    diff, base = np.asarray(differences, float), np.asarray(fp32, float)
+    n = len(diff)
+    sd = float(diff.std(ddof=1)) if n > 1 else math.nan
+    half = float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)) if n > 1 else math.nan
+    return {
         "mean_difference": float(diff.mean()),
         "mean_abs_difference": float(np.abs(diff).mean()),
-        "sd_difference": float(diff.std(ddof=1)) if len(diff) > 1 else math.nan,
-        "sd_fp32_between_seeds": float(fp32.std(ddof=1)) if len(fp32) > 1 else math.nan,
+        "sd_difference": sd,
+        "ci_difference": [float(diff.mean()) - half, float(diff.mean()) + half],
+        "sd_fp32_between_seeds": float(base.std(ddof=1)) if n > 1 else math.nan,
     }
 
 
@@ -519,11 +567,13 @@ def table(result: dict[str, Any]) -> str:
     t = result.get("transport")
     if t:
         n = len(t["pairs"])
-        lines.append(
-            f"| pooled test AUROC, whole run fp16 − fp32, in one process, {n} seed(s): mean (SD) | "
-            f"{t['mean_difference']:+.4f} ({t['sd_difference']:.4f}) | SD between seeds, fp32 alone: "
-            f"{t['sd_fp32_between_seeds']:.4f} | — | within 0.005 |"
-        )
+        for prefix, what in (("", "pooled test AUROC"), ("draw_", f"AUROC on a new draw ({t['draw_knees']} knees)")):
+            lo, hi = t[f"{prefix}ci_difference"]
+            lines.append(
+                f"| {what}, whole run fp16 − fp32, in one process, {n} seed(s): mean (SD) [95 % CI] | "
+                f"{t[f'{prefix}mean_difference']:+.4f} ({t[f'{prefix}sd_difference']:.4f}) [{lo:+.4f}, {hi:+.4f}] | "
+                f"SD between seeds, fp32 alone: {t[f'{prefix}sd_fp32_between_seeds']:.4f} | — | within 0.005 |"
+            )
     return "\n".join(lines)
 
 
@@ -533,6 +583,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
     parser.add_argument("--quick", action="store_true", help="fewer steps and files (a smoke run, not the README's)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow store (default ./mlflow.db)")
+    parser.add_argument("--transport-seeds", type=int, default=None, help="paired seeds of the transport part")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -549,6 +600,8 @@ def run(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
         error(f"--only: unknown part(s) {unknown}; choose from {', '.join(PARTS)}")
         return 2
     sizes = Sizes.quick() if args.quick else Sizes()
+    if getattr(args, "transport_seeds", None):
+        sizes = replace(sizes, transport_seeds=args.transport_seeds)
     out = Path(args.out)
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)

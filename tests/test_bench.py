@@ -57,21 +57,29 @@ def test_cli_writes_json_and_table(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 def test_transport_figure_pairs_fp16_and_fp32_runs_by_seed(tmp_path: Path) -> None:
     import numpy as np
+    from scipy import stats
 
     small = ("model.backbone=tiny", "preprocess.size=32", "train.precision=fp32", "federation.rounds=1")
     small += ("tscore.rounds=1", "train.batch_size=8", "train.channels_last=false", "evaluate.bootstrap=50")
     small += (f"data.cache_dir={tmp_path / 'cache'}",)
     args = argparse.Namespace(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    row = bench.bench_transport(args, tmp_path, seeds=2, overrides=small, patients=20)
+    row = bench.bench_transport(args, tmp_path, seeds=2, overrides=small, patients=20, draw_patients=15)
     assert [p["seed"] for p in row["pairs"]] == [42, 43]
     for seed in (42, 43):
         for transport in ("fp16", "fp32"):
             bundle = json.loads((tmp_path / f"seed{seed}-{transport}" / "bundle" / "metadata.json").read_text())
             assert bundle["training"]["transport"]["dtype"] == transport
-    diff = [p["fp16"] - p["fp32"] for p in row["pairs"]]
-    assert row["mean_difference"] == pytest.approx(np.mean(diff))
-    assert row["sd_fp32_between_seeds"] == pytest.approx(np.std([p["fp32"] for p in row["pairs"]], ddof=1))
-    assert "2 seed(s)" in bench.table({"transport": row})
+    for prefix in ("", "draw_"):
+        diff = [p[f"{prefix}fp16"] - p[f"{prefix}fp32"] for p in row["pairs"]]
+        assert row[f"{prefix}mean_difference"] == pytest.approx(np.mean(diff))
+        fp32 = [p[f"{prefix}fp32"] for p in row["pairs"]]
+        assert row[f"{prefix}sd_fp32_between_seeds"] == pytest.approx(np.std(fp32, ddof=1))
+        low, high = stats.ttest_1samp(diff, 0.0).confidence_interval(0.95)
+        assert row[f"{prefix}ci_difference"] == pytest.approx([low, high])
+    # the draw: every labelled knee of the training sites of another synthetic draw, none of them trained on
+    assert row["draw_knees"] > 0 and all(0.0 <= p["draw_fp16"] <= 1.0 for p in row["pairs"])
+    text = bench.table({"transport": row})
+    assert "2 seed(s)" in text and f"new draw ({row['draw_knees']} knees)" in text
 
 
 def test_real_preprocessing_throughput_is_measured() -> None:
