@@ -42,7 +42,7 @@ from strnet.protocol import (
     encode,
     encode_splits,
     from_wire,
-    to_wire,
+    update_to_wire,
 )
 from strnet.released import StatisticsPrivacy
 from strnet.site import SiteRunner, load_optimizer_state
@@ -174,9 +174,13 @@ def _arrays(values: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in values.items()})
 
 
-def _weights_record(state: dict[str, torch.Tensor], runner: SiteRunner) -> ArrayRecord:
-    """Trained weights for a reply, at the run's ``federation.transport`` precision (strnet.protocol.to_wire)."""
-    return ArrayRecord({k: Array(v) for k, v in to_wire(state, runner.cfg.federation.transport).items()})
+def _weights_record(
+    state: dict[str, torch.Tensor], received: dict[str, torch.Tensor], runner: SiteRunner
+) -> ArrayRecord:
+    """Trained weights for a reply at the run's ``federation.transport`` precision: under fp16, as the update on
+    the weights received (strnet.protocol.update_to_wire)."""
+    wire = update_to_wire(state, received, runner.cfg.federation.transport)
+    return ArrayRecord({k: Array(v) for k, v in wire.items()})
 
 
 def _weights(
@@ -312,7 +316,7 @@ def train(message: Message, context: Context) -> Message:
     return _reply(
         message,
         runner,
-        **{Key.ARRAYS: _weights_record(new_state, runner), Key.METRICS: MetricRecord({**metrics, WEIGHT: n})},
+        **{Key.ARRAYS: _weights_record(new_state, weights, runner), Key.METRICS: MetricRecord({**metrics, WEIGHT: n})},
         **validation,
     )
 

@@ -8,7 +8,8 @@ Differences from Flower's stock FedAvg, each for a reason:
 - one malformed or failed reply is dropped with a message naming the site, and the round still completes
   when ``quorum`` usable replies remain (stock FedAvg aborts on one inconsistent reply, or accepts one reply);
 - integer buffers (BatchNorm ``num_batches_tracked``) are cast back to their dtype after averaging;
-- weights travel at ``federation.transport`` precision (fp16 by default) both ways; replies are cast back to the
+- weights travel at ``federation.transport`` precision (fp16 by default) both ways, the sites' as updates on
+  the weights they were sent (:func:`strnet.protocol.update_to_wire`); replies are added to / cast back to the
   global record's dtypes (fp32) before averaging, so the average, the global record, a server optimizer's state
   (FedAvgM momentum, FedAdam moments: Flower keeps them from the fp32 record this strategy is given) and the
   checkpoint all stay fp32;
@@ -50,8 +51,8 @@ from strnet.protocol import (
     MessageKind,
     decode_validation,
     encode,
-    from_wire,
     to_wire,
+    update_from_wire,
     wire_dtype,
 )
 from strnet.released import StatisticsLedger, restore_validation
@@ -280,6 +281,7 @@ class SiteFedAvg(FedAvg):
         if config.get(Field.VALIDATE):
             self._evaluated = arrays
         self._global = arrays
+        self._base: dict[str, np.ndarray] | None = None  # the sent weights at fp32, for the sites' fp16 updates
         self._reference = {
             k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in arrays.items() if k not in self.local_keys
         }
@@ -300,9 +302,13 @@ class SiteFedAvg(FedAvg):
         content = reply_content(msg, site)
         if Key.ARRAYS not in content.array_records or Key.METRICS not in content.metric_records:
             raise SiteError(site, f"malformed train reply: expected {Key.ARRAYS!r} arrays and {Key.METRICS!r}")
-        # fp16 off the wire, back in the global record's dtypes before anything is averaged
+        # fp16 updates added to the fp32 weights sent (strnet.protocol.update_to_wire), values back in the global
+        # record's dtypes, before anything is averaged
         dtypes = {k: dtype for k, (_, dtype) in self._reference.items()}
-        arrays = from_wire({k: v.numpy() for k, v in content.array_records[Key.ARRAYS].items()}, dtypes)
+        if self._base is None and self._global is not None:
+            self._base = {k: v.numpy() for k, v in self._global.items() if k in self._reference}
+        received = {k: v.numpy() for k, v in content.array_records[Key.ARRAYS].items()}
+        arrays = update_from_wire(received, self._base or {}, dtypes)
         metrics = dict(content.metric_records[Key.METRICS])
         if self._reference:
             missing = sorted(set(self._reference) - set(arrays))

@@ -25,6 +25,8 @@ from strnet.protocol import (
     from_wire,
     round_nbytes,
     to_wire,
+    update_from_wire,
+    update_to_wire,
     wire_nbytes,
 )
 
@@ -146,20 +148,22 @@ def _sites(state: dict[str, torch.Tensor]) -> list[dict[str, np.ndarray]]:
 def _one_round(strategy: SiteFedAvg, state: dict[str, torch.Tensor], sites: list[dict[str, np.ndarray]]):
     arrays = ArrayRecord({k: Array(v.numpy()) for k, v in state.items()})
     messages = list(strategy.configure_train(1, arrays, ConfigRecord(), None))  # type: ignore[arg-type]
-    replies = [
-        _reply(m.metadata.dst_node_id, to_wire(site, strategy.transport), n, m)
-        for m, site, n in zip(messages, sites, (10, 30, 60), strict=True)
-    ]
+    dtypes = {k: v.dtype for k, v in state.items()}
+    replies = []
+    for m, site, n in zip(messages, sites, (10, 30, 60), strict=True):  # what client.app replies
+        received = from_wire({k: v.numpy() for k, v in m.content[Key.ARRAYS].items()}, dtypes)
+        replies.append(_reply(m.metadata.dst_node_id, update_to_wire(site, received, strategy.transport), n, m))
     new, _ = strategy.aggregate_train(1, replies)
     assert new is not None
     return messages, replies, {k: v.numpy() for k, v in new.items()}
 
 
 def test_fp16_replies_are_averaged_in_fp32() -> None:
-    """The server's average of fp16 replies == numpy's weighted average of the fp16-rounded weights, both summed
-    in float64 and rounded once to fp32 (so equal to an fp32 rounding step: rtol 2**-23, and 1e-15 absolute where
-    the sites' weights cancel to ~0 and the order of the float64 sums shows); and it is within the fp16 rounding
-    bound (2**-11 of the weighted mean |x|, + 2**-25) of averaging the sites' original fp32 weights."""
+    """The sites reply fp16 updates on the fp16 weights they got; the server's result == numpy's weighted average
+    of (fp32 weights sent + each site's fp16-rounded update), summed in float64 and rounded once to fp32 (rtol
+    2**-23, and 1e-15 absolute where values cancel to ~0); and it is within the rounding of the weights sent
+    (|g − fp16(g)|) plus the fp16 rounding of the updates (2**-11 of their weighted mean size, + 2**-25) of
+    averaging the sites' original fp32 weights."""
     state, weights = _model_state(), np.array([10.0, 30.0, 60.0])
     sites = _sites(state)
     messages, replies, out = _one_round(SiteFedAvg(**_site_kwargs("fp16")), state, sites)
@@ -174,12 +178,34 @@ def test_fp16_replies_are_averaged_in_fp32() -> None:
         if key not in _floating(state):
             assert out[key] == round(np.average(stacked, axis=0, weights=weights))
             continue
-        rounded = np.stack([s[key].astype(np.float16) for s in sites]).astype(np.float64)
-        oracle = np.average(rounded, axis=0, weights=weights).astype(np.float32)
+        sent = x.astype(np.float16).astype(np.float32)
+        updates = [(s[key] - sent).astype(np.float16).astype(np.float32) for s in sites]
+        rebuilt = np.stack([x + u for u in updates]).astype(np.float64)
+        oracle = np.average(rebuilt, axis=0, weights=weights).astype(np.float32)
         np.testing.assert_allclose(out[key], oracle, rtol=2.0**-23, atol=1e-15, err_msg=key)
         exact = np.average(stacked, axis=0, weights=weights)
-        bound = REL * np.average(np.abs(stacked), axis=0, weights=weights) + ABS + 2.0**-24 * np.abs(exact)
+        size = np.average(np.abs(stacked - sent), axis=0, weights=weights)
+        bound = np.abs(x - sent) + REL * size + ABS + 2.0**-23 * np.abs(exact)
         assert np.all(np.abs(out[key] - exact) <= bound), key
+
+
+def test_a_small_update_to_a_weight_near_one_survives_fp16() -> None:
+    """A BatchNorm scale of 1 moved by 3e-4 in a round: as an fp16 value it rounds back to 1 (steps of 2**-10);
+    as an fp16 update it arrives to 2**-11 of itself."""
+    global_fp32 = {"bn.weight": np.array([1.0, 1.5, -2.0], np.float32)}
+    received = from_wire(to_wire(global_fp32, "fp16"), {"bn.weight": np.float32})
+    trained = {"bn.weight": received["bn.weight"] + np.float32(3e-4)}
+    assert np.all(from_wire(to_wire(trained, "fp16"), {"bn.weight": np.float32})["bn.weight"] == received["bn.weight"])
+    wire = update_to_wire(trained, received, "fp16")
+    assert wire["bn.weight"].dtype == np.float16
+    back = update_from_wire(wire, global_fp32, {"bn.weight": np.float32})["bn.weight"]
+    np.testing.assert_allclose(back - global_fp32["bn.weight"], 3e-4, rtol=2.0**-10)
+    # fp32 transport, an overflowing update and an integer counter travel as values
+    assert update_to_wire(trained, received, "fp32")["bn.weight"].dtype == np.float32
+    huge = {"v": np.array([1e6], np.float32)}
+    assert update_to_wire(huge, {"v": np.array([0.0], np.float32)}, "fp16")["v"].dtype == np.float32
+    counter = {"n": np.array(5, np.int64)}
+    assert update_to_wire(counter, {"n": np.array(4, np.int64)}, "fp16")["n"] == 5
 
 
 def test_fp32_transport_averages_the_sites_weights_exactly() -> None:
