@@ -234,12 +234,18 @@ def _model(message: Message, context: Context, runner: SiteRunner) -> dict[str, 
         if digest is None:
             raise ConfigError(f"site {runner.site}: asked to keep a model without its digest")
         runner.held_models[str(digest)] = weights
-        while len(runner.held_models) > 2:
-            runner.held_models.pop(next(iter(runner.held_models)))
+        _keep_two_latest(runner.held_models)
         store = _kept(context, runner)
         if store is not None:
             store.save_model(str(digest), weights)
     return weights
+
+
+def _keep_two_latest(kept: dict) -> None:
+    """A site keeps its two latest AdamW states (a round sent again starts from the one before the latest) and
+    its two latest final models, in the order they came."""
+    while len(kept) > 2:
+        kept.pop(next(iter(kept)))
 
 
 def _held_model(context: Context, runner: SiteRunner, digest: str) -> dict[str, torch.Tensor]:
@@ -296,10 +302,8 @@ def train(message: Message, context: Context) -> Message:
             store.save_privacy(privacy)
     if keep:  # AdamW moments are local state: they stay at the site, never in a reply
         if store is not None:  # this process and the site's disk (see _optimizer_state)
-            kept_rounds = runner.kept_optimizer
-            kept_rounds[(store.federation_id, server_round)] = optimizer
-            for old in sorted(kept_rounds, key=lambda k: k[1])[:-2]:
-                del kept_rounds[old]
+            runner.kept_optimizer[(store.federation_id, server_round)] = optimizer
+            _keep_two_latest(runner.kept_optimizer)
             store.save_optimizer(optimizer, server_round)
         else:
             buf = io.BytesIO()
