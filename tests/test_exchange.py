@@ -71,3 +71,35 @@ def test_a_grid_without_push_is_asked_directly() -> None:
 
     assert exchange.send_and_receive(Direct(), ["m"], timeout=5) == ["reply"]  # type: ignore[arg-type]
     assert calls == [(["m"], 5)]
+
+
+def _latency(pacer: exchange.Pacer, ready_at: float) -> tuple[float, int]:
+    """Seconds between a reply becoming available and the pull that sees it, and the pulls made."""
+    elapsed, pulls = 0.0, 0
+    while True:
+        pulls += 1
+        if elapsed >= ready_at:
+            return elapsed - ready_at, pulls
+        elapsed += pacer.next_sleep(elapsed)
+
+
+def test_a_round_as_long_as_the_last_is_seen_within_milliseconds() -> None:
+    plain, _ = _latency(exchange.Pacer(), 6.0)
+    paced, pulls = _latency(exchange.Pacer(expected=6.0), 6.0)
+    assert plain > 0.05  # the plain schedule sits at its 250 ms ceiling by then
+    assert paced <= exchange.FIRST_POLL_S and pulls < 60
+    late, _ = _latency(exchange.Pacer(expected=6.0), 6.3)  # a slower round: the plain schedule from the guess on
+    assert late < 0.1
+    for wrong in (0.5, 3.0, 12.0):  # a wrong guess costs no more than the plain schedule's ceiling
+        assert _latency(exchange.Pacer(expected=wrong), 6.0)[0] <= exchange.LAST_POLL_S
+
+
+def test_the_exchange_remembers_how_long_each_message_type_took(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Typed(str):
+        metadata = SimpleNamespace(message_type="train")
+
+    monkeypatch.setattr(exchange, "LAST_SECONDS", {})
+    exchange.send_and_receive(SlowGrid({"a": 0.05}), [Typed("a")], timeout=10)  # type: ignore[list-item]
+    assert 0.05 <= exchange.LAST_SECONDS["train"] < 0.5
+    exchange.send_and_receive(SlowGrid({"a": 60.0}), [Typed("a")], timeout=0.1)  # type: ignore[list-item]
+    assert exchange.LAST_SECONDS["train"] < 0.5  # a timed-out exchange leaves the guess alone
