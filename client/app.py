@@ -236,8 +236,11 @@ def _model(message: Message, context: Context, runner: SiteRunner) -> dict[str, 
         runner.held_models[str(digest)] = weights
         _keep_two_latest(runner.held_models)
         store = _kept(context, runner)
-        if store is not None:
+        if store is not None:  # the final model: training is over, its AdamW states go (client.kept)
             store.save_model(str(digest), weights)
+            store.drop_optimizer_states()
+            for key in [k for k in runner.kept_optimizer if k[0] == store.federation_id]:
+                del runner.kept_optimizer[key]
     return weights
 
 
@@ -468,4 +471,8 @@ def evaluate_frozen(message: Message, context: Context) -> Message:
     runner = runner_for(message, context)
     threshold = float(message.content[Key.CONFIG][Field.THRESHOLD])
     counts = runner.evaluate_frozen(_model(message, context, runner), threshold, _platt(message))
+    store = _kept(context, runner)
+    if store is not None:  # the run's last message: its final model goes (client.kept)
+        store.drop_models()
+        runner.held_models.clear()
     return _reply(message, runner, **{Key.STATS: _arrays(encode_splits(counts))})

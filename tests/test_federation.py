@@ -16,6 +16,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import roc_auc_score
 
+import client.kept
 import server.federation
 from configs.schema import FederationConfig, ThresholdConfig, load_config
 from server.app import config_from_run_config
@@ -235,6 +236,15 @@ def test_federated_run_in_process(scenario, tmp_path: Path, monkeypatch: pytest.
         return sent_to_the_server[-1]
 
     monkeypatch.setattr(server.federation, "frozen_evaluation", keep)
+    on_disk_after_training: dict[str, list[str]] = {}  # each site's AdamW files when the final model arrives
+    drop = client.kept.KeptState.drop_optimizer_states
+
+    def look(store: client.kept.KeptState) -> None:
+        files = sorted(p.name for p in store.folder.glob("optimizer-round-*.pt"))
+        on_disk_after_training.setdefault(store.folder.name, files)  # at the first model kept after training
+        drop(store)
+
+    monkeypatch.setattr(client.kept.KeptState, "drop_optimizer_states", look)
     grid = InProcessGrid(3)
     result = run_federated(grid, cfg, tracker=Tracker(uri=cfg.tracking.uri, experiment="fed-test"))  # type: ignore[arg-type]
 
@@ -251,12 +261,17 @@ def test_federated_run_in_process(scenario, tmp_path: Path, monkeypatch: pytest.
     ]
     assert carrying == ["query.site_info"] * 3
     # each training site keeps its own AdamW state across rounds, at the site (its disk and its ClientApp process),
-    # never in the node context that Flower carries with every message
+    # never in the node context that Flower carries with every message; the large files go when the run no
+    # longer needs them (the optimizer states once training is over, the final model after the frozen evaluation)
     federation_id = json.loads((result.bundle_dir / "metadata.json").read_text())["training"]["federation_id"]
     state_dirs = Path(cfg.data.cache_dir) / "federation-state" / federation_id
-    for site, r in result.sites.items():
-        kept = sorted(p.name for p in (state_dirs / site).glob("optimizer-round-*.pt"))
-        assert kept == (["optimizer-round-1.pt", "optimizer-round-2.pt"] if r.role == "train" else []), site
+    trained = sorted(s for s, r in result.sites.items() if r.role == "train")
+    assert {s: on_disk_after_training[s] for s in trained} == {
+        s: ["optimizer-round-1.pt", "optimizer-round-2.pt"] for s in trained
+    }
+    for site in result.sites:
+        left = sorted(p.name for p in (state_dirs / site).glob("*.pt")) if (state_dirs / site).is_dir() else []
+        assert not [n for n in left if n.startswith(("optimizer-", "model-"))], (site, left)
     assert all("strnet.optimizer" not in ctx.state for ctx in grid.contexts.values())
 
     # τ* from pooled counts == τ* on the concatenated raw validation scores of the kept model

@@ -23,6 +23,22 @@ def test_optimizer_states_keep_the_two_latest_rounds(tmp_path: Path) -> None:
         assert load_optimizer_state(kept.optimizer(r), torch.device("cpu"), "hospital")["state"][0]["step"] == r
 
 
+def test_the_large_files_go_when_the_run_no_longer_needs_them(tmp_path: Path) -> None:
+    """Optimizer states when training is over (including a write still queued), final models after the frozen
+    evaluation; BatchNorm tensors and the DP accountant (small) stay, and other federations are untouched."""
+    store, other = KeptState(tmp_path, "ab" * 8, "alpha"), KeptState(tmp_path, "cd" * 8, "alpha")
+    for kept in (store, other):
+        kept.save_batchnorm({"bn.weight": torch.ones(2)}, 1)
+        kept.save_optimizer({"state": {}, "param_groups": []}, 1)
+        kept.save_model("ee" * 8, {"w": torch.zeros(2)})
+    store.save_optimizer({"state": {}, "param_groups": []}, 2)  # queued: dropped all the same
+    store.drop_optimizer_states()
+    assert store.optimizer(1) is None and store.optimizer(2) is None and store.model("ee" * 8) is not None
+    store.drop_models()
+    assert store.model("ee" * 8) is None and store.batchnorm(1) is not None
+    assert other.optimizer(1) is not None and other.model("ee" * 8) is not None
+
+
 def test_a_background_optimizer_write_is_on_disk_before_any_read_and_its_failure_surfaces(tmp_path: Path) -> None:
     store = KeptState(tmp_path, "ab" * 8, "alpha")
     state = {"state": {0: {"exp_avg": torch.arange(1000.0)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
