@@ -138,8 +138,9 @@ class FederationConfig:
     round_timeout: float = 3600.0
     # A site's AdamW moments survive between rounds (in its node state) or restart from zero every round.
     keep_optimizer_state: bool = True
-    # Precision of the model weights on the wire in every round, both ways (strnet.protocol.to_wire): fp16 halves
-    # the bytes; the server averages in fp32 and keeps, checkpoints and bundles fp32 weights.
+    # Precision of the model's weight matrices on the wire in every round, both ways (strnet.protocol.to_wire):
+    # fp16 halves the bytes (vectors such as BatchNorm scales stay fp32); the server averages in fp32 and keeps,
+    # checkpoints and bundles fp32 weights.
     transport: Literal["fp16", "fp32"] = "fp16"
     sites: tuple[SiteConfig, ...] = ()
 
