@@ -200,9 +200,11 @@ REGISTRY: tuple[Statistic, ...] = (
         MessageKind.TRAIN,
         "train_weights",
         "training weights",
-        "the model weights after local training: at `federation.transport: fp16` (the default) each floating "
-        "tensor as its update on the weights received, in fp16 (one whose update is beyond fp16's range: its "
-        "value, at its own precision), at fp32 the weights themselves (FedBN: without the BatchNorm layers)",
+        "the model weights after local training: at `federation.transport: fp16` (the default) each weight "
+        "matrix (two or more dimensions) as its update on the weights received, in fp16 (one whose update is "
+        "beyond fp16's range: its value, at its own precision), vectors (BatchNorm scales, shifts and "
+        "statistics, biases) as their values at fp32; at fp32 the weights themselves (FedBN: without the "
+        "BatchNorm layers)",
         {ANY: WEIGHTS},
         "the training split",
         record=Key.ARRAYS,
