@@ -211,6 +211,11 @@ def wire_dtype(transport: str) -> np.dtype:
         raise ValueError(f"federation.transport={transport!r} is not one of {sorted(WIRE_DTYPES)}") from None
 
 
+def _narrowed(array: np.ndarray, wire: np.dtype) -> bool:
+    """Whether ``array`` travels at the wire's precision: a floating weight matrix wider than it (:func:`to_wire`)."""
+    return np.issubdtype(array.dtype, np.floating) and array.dtype.itemsize > wire.itemsize and array.ndim >= 2
+
+
 def to_wire(state: Mapping[str, Any], transport: str) -> dict[str, np.ndarray]:
     """Model tensors (torch or numpy) as the contiguous numpy arrays that go into a message's ``ArrayRecord``.
 
@@ -236,7 +241,7 @@ def to_wire(state: Mapping[str, Any], transport: str) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for key, value in state.items():
         array = np.asarray(_numpy(value), order="C")  # (np.ascontiguousarray would make a 0-d counter 1-d)
-        if np.issubdtype(array.dtype, np.floating) and array.dtype.itemsize > wire.itemsize and array.ndim >= 2:
+        if _narrowed(array, wire):
             beyond = (np.abs(array) > limit) & np.isfinite(array)
             if not beyond.any():
                 array = array.astype(wire)
@@ -279,8 +284,7 @@ def update_to_wire(trained: Mapping[str, Any], received: Mapping[str, Any], tran
     out: dict[str, np.ndarray] = {}
     for key, value in trained.items():
         array = np.asarray(_numpy(value), order="C")
-        narrowed = np.issubdtype(array.dtype, np.floating) and array.dtype.itemsize > wire.itemsize and array.ndim >= 2
-        if narrowed and key in received:
+        if _narrowed(array, wire) and key in received:
             update = array - np.asarray(_numpy(received[key]), dtype=array.dtype)
             sent = to_wire({key: update}, transport)[key]
             out[key] = sent if sent.dtype == wire else array
