@@ -12,7 +12,10 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -23,7 +26,7 @@ from flwr.clientapp import ClientApp
 from client.audit import audit_mod
 from client.kept import KeptState, load_run_config, save_run_config
 from client.released import released_mod
-from client.sanitize import sanitize_errors_mod
+from client.sanitize import public_reason, sanitize_errors_mod
 from client.site import site_for_node
 from configs.schema import Config, config_from_dict
 from strnet.calibration import Platt, PlattStats
@@ -37,11 +40,14 @@ from strnet.protocol import (
     Field,
     Key,
     MessageKind,
+    ProtocolError,
     check_version,
     config_digest,
     encode,
     encode_splits,
     from_wire,
+    part_name,
+    split_part,
     update_to_wire,
 )
 from strnet.released import StatisticsPrivacy
@@ -51,6 +57,8 @@ from strnet.tscore import BranchData, branch_keys, branch_sums, validate_then_tr
 # failures leave the site as kind + generic reason (client.sanitize); STRNET_MESSAGE_AUDIT logs every reply, after
 # privacy.statistics protected its statistics (client.released)
 app = ClientApp(mods=[sanitize_errors_mod, audit_mod, released_mod(lambda context: _statistics_policy(context))])
+
+log = logging.getLogger("strnet.site")
 
 RUN_STATE = "strnet.run"  # ConfigRecord: config-json, config-digest
 OPTIMIZER_STATE = "strnet.optimizer"  # ConfigRecord: state (bytes), server-round
@@ -165,7 +173,7 @@ def _optimizer_state(
     return load_optimizer_state(data, runner.device, runner.site) if data is not None else None
 
 
-def _reply(message: Message, runner: SiteRunner, **records: ArrayRecord | MetricRecord) -> Message:
+def _reply(message: Message, runner: SiteRunner, **records: ArrayRecord | MetricRecord | ConfigRecord) -> Message:
     info = ConfigRecord({Field.SITE: runner.site, Field.ROLE: runner.role, Field.VERSION: PROTOCOL_VERSION})
     return Message(RecordDict({Key.INFO: info, **records}), reply_to=message)
 
@@ -270,6 +278,65 @@ def _bn_round(key: str) -> int | None:
     return int(key[len(prefix) :]) if key.startswith(prefix) else None
 
 
+Records = dict[str, ArrayRecord | MetricRecord | ConfigRecord]
+Answer = Callable[[Message, Context], tuple[SiteRunner, Records]]
+_ANSWERS: dict[str, Answer] = {}  # the queries a BATCH message may carry: kind -> what answers it
+
+
+def _answers(kind: str) -> Callable[[Answer], Answer]:
+    """Registers a query's answer both as the ClientApp's handler of its own message and as a part of a
+    BATCH message (:func:`batch`), so the two cannot drift."""
+
+    def register(answer: Answer) -> Answer:
+        def handler(message: Message, context: Context) -> Message:
+            runner, records = answer(message, context)
+            return _reply(message, runner, **records)
+
+        handler.__name__ = handler.__qualname__ = answer.__name__
+        handler.__doc__ = answer.__doc__
+        app.query(MessageKind.action(kind))(handler)
+        _ANSWERS[kind] = answer
+        return answer
+
+    return register
+
+
+@dataclasses.dataclass(frozen=True)
+class _Part:
+    """One query of a BATCH message, shaped like the Message its handler reads (its records and its type)."""
+
+    content: RecordDict
+    metadata: SimpleNamespace
+
+
+@app.query(MessageKind.action(MessageKind.BATCH))
+def batch(message: Message, context: Context) -> Message:
+    """Several after-training queries in one message, answered in order in one reply: each part's records come
+    back under ``<kind>/<record>``. A part that fails sends its public reason only (client.sanitize) and the
+    other parts still answer; ``privacy.statistics`` protects each part's statistics as its own message kind's
+    (client.released)."""
+    runner = runner_for(message, context)
+    kinds = [str(k) for k in message.content[Key.CONFIG].get(Field.PARTS, [])]
+    by_kind: dict[str, dict[str, Any]] = {k: {} for k in kinds}
+    for name, record in message.content.items():
+        part = split_part(name)
+        if part is not None and part[0] in by_kind:
+            by_kind[part[0]][part[1]] = record
+    records: Records = {}
+    for kind in kinds:
+        try:
+            answer = _ANSWERS.get(kind)
+            if answer is None:
+                raise ProtocolError(runner.site, f"a batch part of kind {kind!r}, which this version does not answer")
+            request = _Part(RecordDict(by_kind[kind]), SimpleNamespace(message_type=kind))
+            _, out = answer(request, context)  # type: ignore[arg-type]
+        except Exception as exc:
+            log.exception("%s part of a batch failed at this site", kind)
+            out = {Key.ERROR: ConfigRecord({Field.REASON: public_reason(exc)})}
+        records |= {part_name(kind, k): v for k, v in out.items()}
+    return _reply(message, runner, **records)
+
+
 @app.query(MessageKind.action(MessageKind.SITE_INFO))
 def site_info(message: Message, context: Context) -> Message:
     """Name, role and counts, so the server can map node ids to sites and pick the training nodes."""
@@ -359,18 +426,18 @@ def _platt(message: Message) -> Platt:
     return Platt(float(instruction.get(Field.PLATT_A, 1.0)), float(instruction.get(Field.PLATT_B, 0.0)))
 
 
-@app.query(MessageKind.action(MessageKind.VAL_STATS))
-def val_stats(message: Message, context: Context) -> Message:
+@_answers(MessageKind.VAL_STATS)
+def val_stats(message: Message, context: Context) -> tuple[SiteRunner, Records]:
     runner = runner_for(message, context)
     # a round's average (FedBN: completed with this site's BatchNorm), or the final model, named by digest
     model_message = Field.MODEL_DIGEST in message.content[Key.CONFIG]
     weights = _model(message, context, runner) if model_message else _weights(message, context, runner)
     counts = runner.validation_counts(weights, _platt(message))
-    return _reply(message, runner, **{Key.STATS: _arrays(encode(counts))})
+    return runner, {Key.STATS: _arrays(encode(counts))}
 
 
-@app.query(MessageKind.action(MessageKind.CALIBRATE))
-def calibrate(message: Message, context: Context) -> Message:
+@_answers(MessageKind.CALIBRATE)
+def calibrate(message: Message, context: Context) -> tuple[SiteRunner, Records]:
     """One Newton step's statistics. The first step is about the whole model (sent, or kept here); the site
     keeps the validation logits in its node state (never in a reply) and later steps name the model by digest."""
     runner = runner_for(message, context)
@@ -388,20 +455,20 @@ def calibrate(message: Message, context: Context) -> Message:
     record = context.state[VAL_LOGITS]
     targets = (float(instruction[Field.TARGET_NEG]), float(instruction[Field.TARGET_POS]))
     stats = PlattStats.from_logits(record["logits"].numpy(), record["labels"].numpy(), _platt(message), targets)
-    return _reply(message, runner, **{Key.STATS: _arrays(encode(stats))})
+    return runner, {Key.STATS: _arrays(encode(stats))}
 
 
-@app.query(MessageKind.action(MessageKind.OOD_MOMENTS))
-def ood_moments(message: Message, context: Context) -> Message:
+@_answers(MessageKind.OOD_MOMENTS)
+def ood_moments(message: Message, context: Context) -> tuple[SiteRunner, Records]:
     """Sums of neck features and of their outer products over this site's training knees (never the features)."""
     runner = runner_for(message, context)
     m = runner.ood_moments(_model(message, context, runner))
     values = {"n": np.array([m.n], np.int64), "sum": m.sum, "sum_outer": m.sum_outer}
-    return _reply(message, runner, **{Key.STATS: _arrays(values)})
+    return runner, {Key.STATS: _arrays(values)}
 
 
-@app.query(MessageKind.action(MessageKind.OOD_DISTANCES))
-def ood_distances(message: Message, context: Context) -> Message:
+@_answers(MessageKind.OOD_DISTANCES)
+def ood_distances(message: Message, context: Context) -> tuple[SiteRunner, Records]:
     """A histogram of this site's validation knees' distances under the pooled Gaussian the server sent."""
     runner = runner_for(message, context)
     instruction, sent = message.content[Key.CONFIG], message.content[Key.STATS]
@@ -412,7 +479,7 @@ def ood_distances(message: Message, context: Context) -> Message:
         int(instruction[Field.N_CASES]),
     )
     hist = runner.ood_histogram(_model(message, context, runner), gaussian)
-    return _reply(message, runner, **{Key.STATS: _arrays({"hist": hist})})
+    return runner, {Key.STATS: _arrays({"hist": hist})}
 
 
 def _branch_data(message: Message, context: Context, runner: SiteRunner) -> tuple[BranchData, BranchData]:
@@ -442,16 +509,16 @@ def _branch_data(message: Message, context: Context, runner: SiteRunner) -> tupl
     return train, val
 
 
-@app.query(MessageKind.action(MessageKind.TSCORE_VAL))
-def tscore_val(message: Message, context: Context) -> Message:
+@_answers(MessageKind.TSCORE_VAL)
+def tscore_val(message: Message, context: Context) -> tuple[SiteRunner, Records]:
     runner = runner_for(message, context)
     runner.model.cpu()
     _, val = _branch_data(message, context, runner)
-    return _reply(message, runner, **{Key.STATS: _arrays({"sums": branch_sums(runner.model, val)})})
+    return runner, {Key.STATS: _arrays({"sums": branch_sums(runner.model, val)})}
 
 
-@app.query(MessageKind.action(MessageKind.TSCORE_TRAIN))
-def tscore_train(message: Message, context: Context) -> Message:
+@_answers(MessageKind.TSCORE_TRAIN)
+def tscore_train(message: Message, context: Context) -> tuple[SiteRunner, Records]:
     """The sent branch's validation sums, then local full-batch steps on it; replies both, and the number of
     T-score cases trained on (0: none). One exchange per refit round (:func:`strnet.tscore.refit`)."""
     runner = runner_for(message, context)
@@ -463,7 +530,7 @@ def tscore_train(message: Message, context: Context) -> Message:
     state = runner.model.state_dict()
     values = {k: state[k].detach().numpy() for k in branch_keys(runner.model)}
     counts = {WEIGHT: np.array([len(train)], np.int64), "sums": sums}
-    return _reply(message, runner, **{Key.STATS: _arrays(values | counts)})
+    return runner, {Key.STATS: _arrays(values | counts)}
 
 
 @app.evaluate(MessageKind.action(MessageKind.FROZEN))

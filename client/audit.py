@@ -18,7 +18,7 @@ from typing import Any
 
 from flwr.app import Context, Message
 
-from strnet.protocol import Key
+from strnet.protocol import Key, MessageKind, split_part
 from strnet.released import WITHHELD, UnregisteredStatistic, group
 
 AUDIT_ENV = "STRNET_MESSAGE_AUDIT"
@@ -26,17 +26,33 @@ AUDIT_ENV = "STRNET_MESSAGE_AUDIT"
 _FILE_LIKE = re.compile(r"[/\\]|\.(jpe?g|png|dcm|dicom|csv|xlsx|tiff?)\b", re.IGNORECASE)
 
 
-def describe(message: Message) -> dict[str, Any]:
-    """The structure and plain values of a reply (array contents are never written)."""
+def describe(message: Message) -> list[dict[str, Any]]:
+    """The structure and plain values of a reply (array contents are never written): one entry, or one per part
+    of a batch reply, logged as a reply of the part's own kind (with the batch reply's info record)."""
     content = message.content
-    out: dict[str, Any] = {"message_type": message.metadata.message_type, "arrays": {}, "metrics": {}, "strings": {}}
-    for name, record in content.array_records.items():
-        out["arrays"][name] = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in record.items()}
-    for name, record in content.metric_records.items():
-        out["metrics"][name] = {k: v for k, v in record.items()}
-    for name, record in content.config_records.items():
-        out["strings"][name] = {k: v if isinstance(v, str | int | float | bool) else repr(v) for k, v in record.items()}
-    return out
+    kind = message.metadata.message_type
+    entries: dict[str, dict[str, Any]] = {}
+
+    def entry(name: str) -> tuple[dict[str, Any], str]:
+        part = split_part(name) if kind == MessageKind.BATCH else None
+        own, record = part if part is not None else (kind, name)
+        return entries.setdefault(own, {"message_type": own, "arrays": {}, "metrics": {}, "strings": {}}), record
+
+    for name, array_record in content.array_records.items():
+        out, record = entry(name)
+        out["arrays"][record] = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in array_record.items()}
+    for name, metric_record in content.metric_records.items():
+        out, record = entry(name)
+        out["metrics"][record] = {k: v for k, v in metric_record.items()}
+    for name, config_record in content.config_records.items():
+        strings = {k: v if isinstance(v, str | int | float | bool) else repr(v) for k, v in config_record.items()}
+        if kind == MessageKind.BATCH and split_part(name) is None:  # the batch reply's own info: on every part
+            for out in entries.values():
+                out["strings"][name] = strings
+            continue
+        out, record = entry(name)
+        out["strings"][record] = strings
+    return list(entries.values()) or [{"message_type": kind, "arrays": {}, "metrics": {}, "strings": {}}]
 
 
 def audit_mod(message: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
@@ -47,7 +63,7 @@ def audit_mod(message: Message, context: Context, call_next: Callable[[Message, 
         path = Path(target)
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
-            f.write(json.dumps(describe(reply), default=str) + "\n")
+            f.writelines(json.dumps(entry, default=str) + "\n" for entry in describe(reply))
     return reply
 
 

@@ -3,7 +3,8 @@
 One Flower mod for every message, so no handler can forget it: the handler computes exact statistics, this mod
 withholds those over fewer than k cases, noises the per-class histograms and drops the counts the server derives
 from them (:func:`strnet.released.protect`), and refuses a statistic :data:`strnet.released.REGISTRY` does not
-list. It sits inside the audit mod, so the audit log shows what really left.
+list. It sits inside the audit mod, so the audit log shows what really left. A batch reply's parts are each
+protected as their own message kind's reply.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord
 
-from strnet.protocol import Key
+from strnet.protocol import Key, MessageKind, part_name, split_part
 from strnet.released import WITHHELD, StatisticsPrivacy, protect
 
 Mod = Callable[[Message, Context, Callable[[Message, Context], Message]], Message]
@@ -25,18 +26,29 @@ def released_mod(policy_of: Callable[[Context], StatisticsPrivacy | None]) -> Mo
 
     def mod(message: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
         reply = call_next(message, context)
-        if reply.has_error() or Key.STATS not in reply.content.array_records:
+        if reply.has_error():
+            return reply
+        kind = reply.metadata.message_type
+        if kind == MessageKind.BATCH:
+            parts = [split_part(name) for name in list(reply.content.array_records)]
+            released = [
+                (p[0], part_name(p[0], Key.STATS), part_name(p[0], WITHHELD)) for p in parts if p and p[1] == Key.STATS
+            ]
+        else:
+            released = [(kind, Key.STATS, WITHHELD)] if Key.STATS in reply.content.array_records else []
+        if not released:
             return reply
         policy = policy_of(context)
         if policy is None or not policy.enabled:
             return reply
-        record = reply.content.array_records[Key.STATS]
-        release = protect(reply.metadata.message_type, {k: v.numpy() for k, v in record.items()}, policy)
-        reply.content.array_records[Key.STATS] = ArrayRecord(
-            {k: Array(np.ascontiguousarray(v)) for k, v in release.arrays.items()}
-        )
-        if release.withheld:
-            reply.content.metric_records[WITHHELD] = MetricRecord(dict(release.withheld))
+        for kind, stats, withheld in released:
+            record = reply.content.array_records[stats]
+            release = protect(kind, {k: v.numpy() for k, v in record.items()}, policy)
+            reply.content.array_records[stats] = ArrayRecord(
+                {k: Array(np.ascontiguousarray(v)) for k, v in release.arrays.items()}
+            )
+            if release.withheld:
+                reply.content.metric_records[withheld] = MetricRecord(dict(release.withheld))
         return reply
 
     return mod

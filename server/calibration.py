@@ -23,7 +23,6 @@ from strnet.protocol import (
     MessageKind,
     decode_platt,
     decode_validation,
-    model_digest,
 )
 from strnet.released import restore_validation
 from strnet.sufficient import ValidationCounts
@@ -36,7 +35,7 @@ def pooled_calibration(sites: TrainingSites, arrays: ArrayRecord, counts: Valida
     """
     n_neg, n_pos = (max(int(v), 0) for v in counts.hist.sum(axis=1))  # (noised totals can stray below 0)
     targets = platt_targets(n_pos, n_neg)
-    digest = model_digest({k: v.numpy() for k, v in arrays.items()})
+    digest = sites.shipping.digest(arrays)
     answered: list[str] = []
 
     def stats_at(params: Platt) -> PlattStats:

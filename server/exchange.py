@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from strnet.protocol import Field, Key, MessageKind
+
 FIRST_POLL_S = 0.005
 LAST_POLL_S = 0.25
 GROWTH = 1.3
@@ -101,5 +103,13 @@ def _exchange(grid: Grid, messages: Iterable[Message], timeout: float | None) ->
 
 
 def _message_type(messages: list[Message]) -> str:
-    types = {getattr(getattr(m, "metadata", None), "message_type", "") for m in messages}
+    """What the pacing keys an exchange by: the message type, and a batch's parts (their work differs)."""
+    types = {_kind(m) for m in messages}
     return types.pop() if len(types) == 1 else ""
+
+
+def _kind(message: Message) -> str:
+    kind = getattr(getattr(message, "metadata", None), "message_type", "")
+    if kind != MessageKind.BATCH:
+        return kind
+    return f"{kind}[{'+'.join(map(str, message.content[Key.CONFIG].get(Field.PARTS, [])))}]"

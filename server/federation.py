@@ -26,6 +26,7 @@ from server.pooled import QuorumError, pool, pooled_threshold, weighted_average
 from server.replies import TrainingSites
 from server.strategy import build_strategy
 from server.subgroups import FEDERATED_NOTE, federated_subgroups
+from server.together import together
 from server.tscore import pooled_tscore_refit
 from strnet.calibration import Platt
 from strnet.engine import RecipeSchedule, seed_everything
@@ -35,7 +36,7 @@ from strnet.protocol import WEIGHT, Field, MessageKind, config_digest, round_nby
 from strnet.released import StatisticsLedger, usable
 from strnet.run import Run, RunResult, SiteResult, Tracker, recipe, site_datasets
 from strnet.scoring import task_metrics
-from strnet.sufficient import EvaluationCounts
+from strnet.sufficient import EvaluationCounts, ValidationCounts
 
 
 def initial_state(cfg: Config) -> tuple[dict[str, torch.Tensor], frozenset[str]]:
@@ -150,19 +151,29 @@ def run_federated(
         kept = strategy.best_arrays
         if strategy.local_keys:
             kept = gather_batchnorm(sites, kept, strategy.best_round, strategy.local_keys)
-        kept, tscore = pooled_tscore_refit(sites, kept)
-        # Calibration and τ* from the kept round's pooled validation statistics, as centralized training fits
-        # them on its best epoch: Newton steps on summed statistics, then the calibrated pooled counts.
         best_val = strategy.round_pooled[strategy.best_round]
-        calibration = pooled_calibration(sites, kept, best_val)
-        platt = Platt.from_dict(calibration)
-        cal_val, pooled_sites = calibrated_validation_counts(sites, kept, platt)
+
+        def calibrate(sites: TrainingSites) -> tuple[dict[str, Any], Platt, ValidationCounts, list[str]]:
+            """Calibration and τ*'s counts from the kept round's pooled validation statistics, as centralized
+            training fits them on its best epoch: Newton steps on summed statistics, then the calibrated
+            pooled counts. (The screening output does not depend on the T-score branch being refitted.)"""
+            calibration = pooled_calibration(sites, kept, best_val)
+            platt = Platt.from_dict(calibration)
+            return calibration, platt, *calibrated_validation_counts(sites, kept, platt)
+
+        # three independent conversations about the kept model, sharing exchanges (server.together)
+        (refitted, tscore), (calibration, platt, cal_val, pooled_sites), ood = together(
+            sites,
+            lambda s: pooled_tscore_refit(s, kept),
+            calibrate,
+            lambda s: pooled_ood(s, kept) if cfg.ood.enabled else None,
+        )
+        kept = refitted
         excluded = [p for p in strategy.problems if p.startswith(f"round {strategy.best_round} ")]
         threshold = pooled_threshold(
             cal_val, th, sites=pooled_sites, excluded=excluded, noised=cfg.privacy.statistics.noised
         )
         tau = float(threshold["value"])
-        ood = pooled_ood(sites, kept) if cfg.ood.enabled else None
         frozen, withheld = frozen_evaluation(
             grid, cfg, nodes, kept, tau, platt, digest, run.problem, ledger, shipping=sites.shipping
         )

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +14,16 @@ from flwr.serverapp import Grid
 from configs.schema import Config
 from server.exchange import send_and_receive
 from strnet.errors import SiteError
-from strnet.protocol import PROTOCOL_VERSION, Field, Key, check_version, model_digest
+from strnet.protocol import (
+    PROTOCOL_VERSION,
+    Field,
+    Key,
+    MessageKind,
+    check_version,
+    model_digest,
+    part_name,
+    split_part,
+)
 from strnet.released import WITHHELD, StatisticsLedger, withheld_problem
 
 
@@ -56,13 +66,17 @@ class ModelShipping:
     def __init__(self) -> None:
         self._held: dict[int, dict[str, ArrayRecord]] = {}  # node -> digest -> the model
         self._digests: dict[int, tuple[ArrayRecord, str]] = {}  # id(record) -> (record, digest)
+        self._lock = threading.Lock()
 
     def digest(self, model: ArrayRecord) -> str:
-        known = self._digests.get(id(model))
-        if known is None or known[0] is not model:
-            known = (model, model_digest({k: v.numpy() for k, v in model.items()}))
-            self._digests[id(model)] = known
-        return known[1]
+        """The model's digest, hashed once per record (~0.1 s for the demo's model; the conversations after
+        training all name the same one, from their own threads: server.together)."""
+        with self._lock:
+            known = self._digests.get(id(model))
+            if known is None or known[0] is not model:
+                known = (model, model_digest({k: v.numpy() for k, v in model.items()}))
+                self._digests[id(model)] = known
+            return known[1]
 
     def pack(self, node: int, model: ArrayRecord) -> tuple[ArrayRecord | None, dict[str, Any]]:
         """(arrays, instruction fields) that give ``node`` the whole ``model``: nothing when it keeps it, else the
@@ -106,6 +120,8 @@ class TrainingSites:
     problem: Callable[[str], None]
     ledger: StatisticsLedger | None = None  # privacy.statistics: the noised releases of the run
     shipping: ModelShipping = field(default_factory=ModelShipping)
+    # how a query reaches the sites: its own exchange (None), or a share of one (server.together)
+    exchange: Callable[[Query], dict[str, dict[str, np.ndarray]]] | None = None
 
     def ask(
         self,
@@ -121,37 +137,106 @@ class TrainingSites:
         reported and left out. ``model``: the whole model the message is about, shipped as :class:`ModelShipping`
         says (instead of ``arrays``). ``partial``: a reply carrying several statistics keeps those not withheld
         (the caller checks which arrays it got), so one statistic under k does not drop the others."""
-        if model is not None and arrays is not None:
-            raise ValueError("ask: a message carries a whole model or arrays, not both")
+        query = Query(kind, config, arrays, stats, model=model, partial=partial)
+        return self.exchange(query) if self.exchange is not None else self.ask_batch([query])[0]
+
+    def ask_batch(self, queries: Sequence[Query]) -> list[dict[str, dict[str, np.ndarray]]]:
+        """:meth:`ask` for several queries of different kinds in one exchange: one message per node (a
+        ``query.batch`` when there are several), each query's usable replies by site, in order. A whole model
+        several queries are about travels once per node, with the first of them."""
+        kinds = [q.kind for q in queries]
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"ask_batch: one query per kind, got {kinds}")
         messages = []
         for node in sorted(self.nodes):
-            sent, fields = self.shipping.pack(node, model) if model is not None else (arrays, {})
-            fields = {Field.VERSION: PROTOCOL_VERSION, Field.CONFIG_DIGEST: self.config_digest, **config, **fields}
-            content = RecordDict(
-                {Key.CONFIG: ConfigRecord(fields)}
-                | ({Key.ARRAYS: sent} if sent is not None else {})
-                | ({Key.STATS: stats} if stats is not None else {})
-            )
+            parts: list[RecordDict] = []
+            sending: set[str] = set()  # models this message delivers, so later parts name them
+            for q in queries:
+                if q.model is not None and q.arrays is not None:
+                    raise ValueError("ask: a message carries a whole model or arrays, not both")
+                if q.model is not None and self.shipping.digest(q.model) in sending:
+                    sent, fields = None, {Field.MODEL_DIGEST: self.shipping.digest(q.model)}
+                elif q.model is not None:
+                    sent, fields = self.shipping.pack(node, q.model)
+                    if fields.get(Field.KEEP_MODEL):
+                        sending.add(fields[Field.MODEL_DIGEST])
+                else:
+                    sent, fields = q.arrays, {}
+                fields = {
+                    Field.VERSION: PROTOCOL_VERSION,
+                    Field.CONFIG_DIGEST: self.config_digest,
+                    **q.config,
+                    **fields,
+                }
+                parts.append(
+                    RecordDict(
+                        {Key.CONFIG: ConfigRecord(fields)}
+                        | ({Key.ARRAYS: sent} if sent is not None else {})
+                        | ({Key.STATS: q.stats} if q.stats is not None else {})
+                    )
+                )
+            if len(queries) == 1:
+                content, kind = parts[0], queries[0].kind
+            else:
+                head = {Field.VERSION: PROTOCOL_VERSION, Field.CONFIG_DIGEST: self.config_digest, Field.PARTS: kinds}
+                content = RecordDict(
+                    {Key.CONFIG: ConfigRecord(head)}
+                    | {
+                        part_name(k, name): record
+                        for k, part in zip(kinds, parts, strict=True)
+                        for name, record in part.items()
+                    }
+                )
+                kind = MessageKind.BATCH
             messages.append(Message(content=content, message_type=kind, dst_node_id=node))
-        out: dict[str, dict[str, np.ndarray]] = {}
+        outs: list[dict[str, dict[str, np.ndarray]]] = [{} for _ in queries]
         replies = send_and_receive(self.grid, messages, timeout=self.cfg.federation.round_timeout)
+        what = kinds[0] if len(kinds) == 1 else " + ".join(kinds)
         for node in sorted(set(self.nodes) - {msg.metadata.src_node_id for msg in replies}):
-            self.problem(f"{kind}: site {self.nodes[node]!r}: no reply (node lost or round timed out)")
+            self.problem(f"{what}: site {self.nodes[node]!r}: no reply (node lost or round timed out)")
         for msg in replies:
-            site = self.nodes.get(msg.metadata.src_node_id, f"<unknown node {msg.metadata.src_node_id}>")
+            node = msg.metadata.src_node_id
+            site = self.nodes.get(node, f"<unknown node {node}>")
             try:
                 content = reply_content(msg, site)
-                arrays = stats_arrays(content, site)
             except SiteError as exc:
-                self.problem(f"{kind}: {exc}")
+                self.problem(f"{what}: {exc}")
                 continue
-            if model is not None:
-                self.shipping.delivered(msg.metadata.src_node_id, model)
-            if self.ledger is not None:
-                self.ledger.record(site, kind, arrays)
-            held = withheld(content, kind, site)
-            for exc in held.values():
-                self.problem(f"{kind}: {exc}")
-            if partial or not held:
-                out[site] = arrays
-        return out
+            for q, out in zip(queries, outs, strict=True):
+                part = content if len(queries) == 1 else _part(content, q.kind)
+                try:
+                    if Key.ERROR in part.config_records:
+                        raise SiteError(site, f"error in its part: {part.config_records[Key.ERROR].get(Field.REASON)}")
+                    arrays = stats_arrays(part, site)
+                except SiteError as exc:
+                    self.problem(f"{q.kind}: {exc}")
+                    continue
+                if q.model is not None:
+                    self.shipping.delivered(node, q.model)
+                if self.ledger is not None:
+                    self.ledger.record(site, q.kind, arrays)
+                held = withheld(part, q.kind, site)
+                for problem in held.values():
+                    self.problem(f"{q.kind}: {problem}")
+                if q.partial or not held:
+                    out[site] = arrays
+        return outs
+
+
+def _part(content: RecordDict, kind: str) -> RecordDict:
+    """A batch reply's records of part ``kind``, under their own names."""
+    return RecordDict(
+        {split[1]: record for name, record in content.items() if (split := split_part(name)) and split[0] == kind}
+    )
+
+
+@dataclass(frozen=True)
+class Query:
+    """One question to every training node (:meth:`TrainingSites.ask`'s arguments)."""
+
+    kind: str
+    config: dict[str, Any]
+    arrays: ArrayRecord | None = None
+    stats: ArrayRecord | None = None
+    model: ArrayRecord | None = None
+    partial: bool = False

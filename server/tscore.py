@@ -18,7 +18,7 @@ from flwr.app import Array, ArrayRecord
 from configs.schema import build_model
 from server.pooled import QuorumError, weighted_average
 from server.replies import TrainingSites
-from strnet.protocol import WEIGHT, Field, MessageKind, model_digest
+from strnet.protocol import WEIGHT, Field, MessageKind
 from strnet.tscore import DP_OFF, SUM_KEYS, branch_keys, refit
 
 
@@ -33,7 +33,7 @@ def pooled_tscore_refit(sites: TrainingSites, arrays: ArrayRecord) -> tuple[Arra
     model = build_model(cfg, weights="none")
     model.load_state_dict(arrays.to_torch_state_dict())
     keys = branch_keys(model)
-    digest = model_digest({k: v.numpy() for k, v in arrays.items()})
+    digest = sites.shipping.digest(arrays)
     config = {Field.MODEL_DIGEST: digest}
     sent_full = False
 

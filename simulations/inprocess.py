@@ -26,6 +26,7 @@ import pandas as pd
 from flwr.app import Context, Error, Message, RecordDict
 
 from client.app import app as client_app
+from strnet.protocol import Field, Key, MessageKind, split_part
 
 
 class InProcessGrid:
@@ -51,7 +52,21 @@ class InProcessGrid:
         return list(self.contexts)
 
     def kinds(self) -> list[tuple[int, str]]:
-        return [(node, msg.metadata.message_type) for node, msg in self.sent]
+        """(node, kind) of every query sent, a batch message's parts each under its own kind."""
+        return [(node, kind) for node, kind, _, _ in self.parts()]
+
+    def parts(self) -> list[tuple[int, str, RecordDict, int]]:
+        """(node, kind, records, message index) of every query sent: a message, or each part of a batch."""
+        out = []
+        for i, (node, msg) in enumerate(self.sent):
+            kind = msg.metadata.message_type
+            if kind != MessageKind.BATCH:
+                out.append((node, kind, msg.content, i))
+                continue
+            for part in msg.content[Key.CONFIG][Field.PARTS]:
+                records = {p[1]: r for n, r in msg.content.items() if (p := split_part(n)) and p[0] == part}
+                out.append((node, str(part), RecordDict(records), i))
+        return out
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         replies = []

@@ -29,8 +29,8 @@ from strnet.calibration import PlattStats
 from strnet.errors import SiteError
 from strnet.sufficient import EvaluationCounts, ValidationCounts
 
-PROTOCOL_VERSION = 5  # 5: a train message may ask for validation counts of its weights first; the final model
-# travels to a site once and is named by digest afterwards
+PROTOCOL_VERSION = 6  # 5: a train message may ask for validation counts of its weights first; the final model
+# travels to a site once and is named by digest afterwards. 6: one message may carry several queries (BATCH)
 
 
 class MessageKind:
@@ -49,6 +49,9 @@ class MessageKind:
     TSCORE_VAL = "query.tscore_val"  # validation (n, Σ err², Σ |err|) of the sent T-score branch
     TSCORE_TRAIN = "query.tscore_train"  # local steps on the sent T-score branch; replies it and its case count
     FROZEN = "evaluate.frozen"  # EvaluationCounts of the final model at τ*
+    # several of the queries above in one message, answered in one reply (the after-training conversations
+    # share exchanges): part ``kind``'s records travel as ``kind/<record>`` (:func:`part_name`)
+    BATCH = "query.batch"
 
     @staticmethod
     def action(kind: str) -> str:
@@ -63,6 +66,7 @@ class Key:
     CONFIG = "config"  # ConfigRecord: the instruction's settings (Field below)
     METRICS = "metrics"  # MetricRecord: scalars (losses, counts, the FedAvg weight)
     INFO = "info"  # ConfigRecord on every reply: site, role, protocol version
+    ERROR = "error"  # ConfigRecord of a batch reply's part that failed at the site: its public reason
 
 
 class Field:
@@ -89,9 +93,22 @@ class Field:
     BASE_DIGEST = "base-digest"  # the message's arrays are the tensors that differ from this model the site keeps
     SITE = "site"
     ROLE = "role"
+    PARTS = "parts"  # a BATCH message: the kinds of its queries, in the order the site answers them
+    REASON = "reason"  # a failed part's public reason (client.sanitize)
 
 
 WEIGHT = "num-examples"  # FedAvg's weight in a train reply's MetricRecord (Flower's own key)
+
+
+def part_name(kind: str, record: str) -> str:
+    """The name a record of a BATCH message's part ``kind`` travels under."""
+    return f"{kind}/{record}"
+
+
+def split_part(name: str) -> tuple[str, str] | None:
+    """(kind, record) of a BATCH part's record name; None for a record of the message itself."""
+    kind, sep, record = name.partition("/")
+    return (kind, record) if sep else None
 
 
 class ProtocolError(SiteError):

@@ -7,8 +7,10 @@ import time
 from types import SimpleNamespace
 
 import pytest
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from server import exchange
+from strnet.protocol import Field, Key, MessageKind
 
 
 class SlowGrid:
@@ -103,3 +105,18 @@ def test_the_exchange_remembers_how_long_each_message_type_took(monkeypatch: pyt
     assert 0.05 <= exchange.LAST_SECONDS["train"] < 0.5
     exchange.send_and_receive(SlowGrid({"a": 60.0}), [Typed("a")], timeout=0.1)  # type: ignore[list-item]
     assert exchange.LAST_SECONDS["train"] < 0.5  # a timed-out exchange leaves the guess alone
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+def test_batches_are_paced_by_their_parts() -> None:
+    """A batch that carries the T-score refit's first step computes for seconds, one with its later steps for
+    milliseconds: each keeps its own guess."""
+
+    def batch(*parts: str) -> Message:
+        config = ConfigRecord({Field.PARTS: list(parts)})
+        return Message(RecordDict({Key.CONFIG: config}), message_type=MessageKind.BATCH, dst_node_id=1)
+
+    first = exchange._message_type([batch("query.tscore_train", "query.ood_moments")] * 2)
+    later = exchange._message_type([batch("query.tscore_train")])
+    assert first == "query.batch[query.tscore_train+query.ood_moments]" and later == "query.batch[query.tscore_train]"
+    assert exchange._message_type([batch("query.a"), batch("query.b")]) == ""

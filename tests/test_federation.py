@@ -16,6 +16,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import roc_auc_score
 
+import client.app
 import client.kept
 import server.federation
 from configs.schema import FederationConfig, ThresholdConfig, load_config
@@ -308,12 +309,13 @@ def test_federated_run_in_process(scenario, tmp_path: Path, monkeypatch: pytest.
     # the T-score branch refit: pooled validation error, the full model travels once, then the branch only
     refit = bundle.metadata["training"]["tscore_refit"]
     assert refit["status"] == "refitted" and refit["val_mse"] <= refit["val_mse_before"]
-    tscore_msgs = [msg for _, msg in grid.sent if msg.metadata.message_type.startswith("query.tscore")]
-    sizes = [len(msg.content[Key.ARRAYS]) for msg in tscore_msgs]
+    parts = grid.parts()  # every query sent, each part of a batch message under its own kind
+    tscore_msgs = [(i, content) for _, kind, content, i in parts if kind.startswith("query.tscore")]
+    sizes = [len(content[Key.ARRAYS]) for _, content in tscore_msgs]
     assert sizes[0] == len(bundle.model.state_dict()) and max(sizes[3:]) < sizes[0] / 2
     # one exchange per refit round (validation of the sent branch rides with its training), one to validate the last
     # (stopped by tscore.patience: the last round's training exchange carried its validation, nothing follows)
-    kinds_sent = [msg.metadata.message_type for msg in tscore_msgs]
+    kinds_sent = [kind for _, kind, _, _ in parts if kind.startswith("query.tscore")]
     run = refit["rounds_run"]
     assert len(refit["val_mse_history"]) == run + 1 and run - refit["kept_round"] <= cfg.tscore.patience
     if run == cfg.tscore.rounds:
@@ -323,9 +325,14 @@ def test_federated_run_in_process(scenario, tmp_path: Path, monkeypatch: pytest.
         assert kinds_sent == ["query.tscore_train"] * 2 * (run + 1)
     sent_kinds = {kind for _, kind in grid.kinds()}
     assert {"query.ood_moments", "query.ood_distances"} <= sent_kinds
-    calibrating = [msg for _, msg in grid.sent if msg.metadata.message_type == "query.calibration"]
-    assert len(calibrating) >= 4 and Key.ARRAYS in calibrating[0].content  # weights travel in the first step only
-    assert all(Key.ARRAYS not in msg.content for msg in calibrating[2:])
+    calibrating = [content for _, kind, content, _ in parts if kind == "query.calibration"]
+    # the whole model travels once per node after training, in the first message's first part
+    assert len(calibrating) >= 4 and all(Key.ARRAYS not in content for content in calibrating)
+    # calibration, its calibrated validation and the OOD queries ride in the T-score refit's exchanges (server.together)
+    with_tscore = {i for i, _ in tscore_msgs}
+    riders = [i for _, kind, _, i in parts if kind in ("query.calibration", "query.ood_moments", "query.ood_distances")]
+    assert riders and set(riders) <= with_tscore
+    assert sum(kind == "query.val_stats" and i in with_tscore for _, kind, _, i in parts) == 2
     assert bundle.metadata["threshold"]["n_cases"] == len(val)
     assert result.metrics["val_screening_n"] == len(val)
     assert result.metrics["val_screening_sensitivity"] == pytest.approx(np.mean(p[y == 1] >= bundle.threshold))
@@ -379,10 +386,45 @@ def test_federated_run_in_process(scenario, tmp_path: Path, monkeypatch: pytest.
 def test_federated_run_survives_one_failed_site_and_names_it(scenario, tmp_path: Path) -> None:
     overrides = [*_overrides(scenario, tmp_path), "federation.quorum=1", "federation.rounds=1"]
     cfg = load_config("demo", [*overrides, "tracking.enabled=false"])
-    grid = InProcessGrid(3, fail=lambda msg, node: node == 101 and msg.metadata.message_type == "query.val_stats")
+
+    def validation(msg: Message) -> bool:  # a validation query, alone or a part of a batch message
+        kind = msg.metadata.message_type
+        return kind == "query.val_stats" or (
+            kind == "query.batch" and "query.val_stats" in msg.content["config"]["parts"]
+        )
+
+    grid = InProcessGrid(3, fail=lambda msg, node: node == 101 and validation(msg))
     result = run_federated(grid, cfg)  # type: ignore[arg-type]
     assert result.threshold["sites"] == ["stage1"]
     assert any("hospital" in text and "injected failure" in text for text in result.problems)
+
+
+def test_a_part_failing_at_a_site_leaves_the_other_parts_of_its_message(
+    scenario, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After training, one message carries several queries (server.together); the OOD query failing at the hospital
+    is reported for that query alone, and the T-score refit and calibration riding with it keep the hospital."""
+    overrides = [*_overrides(scenario, tmp_path), "federation.rounds=1", "tracking.enabled=false"]
+    answer = client.app._ANSWERS[MessageKind.OOD_MOMENTS]
+
+    def failing(message, context):  # type: ignore[no-untyped-def]
+        runner, records = answer(message, context)
+        if runner.site == "hospital":
+            raise DataError("/data/patient-0042.png", "unreadable")  # its text must not leave the site
+        return runner, records
+
+    monkeypatch.setitem(client.app._ANSWERS, MessageKind.OOD_MOMENTS, failing)
+    grid = InProcessGrid(3)
+    result = run_federated(grid, load_config("demo", overrides))  # type: ignore[arg-type]
+    ood_problems = [p for p in result.problems if p.startswith(MessageKind.OOD_MOMENTS)]
+    assert len(ood_problems) == 1 and "hospital" in ood_problems[0] and "data problem" in ood_problems[0]
+    assert not any("patient-0042" in p for p in result.problems)
+    assert any("no out-of-distribution model" in p for p in result.problems)  # quorum 2
+    metadata = json.loads((result.bundle_dir / "metadata.json").read_text())
+    assert metadata["calibration"]["sites"] == ["hospital", "stage1"] and metadata.get("ood") is None
+    assert metadata["training"]["tscore_refit"]["status"] == "refitted"
+    ood_parts = [i for _, kind, _, i in grid.parts() if kind == MessageKind.OOD_MOMENTS]
+    assert ood_parts and all(grid.sent[i][1].metadata.message_type == MessageKind.BATCH for i in ood_parts)
 
     cfg_strict = load_config("demo", [*overrides, "federation.quorum=2", "tracking.enabled=false"])
     with pytest.raises(QuorumError, match="hospital"):
@@ -448,7 +490,12 @@ def test_weights_travel_at_the_configured_precision(scenario, tmp_path: Path, tr
     final = [m for _, m in grid.sent if m not in in_round and m.metadata.message_type != "train"]
     carrying = [floating(m) for m in final if Key.ARRAYS in m.content]
     assert len(carrying) >= 5 and all(f == {"float32"} for f in carrying)
-    assert [floating(m) for m in sent["evaluate.frozen"]] == [set(), set(), {"float32"}]  # the external site
+    # the training sites keep the kept model from the first message after training: their frozen evaluation
+    # carries the refitted T-score branch only (base-digest); the external site gets the whole model
+    frozen = [set(m.content[Key.ARRAYS].keys()) for m in sent["evaluate.frozen"]]
+    assert [floating(m) for m in sent["evaluate.frozen"]] == [{"float32"}] * 3
+    branch = set(branch_keys(load_bundle(result.bundle_dir).model))
+    assert frozen[0] == frozen[1] == branch and len(frozen[2]) > len(branch)
     train_replies = [r for r in replies if r.metadata.message_type == "train"]
     assert len(train_replies) == 2 and all(floating(r) == {wire} for r in train_replies)
     counters = [v for r in train_replies for k, v in r.content[Key.ARRAYS].items() if k.endswith("num_batches_tracked")]
@@ -742,10 +789,10 @@ class ForgetfulGrid(InProcessGrid):
 
 
 def test_the_final_model_reaches_each_site_once(scenario, tmp_path: Path) -> None:
-    """After training, the T-score refit's first message ships the kept model, calibration's first step only the
-    refitted branch on top of it, and the calibrated validation, the OOD queries and the frozen evaluation name
-    the final model by digest; the external site, which kept nothing, gets it whole. Served from the sites'
-    disks, the run ends exactly as one served from memory."""
+    """After training, the first message ships the kept model once, in the T-score refit's part; calibration, the
+    calibrated validation and the OOD queries (parts of the same messages) name it by digest, and the frozen
+    evaluation carries the refitted branch on top of it; the external site, which kept nothing, gets the final
+    model whole. Served from the sites' disks, the run ends exactly as one served from memory."""
     extra = ["tracking.enabled=false", "tscore.rounds=3"]
     cfg = load_config("demo", [*_overrides(scenario, tmp_path / "disk"), *extra])
     grid = ForgetfulGrid(3)
@@ -759,22 +806,22 @@ def test_the_final_model_reaches_each_site_once(scenario, tmp_path: Path) -> Non
     everything = set(model.state_dict())
     external = 102  # stage2, the third configured site
     shipped: dict[int, list[tuple[str, set[str], bool]]] = {}
-    for node, msg in grid.sent:
-        instruction = msg.content[Key.CONFIG]
-        if Field.MODEL_DIGEST not in instruction and msg.metadata.message_type != MessageKind.FROZEN:
+    for node, kind, content, _ in grid.parts():
+        instruction = content[Key.CONFIG]
+        if Field.MODEL_DIGEST not in instruction and kind != MessageKind.FROZEN:
             continue  # the rounds
-        keys = set(msg.content[Key.ARRAYS].keys()) if Key.ARRAYS in msg.content else set()
-        shipped.setdefault(node, []).append((msg.metadata.message_type, keys, Field.BASE_DIGEST in instruction))
+        keys = set(content[Key.ARRAYS].keys()) if Key.ARRAYS in content else set()
+        shipped.setdefault(node, []).append((kind, keys, Field.BASE_DIGEST in instruction))
     for node, sent in shipped.items():
         whole = [kind for kind, keys, _ in sent if keys == everything]
         if node == external:
             assert sent == [(MessageKind.FROZEN, everything, False)]
             continue
         assert whole == [MessageKind.TSCORE_TRAIN], sent  # the kept model, once
-        first_calibration = next(s for s in sent if s[0] == MessageKind.CALIBRATE)
-        assert first_calibration[2] and first_calibration[1] == set(branch_keys(model))  # the branch on top
+        frozen = next(s for s in sent if s[0] == MessageKind.FROZEN)
+        assert frozen[2] and frozen[1] == set(branch_keys(model))  # the refitted branch on top of the kept model
         by_digest = [kind for kind, keys, _ in sent if not keys]
-        for kind in (MessageKind.VAL_STATS, MessageKind.OOD_MOMENTS, MessageKind.OOD_DISTANCES, MessageKind.FROZEN):
+        for kind in (MessageKind.CALIBRATE, MessageKind.VAL_STATS, MessageKind.OOD_MOMENTS, MessageKind.OOD_DISTANCES):
             assert kind in by_digest, (kind, sent)
 
 
