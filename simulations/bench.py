@@ -319,10 +319,12 @@ def bench_predict(cfg: Config, sizes: Sizes, workdir: Path) -> dict[str, Any]:
 def bench_federation(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """The demo's federation (``flwr run``, fp16 and fp32 weights) against its centralized run, same sample-steps.
 
-    Early stopping is off in all three runs so each does the configured 12 epochs (6 rounds x 2 local epochs).
+    Early stopping is off in every run so each does the configured 12 epochs (6 rounds x 2 local epochs).
     The compared wall is each run's own: from its first epoch or round to its written bundle
     (``summary.json`` timings); start-up (SuperLink, simulation engine, ClientApps, site discovery) is reported
-    beside it.
+    beside it. The centralized run goes first and again last, and the federations are compared with the mean
+    of the two: over the bench's ~5 minutes this shared machine drifted by up to 10 %, and with one centralized
+    run at the end the ratio moved from 1.05 to 1.17 between benches of the same code.
     """
     from server.federation import run_federated as server_federation
     from server.tracking import Tracker
@@ -336,12 +338,18 @@ def bench_federation(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     size = scenario_config(ns, {}, workdir, "x").preprocess.size
     scenario = build_synthetic_scenario(workdir, seed=42, n_patients=150, image_size=size * 2)
     runs: dict[str, dict[str, Any]] = {}
-    modes = (("federated", "fp16"), ("federated_fp32", "fp32"), ("federated_in_process", "fp16"), ("centralized", ""))
+    modes = (
+        ("centralized", ""),
+        ("federated", "fp16"),
+        ("federated_fp32", "fp32"),
+        ("federated_in_process", "fp16"),
+        ("centralized_again", ""),
+    )
     for mode, transport in modes:
         ns.set = ["train.early_stop_patience=1000"] + ([f"federation.transport={transport}"] if transport else [])
         cfg = scenario_config(ns, scenario.site_manifests, workdir, mode)
         start = time.perf_counter()
-        if mode == "centralized":
+        if mode.startswith("centralized"):
             run_centralized(cfg, tracker=Tracker(uri=cfg.tracking.uri, experiment="strnet-bench"), progress=False)
         elif mode == "federated_in_process":  # the same ServerApp and ClientApp code, no Flower transport
             stamp_task_identity()
@@ -366,14 +374,20 @@ def bench_federation(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             or bundle["training"].get("epochs_run"),
             "transport": bundle["training"].get("transport"),
         }
-    fed, fed32, cen = runs["federated"], runs["federated_fp32"], runs["centralized"]
+    fed, fed32 = runs["federated"], runs["federated_fp32"]
     bytes16 = fed["transport"] or {}
     bytes32 = fed32["transport"] or {}
     inproc = runs["federated_in_process"]
+    # the centralized wall the federations ran between: the mean of the runs before and after them
+    centralized = [runs[m]["training_to_bundle_seconds"] for m in ("centralized", "centralized_again")]
+    cen_seconds = sum(centralized) / len(centralized)
     return {
         "runs": runs,
-        "ratio": fed["training_to_bundle_seconds"] / cen["training_to_bundle_seconds"],
-        "in_process_ratio": inproc["training_to_bundle_seconds"] / cen["training_to_bundle_seconds"],
+        "centralized_seconds": cen_seconds,
+        "centralized_drift": centralized[1] / centralized[0],
+        "ratio": fed["training_to_bundle_seconds"] / cen_seconds,
+        "fp32_ratio": fed32["training_to_bundle_seconds"] / cen_seconds,
+        "in_process_ratio": inproc["training_to_bundle_seconds"] / cen_seconds,
         "fp16_roundtrip_test_auroc_change": _roundtrip_auroc_change(workdir / "federated_fp32", scenario),
         "fp16_bytes_over_fp32": _bytes(bytes16) / _bytes(bytes32) if _bytes(bytes32) else math.nan,
         "fp16_minus_fp32_test_auroc": fed["test_auroc"] - fed32["test_auroc"],
@@ -532,12 +546,13 @@ def table(result: dict[str, Any]) -> str:
             f"≥ {TARGETS['preprocess_radiographs_per_s']:.0f}/s |"
         )
     if f := result.get("federation"):
-        fed, cen = f["runs"]["federated"], f["runs"]["centralized"]
+        fed, cen = f["runs"]["federated"], f["centralized_seconds"]
+        before, after = (f["runs"][m]["training_to_bundle_seconds"] for m in ("centralized", "centralized_again"))
         lines.append(
             f"| federation (demo, {fed['epochs']} epochs), first round to bundle | "
-            f"{fed['training_to_bundle_seconds']:.0f} s "
-            f"(+ {fed['start_up_seconds']:.0f} s start-up) | {cen['training_to_bundle_seconds']:.0f} s centralized | "
-            f"{f['ratio']:.2f} | ≤ {TARGETS['federated_over_centralized_wall']} |"
+            f"{fed['training_to_bundle_seconds']:.1f} s (+ {fed['start_up_seconds']:.0f} s start-up; fp32 "
+            f"{f['fp32_ratio']:.2f}) | {cen:.1f} s centralized (mean of {before:.1f} s before and {after:.1f} s "
+            f"after) | {f['ratio']:.2f} | ≤ {TARGETS['federated_over_centralized_wall']} |"
         )
         t16 = fed["transport"] or {}
         lines.append(
@@ -548,7 +563,7 @@ def table(result: dict[str, Any]) -> str:
         ip = f["runs"]["federated_in_process"]
         lines.append(
             f"| the same federation in one process (no Flower transport) | "
-            f"{ip['training_to_bundle_seconds']:.0f} s | {cen['training_to_bundle_seconds']:.0f} s centralized | "
+            f"{ip['training_to_bundle_seconds']:.0f} s | {cen:.0f} s centralized | "
             f"{f['in_process_ratio']:.2f} | — |"
         )
         t = fed["timings"]
