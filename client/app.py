@@ -47,7 +47,7 @@ from strnet.protocol import (
     encode_splits,
     from_wire,
     part_name,
-    split_part,
+    part_records,
     update_to_wire,
 )
 from strnet.released import StatisticsPrivacy
@@ -317,18 +317,13 @@ def batch(message: Message, context: Context) -> Message:
     (client.released)."""
     runner = runner_for(message, context)
     kinds = [str(k) for k in message.content[Key.CONFIG].get(Field.PARTS, [])]
-    by_kind: dict[str, dict[str, Any]] = {k: {} for k in kinds}
-    for name, record in message.content.items():
-        part = split_part(name)
-        if part is not None and part[0] in by_kind:
-            by_kind[part[0]][part[1]] = record
     records: Records = {}
     for kind in kinds:
         try:
             answer = _ANSWERS.get(kind)
             if answer is None:
                 raise ProtocolError(runner.site, f"a batch part of kind {kind!r}, which this version does not answer")
-            request = _Part(RecordDict(by_kind[kind]), SimpleNamespace(message_type=kind))
+            request = _Part(RecordDict(part_records(message.content, kind)), SimpleNamespace(message_type=kind))
             _, out = answer(request, context)  # type: ignore[arg-type]
         except Exception as exc:
             log.exception("%s part of a batch failed at this site", kind)

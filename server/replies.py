@@ -22,7 +22,7 @@ from strnet.protocol import (
     check_version,
     model_digest,
     part_name,
-    split_part,
+    part_records,
 )
 from strnet.released import WITHHELD, StatisticsLedger, withheld_problem
 
@@ -203,7 +203,7 @@ class TrainingSites:
                 self.problem(f"{what}: {exc}")
                 continue
             for q, out in zip(queries, outs, strict=True):
-                part = content if len(queries) == 1 else _part(content, q.kind)
+                part = content if len(queries) == 1 else RecordDict(part_records(content, q.kind))
                 try:
                     if Key.ERROR in part.config_records:
                         raise SiteError(site, f"error in its part: {part.config_records[Key.ERROR].get(Field.REASON)}")
@@ -221,13 +221,6 @@ class TrainingSites:
                 if q.partial or not held:
                     out[site] = arrays
         return outs
-
-
-def _part(content: RecordDict, kind: str) -> RecordDict:
-    """A batch reply's records of part ``kind``, under their own names."""
-    return RecordDict(
-        {split[1]: record for name, record in content.items() if (split := split_part(name)) and split[0] == kind}
-    )
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import pandas as pd
 from flwr.app import Context, Error, Message, RecordDict
 
 from client.app import app as client_app
-from strnet.protocol import Field, Key, MessageKind, split_part
+from strnet.protocol import Field, Key, MessageKind, part_records
 
 
 class InProcessGrid:
@@ -64,8 +64,7 @@ class InProcessGrid:
                 out.append((node, kind, msg.content, i))
                 continue
             for part in msg.content[Key.CONFIG][Field.PARTS]:
-                records = {p[1]: r for n, r in msg.content.items() if (p := split_part(n)) and p[0] == part}
-                out.append((node, str(part), RecordDict(records), i))
+                out.append((node, str(part), RecordDict(part_records(msg.content, str(part))), i))
         return out
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:

@@ -111,6 +111,11 @@ def split_part(name: str) -> tuple[str, str] | None:
     return (kind, record) if sep else None
 
 
+def part_records(records: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """The records of a BATCH message's (or reply's) part ``kind``, under their own names."""
+    return {p[1]: record for name, record in records.items() if (p := split_part(name)) and p[0] == kind}
+
+
 class ProtocolError(SiteError):
     """A peer that speaks another protocol version or sends a message this version does not know."""
 
