@@ -125,10 +125,20 @@ class FileRead:
     error: str = ""
 
 
-def read_file(path: Path, params: PreprocessParams) -> FileRead:
-    """Decode once; judge the pixels as decoded (colour kept), split a bilateral film, preprocess each knee."""
+def decode_file(path: Path) -> tuple[np.ndarray, np.ndarray] | DataError:
+    """The file's radiograph and its pixels as decoded, or the error that names it (raised in a worker thread)."""
     try:
-        img, raw = decode_radiograph(path)
+        return decode_radiograph(path)
+    except DataError as exc:
+        return exc
+
+
+def read_file(path: Path, params: PreprocessParams, decoded: tuple[np.ndarray, np.ndarray] | DataError) -> FileRead:
+    """Judge the pixels as decoded (colour kept), split a bilateral film, preprocess each knee."""
+    if isinstance(decoded, DataError):
+        return FileRead(path, error=decoded.problem)
+    img, raw = decoded
+    try:
         problems = image_problems(raw)
         parts = split_bilateral(img)
         sides = [("R", parts[0]), ("L", parts[1])] if parts is not None else [("", img)]
@@ -159,7 +169,14 @@ def predict_files(
     bar = tqdm(total=len(files), desc="predict", unit="file", leave=False, disable=None)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for start in range(0, len(files), CHUNK_FILES):
-            reads = list(pool.map(lambda f: read_file(f, params), files[start : start + CHUNK_FILES]))
+            chunk_files = files[start : start + CHUNK_FILES]
+            # Decoding releases the GIL and runs on the workers; the checks, the bilateral split and preprocessing
+            # run here, one file after another: on a 224-px file they are mostly Python-level numpy calls, and
+            # two threads taking turns at the GIL read a chunk slower than one thread alone (decoding 224-px
+            # files on two threads and judging them here: 0.37 s for 256 files, against 0.45 s for whole reads
+            # on two threads; 2000x1500 16-bit films: 1.0 against 1.23 s for 24).
+            decodes = pool.map(decode_file, chunk_files)
+            reads = [read_file(f, params, d) for f, d in zip(chunk_files, decodes, strict=True)]
             rows, problems, decoded = [], [], DecodedKnees()
             for r in reads:
                 if r.error:

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from strnet.data.bilateral import load_knee, split_bilateral
+from strnet.data.bilateral import column_medians, load_knee, percentiles, split_bilateral
 from strnet.data.imageio import is_image_file, read_radiograph
 
 
@@ -58,6 +58,21 @@ def test_blank_tiny_and_non_2d_inputs() -> None:
     assert split_bilateral(np.ones((8, 8), np.float32)) is None
     with pytest.raises(ValueError, match="2-D"):
         split_bilateral(np.zeros((8, 8, 3), np.float32))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_percentiles_and_column_medians_equal_numpy_to_the_last_bit(dtype: type) -> None:
+    """The detection's one-partition shortcuts against ``np.percentile`` / ``np.median`` (the thresholds were set
+    with those): odd and even sizes, ties, ranks that fall on an order statistic and ones between two."""
+    rng = np.random.default_rng(7)
+    for n in (1, 2, 3, 95, 128, 1000):
+        for values in (rng.random(n) * 100, np.round(rng.random(n) * 5)):
+            a = values.astype(dtype)
+            qs = (0.0, 1.0, 2.0, 50.0, 97.5, 99.0, 100.0)
+            assert np.array_equal(np.array(percentiles(a, qs)), np.percentile(a, qs))
+        for rows in (1, 2, 7, 8):
+            m = rng.random((rows, 13)).astype(dtype)
+            assert np.array_equal(column_medians(m), np.median(m, axis=0))
 
 
 def test_detection_is_fast_on_a_1024_square() -> None:

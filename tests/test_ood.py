@@ -30,6 +30,7 @@ from strnet.ood import (
     FeatureGaussian,
     FeatureMoments,
     OODModel,
+    _level_counts,
     _neighbour_correlation,
     default_edges,
     distance_histogram,
@@ -173,6 +174,19 @@ def test_neighbour_correlation_equals_the_products_of_shifted_views(shape: tuple
             for x, y in ((a[:, 1:], a[:, :-1]), (a[1:, :], a[:-1, :]))
         ]
         assert _neighbour_correlation(gray) == pytest.approx(float(np.mean(corrs)), abs=1e-12)
+
+
+def test_level_counts_equal_bincount_on_both_sides_of_the_float32_limit() -> None:
+    rng = np.random.default_rng(3)
+    q = rng.integers(0, 256, (300, 280), dtype=np.uint8)
+    q[:5] = 255  # a level with many pixels, and levels with none
+    q[q == 17] = 16
+    expected = np.bincount(q.ravel(), minlength=256)
+    assert np.array_equal(_level_counts(q), expected)
+    big = np.full((4097, 4096), 200, np.uint8)  # 2**24 + 4096 pixels: float32 counts would round
+    big[0, :3] = 1
+    counts = _level_counts(big)
+    assert counts[200] == big.size - 3 and counts[1] == 3
 
 
 @pytest.mark.parametrize("kind", [k for k in NON_RADIOGRAPHS if k not in RADIOGRAPH_LIKE])

@@ -115,13 +115,19 @@ class KneeDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} cases")
-        image = torch.from_numpy(np.ascontiguousarray(self.load(index), dtype=np.float32)).unsqueeze(0)
+        pixels = np.asarray(self.load(index), dtype=np.float32)
         if self.augmenter is not None:
             generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
-            image = self.augmenter(image, generator)
-        image = (image - self.params.mean) / self.params.std
+            image = self.augmenter(torch.from_numpy(np.ascontiguousarray(pixels)).unsqueeze(0), generator)
+            image = ((image - self.params.mean) / self.params.std).to(torch.float32)
+        else:
+            # numpy on one new array, not torch: the same float32 operations and bits, without torch's per-op
+            # dispatch and second temporary (a third of the time per knee that `strnet predict` spends here)
+            normalized = np.subtract(pixels, self.params.mean, dtype=np.float32)
+            np.divide(normalized, self.params.std, out=normalized)
+            image = torch.from_numpy(normalized).unsqueeze(0)
         return {
-            "image": image.to(torch.float32),
+            "image": image,
             "tabular": torch.from_numpy(self._tabular[index].copy()),
             "y_screen": torch.tensor(self._y_screen[index]),
             "y_severity": torch.tensor(self._y_severity[index]),

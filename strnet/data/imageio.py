@@ -68,7 +68,7 @@ def decode_radiograph(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(p, f"unsupported file type {p.suffix or '(no suffix)'!r}")
     if img.ndim != 2 or min(img.shape) < 8:
         raise DataError(p, f"not a usable 2-D image (shape {img.shape})")
-    if not np.isfinite(img).all():
+    if raw.dtype.kind == "f" and not np.isfinite(img).all():  # an integer file's grey copy is finite
         raise DataError(p, "image contains NaN or infinite pixel values")
     return img, raw
 
