@@ -453,6 +453,15 @@ def calibrate(message: Message, context: Context) -> tuple[SiteRunner, Records]:
     return runner, {Key.STATS: _arrays(encode(stats))}
 
 
+@_answers(MessageKind.BN_STATISTICS)
+def bn_statistics(message: Message, context: Context) -> tuple[SiteRunner, Records]:
+    """FedBN, once after training: each BatchNorm layer's input mean and variance over this site's training
+    images under the final model the message carries, and the image count (never an image's activations)."""
+    runner = runner_for(message, context)
+    stats, n = runner.batchnorm_statistics(_model(message, context, runner))
+    return runner, {Key.STATS: _arrays(stats | {"n": np.array([n], np.int64)})}
+
+
 @_answers(MessageKind.OOD_MOMENTS)
 def ood_moments(message: Message, context: Context) -> tuple[SiteRunner, Records]:
     """Sums of neck features and of their outer products over this site's training knees (never the features)."""

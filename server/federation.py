@@ -28,6 +28,7 @@ from server.strategy import build_strategy
 from server.subgroups import FEDERATED_NOTE, federated_subgroups
 from server.together import together
 from server.tscore import pooled_tscore_refit
+from strnet import batchnorm
 from strnet.calibration import Platt
 from strnet.engine import RecipeSchedule, seed_everything
 from strnet.model import batchnorm_keys
@@ -65,6 +66,35 @@ def gather_batchnorm(sites: TrainingSites, arrays: ArrayRecord, best_round: int,
     weights = [float(v[WEIGHT][0]) for v in usable.values()]
     averaged = weighted_average([{k: v[k] for k in keys} for v in usable.values()], weights, reference)
     return ArrayRecord({k: (Array(averaged[k]) if k in keys else v) for k, v in arrays.items()})
+
+
+def pooled_batchnorm_statistics(sites: TrainingSites, arrays: ArrayRecord) -> ArrayRecord:
+    """FedBN's bundle: BatchNorm running statistics re-estimated by each site under the final weights (``arrays``)
+    on its training images, pooled by their moments (:mod:`strnet.batchnorm`). The averaged statistics of the
+    kept round stay where fewer than the quorum of sites answer usably (named in the run's problems)."""
+    cfg, problem = sites.cfg, sites.problem
+    expected = {k for k in arrays if k.endswith((f".{batchnorm.MEAN}", f".{batchnorm.VAR}"))}
+    usable: list[tuple[dict[str, np.ndarray], int]] = []
+    for site, values in sites.ask(MessageKind.BN_STATISTICS, {}, model=arrays).items():
+        stats = {k: v for k, v in values.items() if k != "n"}
+        if set(stats) != expected or "n" not in values:
+            problem(f"bn statistics: site {site} sent {len(stats)} arrays, expected the model's {len(expected)}")
+            continue
+        shapes = [k for k in expected if tuple(stats[k].shape) != tuple(arrays[k].numpy().shape)]
+        negative = [k for k in expected if k.endswith(batchnorm.VAR) and (stats[k] < 0).any()]
+        bad = [k for k in expected if not np.isfinite(stats[k]).all()] + negative
+        if shapes or bad:
+            problem(f"bn statistics: site {site}: malformed {(shapes + bad)[:3]}")
+            continue
+        usable.append((stats, int(values["n"][0])))
+    if len(usable) < cfg.federation.quorum:
+        problem(
+            f"bn statistics: {len(usable)} usable site(s), quorum {cfg.federation.quorum}: the bundle keeps the "
+            "kept round's averaged BatchNorm statistics"
+        )
+        return arrays
+    pooled = batchnorm.pool(usable)
+    return ArrayRecord({k: (Array(pooled[k].astype(v.numpy().dtype)) if k in pooled else v) for k, v in arrays.items()})
 
 
 def run_federated(
@@ -151,6 +181,7 @@ def run_federated(
         kept = strategy.best_arrays
         if strategy.local_keys:
             kept = gather_batchnorm(sites, kept, strategy.best_round, strategy.local_keys)
+            kept = pooled_batchnorm_statistics(sites, kept)
         best_val = strategy.round_pooled[strategy.best_round]
 
         def calibrate(sites: TrainingSites) -> tuple[dict[str, Any], Platt, ValidationCounts, list[str]]:

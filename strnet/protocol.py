@@ -29,8 +29,9 @@ from strnet.calibration import PlattStats
 from strnet.errors import SiteError
 from strnet.sufficient import EvaluationCounts, ValidationCounts
 
-PROTOCOL_VERSION = 6  # 5: a train message may ask for validation counts of its weights first; the final model
-# travels to a site once and is named by digest afterwards. 6: one message may carry several queries (BATCH)
+PROTOCOL_VERSION = 7  # 5: a train message may ask for validation counts of its weights first; the final model
+# travels to a site once and is named by digest afterwards. 6: one message may carry several queries (BATCH).
+# 7: FedBN's bundle asks for BatchNorm statistics re-estimated under the final model (BN_STATISTICS)
 
 
 class MessageKind:
@@ -44,6 +45,7 @@ class MessageKind:
     VAL_STATS = "query.val_stats"  # ValidationCounts of the global model (calibrated when the message says so)
     CALIBRATE = "query.calibration"  # PlattStats of the kept model's validation logits at the sent (a, b)
     BATCHNORM = "query.batchnorm"  # FedBN: the site's BatchNorm tensors of one round, sent once after training
+    BN_STATISTICS = "query.bn_statistics"  # FedBN: BatchNorm input statistics of the final model on the training split
     OOD_MOMENTS = "query.ood_moments"  # FeatureMoments of the kept model's neck features on the training split
     OOD_DISTANCES = "query.ood_distances"  # histogram of validation distances under the pooled Gaussian
     TSCORE_VAL = "query.tscore_val"  # validation (n, Σ err², Σ |err|) of the sent T-score branch

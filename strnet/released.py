@@ -58,6 +58,7 @@ HISTOGRAM = "per-class histogram"
 DISTANCES = "histogram"
 THRESHOLD_COUNTS = "threshold counts"
 SUMS = "sums"
+MOMENTS = "per-channel means and variances"
 
 ANY = "*"  # every array of the record not named by another statistic (model tensors, training scalars)
 
@@ -244,6 +245,16 @@ REGISTRY: tuple[Statistic, ...] = (
         {ANY: WEIGHTS, WEIGHT: COUNTS},
         "the training split",
         protection=_WEIGHTS_NOTE,
+    ),
+    Statistic(
+        MessageKind.BN_STATISTICS,
+        "bn_statistics",
+        "BatchNorm statistics",
+        "FedBN, once after training: each BatchNorm layer's input mean and variance over the training images under "
+        "the final model, and the image count",
+        {"n": COUNTS, ANY: MOMENTS},
+        "the training images",
+        _first("n"),
     ),
     Statistic(
         MessageKind.OOD_MOMENTS,

@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 
 from configs.schema import Config, build_model
+from strnet import batchnorm
 from strnet.calibration import Platt, calibrated, labelled_logits
 from strnet.cases import warm_cache
 from strnet.data.cache import PreprocessCache
@@ -255,6 +256,15 @@ class SiteRunner:
         here; only :class:`strnet.calibration.PlattStats` of them leave)."""
         self.model.load_state_dict(state_dict)
         return labelled_logits(self._predict(self.splits["val"]))
+
+    def batchnorm_statistics(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, np.ndarray], int]:
+        """The final model's BatchNorm input statistics over this site's un-augmented training images, and their
+        count (FedBN's bundle pools them: :mod:`strnet.batchnorm`)."""
+        self.model.load_state_dict(state_dict)
+        ds = self._dataset(self.splits["train"])
+        return batchnorm.reestimate(
+            self.model, ds, batch_size=self.cfg.train.batch_size, device=self.device, amp_dtype=self.amp_dtype
+        )
 
     def ood_moments(self, state_dict: dict[str, torch.Tensor]) -> FeatureMoments:
         """Additive moments of the kept model's neck features over the training split (the pooled Gaussian)."""

@@ -29,10 +29,12 @@ from server.subgroups import federated_subgroups
 from server.tracking import Tracker
 from simulations.inprocess import InProcessGrid
 from simulations.scenario import build_synthetic_scenario
+from strnet import batchnorm
 from strnet import metrics as M
 from strnet.bundle import load_bundle
 from strnet.calibration import fit_platt_to_logits
 from strnet.data.cache import PreprocessCache
+from strnet.data.dataset import KneeDataset
 from strnet.data.manifest import read_manifest
 from strnet.engine import RecipeSchedule, TrainParams
 from strnet.errors import ConfigError, DataError
@@ -603,7 +605,8 @@ def test_fedbn_keeps_batchnorm_tensors_out_of_every_site_message_but_one(scenari
         keys = {k for rec in reply.content.array_records.values() for k in rec}
         if keys & bn:
             carrying.setdefault(reply.metadata.message_type, []).append(node)
-    assert carrying == {"query.batchnorm": [100, 101]}  # the two training sites, once each
+    # the two training sites, once each: their kept round's tensors, then statistics under the final weights
+    assert carrying == {"query.batchnorm": [100, 101], "query.bn_statistics": [100, 101]}
     sent_train = [msg for _, msg in grid.sent if msg.metadata.message_type == "train"]
     assert bn <= set(sent_train[0].content[Key.ARRAYS])  # round 1 starts everyone from the same BatchNorm
     assert not bn & set(sent_train[-1].content[Key.ARRAYS])  # later rounds exchange the rest only
@@ -617,9 +620,22 @@ def test_fedbn_keeps_batchnorm_tensors_out_of_every_site_message_but_one(scenari
     }
     bundle = load_bundle(result.bundle_dir)
     state = bundle.model.state_dict()
-    key = next(k for k in sorted(bn) if k.endswith("running_mean"))
-    expected = sum(site_bn[node][key].double() * n[node] for node in n) / sum(n.values())
-    np.testing.assert_allclose(state[key].double().numpy(), expected.numpy(), rtol=1e-5)
+    for key in (k for k in sorted(bn) if k.endswith(("weight", "bias"))):  # learned: the sites' weighted average
+        expected = sum(site_bn[node][key].double() * n[node] for node in n) / sum(n.values())
+        np.testing.assert_allclose(state[key].double().numpy(), expected.numpy(), rtol=1e-5)
+    # statistics: re-estimated under the final weights on each site's training images, pooled by their moments
+    cfg = load_config("demo", overrides)
+    per_site = [
+        batchnorm.reestimate(
+            bundle.model,
+            KneeDataset(read_manifest(scenario.site_manifests[s]).query("split == 'train'"), cfg.preprocess, None),
+            batch_size=cfg.train.batch_size,
+        )
+        for s in ("stage1", "hospital")
+    ]
+    assert [m for _, m in per_site] == [n[100], n[101]]
+    for key, value in batchnorm.pool(per_site).items():
+        np.testing.assert_allclose(state[key].numpy(), value, rtol=1e-4, atol=1e-6, err_msg=key)
 
 
 def test_server_optimizers_leave_batchnorm_statistics_to_the_plain_average() -> None:
