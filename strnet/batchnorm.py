@@ -5,7 +5,7 @@ keeps are an exponential average over its last augmented training batches, norma
 bundle needs one set for one model: averaging the sites' kept statistics scored the Mendeley validation knees at
 AUROC 0.38 (centralized 0.68), while the same bundle with statistics re-estimated under its final weights on each
 site's un-augmented training images, pooled over the sites, scored 0.82 (pooled validation 0.882 -> 0.925). The
-centralized bundle gains nothing from the same re-estimation (0.904 -> 0.903), so only FedBN uses it.
+centralized bundle loses on validation with the same re-estimation (0.904 -> 0.892), so only FedBN uses it.
 
 Each site sends, per BatchNorm layer, the mean and variance of the layer's input over its training images (the
 average over its batches, as "precise BatchNorm" estimates them) and its image count; the server pools them as
