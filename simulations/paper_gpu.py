@@ -138,6 +138,8 @@ def multitask_loss(
         y = target.to(device=pred.device, dtype=torch.float32)
         known = ~torch.isnan(y)
         y0 = torch.nan_to_num(y)
+        if key != "t_score" and weights.label_smoothing:
+            y0 = y0 * (1.0 - weights.label_smoothing) + 0.5 * weights.label_smoothing
         if key == "screen":
             loss = F.binary_cross_entropy_with_logits(pred, y0, pos_weight=pos_weight, reduction="none")
         elif key == "severity":

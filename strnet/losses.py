@@ -29,12 +29,18 @@ class LossWeights:
     severity: float = 0.3
     t_score: float = 0.1
     warmup_epochs: int = 5
+    # ε: the two BCE targets become ε/2 and 1 − ε/2 (0 = the paper's hard labels). A candidate against
+    # overconfident fits of ~300 knees (README, "Real public data"); Platt calibration maps the scores back.
+    label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("severity", "t_score"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"LossWeights.{name} must be a finite number >= 0, got {value!r}")
+        ls = self.label_smoothing
+        if isinstance(ls, bool) or not isinstance(ls, int | float) or not 0 <= ls < 1:
+            raise ValueError(f"LossWeights.label_smoothing must be a number in [0, 1), got {ls!r}")
         if isinstance(self.warmup_epochs, bool) or not isinstance(self.warmup_epochs, int) or self.warmup_epochs < 0:
             raise ValueError(f"LossWeights.warmup_epochs must be an integer >= 0, got {self.warmup_epochs!r}")
 
@@ -88,9 +94,9 @@ class MultiTaskLoss(nn.Module):
             if p.numel() == 0:
                 terms[out_key] = _zero_like_graph(pred)
             elif out_key == "screen":
-                terms[out_key] = F.binary_cross_entropy_with_logits(p, y, pos_weight=self.pos_weight)
+                terms[out_key] = F.binary_cross_entropy_with_logits(p, self._smooth(y), pos_weight=self.pos_weight)
             elif out_key == "severity":
-                terms[out_key] = F.binary_cross_entropy_with_logits(p, y)
+                terms[out_key] = F.binary_cross_entropy_with_logits(p, self._smooth(y))
             else:
                 terms[out_key] = F.smooth_l1_loss(p, y)
         total = terms["screen"] + self.weights.severity * terms["severity"]
@@ -99,6 +105,10 @@ class MultiTaskLoss(nn.Module):
         parts = {k: float(v.detach()) for k, v in terms.items()}
         parts["total"] = float(total.detach())
         return total, parts
+
+    def _smooth(self, y: torch.Tensor) -> torch.Tensor:
+        eps = self.weights.label_smoothing
+        return y if eps == 0 else y * (1.0 - eps) + 0.5 * eps
 
     def _per_case(
         self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], epoch: int
@@ -111,9 +121,11 @@ class MultiTaskLoss(nn.Module):
             known = ~torch.isnan(target)
             y = torch.nan_to_num(target)  # a NaN target would make 0·(NaN gradient) = NaN
             if out_key == "screen":
-                loss = F.binary_cross_entropy_with_logits(pred, y, pos_weight=self.pos_weight, reduction="none")
+                loss = F.binary_cross_entropy_with_logits(
+                    pred, self._smooth(y), pos_weight=self.pos_weight, reduction="none"
+                )
             elif out_key == "severity":
-                loss = F.binary_cross_entropy_with_logits(pred, y, reduction="none")
+                loss = F.binary_cross_entropy_with_logits(pred, self._smooth(y), reduction="none")
             else:
                 loss = F.smooth_l1_loss(pred, y, reduction="none")
             per_case[out_key] = torch.where(known, loss, torch.zeros_like(loss))

@@ -57,6 +57,32 @@ def test_library_oracles_sklearn_log_loss_and_scipy_huber() -> None:
     assert parts["t_score"] == pytest.approx(float(np.mean(huber(1.0, resid))), rel=1e-5)  # SmoothL1 beta=1 = Huber 1
 
 
+@pytest.mark.parametrize("per_case", [False, True])
+def test_label_smoothing_moves_the_bce_targets_to_eps_halves(per_case: bool) -> None:
+    """Smoothed BCE against the cross-entropy written out in numpy: targets ε/2 and 1 − ε/2, positives weighted."""
+    eps, w = 0.2, 2.5
+    outputs, batch = _case()
+    for y in ("y_screen", "y_severity"):  # every case labelled, so the per-case form averages the same cases
+        batch[y] = torch.nan_to_num(batch[y], nan=1.0)
+    _, parts = MultiTaskLoss(pos_weight=w, weights=LossWeights(label_smoothing=eps), per_case=per_case)(
+        outputs, batch, epoch=0
+    )
+    for key, y_key, weight in (("screen", "y_screen", w), ("severity", "y_severity", 1.0)):
+        y = batch[y_key].numpy().astype(np.float64)
+        target = y * (1 - eps) + eps / 2
+        prob = expit(outputs[key].detach().numpy().astype(np.float64))
+        expected = -np.mean(weight * target * np.log(prob) + (1 - target) * np.log(1 - prob))
+        assert parts[key] == pytest.approx(expected, rel=1e-5), key
+    _, hard = MultiTaskLoss(pos_weight=w, per_case=per_case)(outputs, batch, epoch=0)
+    assert parts["screen"] != pytest.approx(hard["screen"])
+
+
+def test_label_smoothing_out_of_range_is_refused() -> None:
+    for bad in (-0.1, 1.0, True, "0.1"):
+        with pytest.raises(ValueError, match="label_smoothing"):
+            LossWeights(label_smoothing=bad)  # type: ignore[arg-type]
+
+
 def test_t_score_term_switches_on_at_warmup_epoch() -> None:
     outputs, batch = _case()
     loss_fn = MultiTaskLoss(pos_weight=1.0, weights=LossWeights(warmup_epochs=5))

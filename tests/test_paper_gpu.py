@@ -252,15 +252,15 @@ def test_fedavg_equals_flowers_aggregation() -> None:
         np.testing.assert_allclose(value.numpy(), project[key], rtol=1e-6, atol=1e-7, err_msg=key)
 
 
-@pytest.mark.parametrize("epoch", [0, 7])
-def test_multitask_loss_equals_the_projects_loss(epoch: int) -> None:
+@pytest.mark.parametrize(("epoch", "smoothing"), [(0, 0.0), (7, 0.0), (7, 0.1)])
+def test_multitask_loss_equals_the_projects_loss(epoch: int, smoothing: float) -> None:
     torch.manual_seed(epoch)
     n = 12
     outputs = {k: torch.randn(n, requires_grad=True) for k in ("screen", "severity", "t_score")}
     y = torch.tensor([0, 1, 1, np.nan, 0, 1, 1, 0, np.nan, 1, 0, 1], dtype=torch.float32)
     sev = torch.where(y == 1, torch.randint(0, 2, (n,)).float(), torch.tensor(float("nan")))
     t = torch.where(torch.rand(n) < 0.5, torch.randn(n) - 1, torch.tensor(float("nan")))
-    weights = LossWeights()
+    weights = LossWeights(label_smoothing=smoothing)
     expected, parts = MultiTaskLoss(pos_weight=0.7, weights=weights)(
         outputs, {"y_screen": y, "y_severity": sev, "t_score": t}, epoch
     )
