@@ -638,6 +638,37 @@ def test_fedbn_keeps_batchnorm_tensors_out_of_every_site_message_but_one(scenari
         np.testing.assert_allclose(state[key].numpy(), value, rtol=1e-4, atol=1e-6, err_msg=key)
 
 
+def test_fedbn_statistics_a_site_garbles_are_named_and_the_average_is_kept(scenario, tmp_path: Path) -> None:
+    """A negative variance in one site's re-estimated statistics: the site and the array are named, and below the
+    quorum the bundle keeps the kept round's averaged statistics rather than fail or pool one site's."""
+
+    def garble(reply: Message, node: int) -> Message:
+        if node == 101 and reply.metadata.message_type == MessageKind.BN_STATISTICS and not reply.has_error():
+            stats = reply.content[Key.STATS]
+            key = next(k for k in sorted(stats) if k.endswith("running_var"))
+            stats[key] = Array(-np.abs(stats[key].numpy()) - 1.0)
+        return reply
+
+    overrides = [*_overrides(scenario, tmp_path), "federation.strategy=fedbn", "tracking.enabled=false"]
+    grid = InProcessGrid(3, tamper=garble)
+    result = run_federated(grid, load_config("demo", overrides))  # type: ignore[arg-type]
+    named = [p for p in result.problems if p.startswith("bn statistics")]
+    assert any("site hospital: malformed" in p and "running_var" in p for p in named), named
+    assert any("keeps the kept round's averaged BatchNorm statistics" in p for p in named), named
+    kept = int(result.metrics["best_step"])
+    site_bn = {
+        node: grid.contexts[node].state[f"strnet.batchnorm.round-{kept}"].to_torch_state_dict() for node in (100, 101)
+    }
+    n = {
+        node: len(read_manifest(scenario.site_manifests[s]).query("split == 'train'"))
+        for node, s in ((100, "stage1"), (101, "hospital"))
+    }
+    state = load_bundle(result.bundle_dir).model.state_dict()
+    key = next(k for k in sorted(site_bn[100]) if k.endswith("running_var"))
+    expected = sum(site_bn[node][key].double() * n[node] for node in n) / sum(n.values())
+    np.testing.assert_allclose(state[key].double().numpy(), expected.numpy(), rtol=1e-5)
+
+
 def test_server_optimizers_leave_batchnorm_statistics_to_the_plain_average() -> None:
     def state(value: float) -> dict[str, np.ndarray]:
         return _state(value, 10) | {"bn.running_var": np.full(3, value, np.float32)}
