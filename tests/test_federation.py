@@ -583,6 +583,21 @@ def test_fedprox_federation_runs_in_process_and_sites_log_the_term(scenario, tmp
     assert result.history[-1]["site.stage1.train_loss_proximal"] > 0  # round 2 moved away from the global weights
 
 
+def _kept_batchnorm_average(scenario, grid: InProcessGrid, result) -> tuple[dict[str, torch.Tensor], dict[int, int]]:
+    """FedBN's kept-round BatchNorm tensors as the two training sites (nodes 100, 101) hold them, averaged by their
+    training cases (float64), and those case counts."""
+    kept = int(result.metrics["best_step"])
+    site_bn = {
+        node: grid.contexts[node].state[f"strnet.batchnorm.round-{kept}"].to_torch_state_dict() for node in (100, 101)
+    }
+    n = {
+        node: len(read_manifest(scenario.site_manifests[s]).query("split == 'train'"))
+        for node, s in ((100, "stage1"), (101, "hospital"))
+    }
+    averaged = {k: sum(site_bn[node][k].double() * n[node] for node in n) / sum(n.values()) for k in site_bn[100]}
+    return averaged, n
+
+
 def test_fedbn_keeps_batchnorm_tensors_out_of_every_site_message_but_one(scenario, tmp_path: Path) -> None:
     """FedBN: no train or validation reply carries a BatchNorm tensor; after training each site sends its own
     once (the kept round), and the bundle's BatchNorm layers are their average weighted by training cases."""
@@ -610,19 +625,11 @@ def test_fedbn_keeps_batchnorm_tensors_out_of_every_site_message_but_one(scenari
     sent_train = [msg for _, msg in grid.sent if msg.metadata.message_type == "train"]
     assert bn <= set(sent_train[0].content[Key.ARRAYS])  # round 1 starts everyone from the same BatchNorm
     assert not bn & set(sent_train[-1].content[Key.ARRAYS])  # later rounds exchange the rest only
-    kept = int(result.metrics["best_step"])
-    site_bn = {
-        node: grid.contexts[node].state[f"strnet.batchnorm.round-{kept}"].to_torch_state_dict() for node in (100, 101)
-    }
-    n = {
-        node: len(read_manifest(scenario.site_manifests[s]).query("split == 'train'"))
-        for node, s in ((100, "stage1"), (101, "hospital"))
-    }
+    averaged, n = _kept_batchnorm_average(scenario, grid, result)
     bundle = load_bundle(result.bundle_dir)
     state = bundle.model.state_dict()
     for key in (k for k in sorted(bn) if k.endswith(("weight", "bias"))):  # learned: the sites' weighted average
-        expected = sum(site_bn[node][key].double() * n[node] for node in n) / sum(n.values())
-        np.testing.assert_allclose(state[key].double().numpy(), expected.numpy(), rtol=1e-5)
+        np.testing.assert_allclose(state[key].double().numpy(), averaged[key].numpy(), rtol=1e-5)
     # statistics: re-estimated under the final weights on each site's training images, pooled by their moments
     cfg = load_config("demo", overrides)
     per_site = [
@@ -655,18 +662,10 @@ def test_fedbn_statistics_a_site_garbles_are_named_and_the_average_is_kept(scena
     named = [p for p in result.problems if p.startswith("bn statistics")]
     assert any("site hospital: malformed" in p and "running_var" in p for p in named), named
     assert any("keeps the kept round's averaged BatchNorm statistics" in p for p in named), named
-    kept = int(result.metrics["best_step"])
-    site_bn = {
-        node: grid.contexts[node].state[f"strnet.batchnorm.round-{kept}"].to_torch_state_dict() for node in (100, 101)
-    }
-    n = {
-        node: len(read_manifest(scenario.site_manifests[s]).query("split == 'train'"))
-        for node, s in ((100, "stage1"), (101, "hospital"))
-    }
+    averaged, _ = _kept_batchnorm_average(scenario, grid, result)
     state = load_bundle(result.bundle_dir).model.state_dict()
-    key = next(k for k in sorted(site_bn[100]) if k.endswith("running_var"))
-    expected = sum(site_bn[node][key].double() * n[node] for node in n) / sum(n.values())
-    np.testing.assert_allclose(state[key].double().numpy(), expected.numpy(), rtol=1e-5)
+    key = next(k for k in sorted(averaged) if k.endswith("running_var"))
+    np.testing.assert_allclose(state[key].double().numpy(), averaged[key].numpy(), rtol=1e-5)
 
 
 def test_server_optimizers_leave_batchnorm_statistics_to_the_plain_average() -> None:
