@@ -30,10 +30,8 @@ from strnet.evaluation import predict_frame
 def with_statistics(model: nn.Module, frames: list[pd.DataFrame], bundle: Bundle, cache: PreprocessCache) -> nn.Module:
     """A copy of ``model`` with BatchNorm statistics re-estimated on each frame's images and pooled."""
     per_source = [batchnorm.reestimate(model, KneeDataset(f, bundle.preprocess, cache)) for f in frames]
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    state |= {k: torch.from_numpy(v) for k, v in batchnorm.pool(per_source).items()}
     out = copy.deepcopy(model)
-    out.load_state_dict(state)
+    out.load_state_dict({k: torch.from_numpy(v) for k, v in batchnorm.pool(per_source).items()}, strict=False)
     return out.eval()
 
 

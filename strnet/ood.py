@@ -42,6 +42,7 @@ from scipy.linalg import solve_triangular
 from torch.utils.data import DataLoader, Dataset
 
 from strnet.data.imageio import RASTER_SUFFIXES, read_radiograph
+from strnet.data.preprocess import level_counts
 from strnet.errors import DataError
 
 STATUS_OK = "ok"
@@ -150,14 +151,6 @@ def _neighbour_correlation(gray: np.ndarray) -> float:
     return float(np.mean(corrs))
 
 
-def _level_counts(q: np.ndarray) -> np.ndarray:
-    """Pixels per 8-bit level: OpenCV's histogram where its float32 counts are exact (a quarter of ``np.bincount``'s
-    time, which ``strnet predict`` pays per file), numpy's beyond 2**24 pixels."""
-    if q.size < 1 << 24:
-        return cv2.calcHist([q], [0], None, [256], [0, 256]).ravel().astype(np.int64)
-    return np.bincount(q.ravel(), minlength=256)
-
-
 def image_statistics(img_raw: np.ndarray) -> dict[str, float]:
     """The numbers :func:`image_problems` judges, for inspection and threshold tuning."""
     img = np.asarray(img_raw)
@@ -180,7 +173,7 @@ def image_statistics(img_raw: np.ndarray) -> dict[str, float]:
         return stats
     # Relative 8-bit copy: flatness and level counts are then the same for 8-, 12- and 16-bit data.
     q = np.rint((gray - lo) * (255.0 / (hi - lo))).astype(np.uint8)
-    hist = _level_counts(q).astype(np.float64) / q.size
+    hist = level_counts(q, 0, 255).astype(np.float64) / q.size
     nz = hist[hist > 0]
     kernel = np.ones((3, 3), np.uint8)
     flat = cv2.dilate(q, kernel) == cv2.erode(q, kernel)

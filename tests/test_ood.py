@@ -21,7 +21,7 @@ from simulations.sites import PROFILES
 from strnet.bundle import load_bundle, save_bundle
 from strnet.data.dataset import KneeDataset
 from strnet.data.imageio import is_image_file
-from strnet.data.preprocess import PreprocessParams
+from strnet.data.preprocess import PreprocessParams, level_counts
 from strnet.model import build_strnet
 from strnet.ood import (
     CHECK_SIDE,
@@ -30,7 +30,6 @@ from strnet.ood import (
     FeatureGaussian,
     FeatureMoments,
     OODModel,
-    _level_counts,
     _neighbour_correlation,
     default_edges,
     distance_histogram,
@@ -182,11 +181,11 @@ def test_level_counts_equal_bincount_on_both_sides_of_the_float32_limit() -> Non
     q[:5] = 255  # a level with many pixels, and levels with none
     q[q == 17] = 16
     expected = np.bincount(q.ravel(), minlength=256)
-    assert np.array_equal(_level_counts(q), expected)
+    assert np.array_equal(level_counts(q, 0, 255), expected)
     big = np.full((4097, 4096), 200, np.uint8)  # 2**24 + 4096 pixels: float32 counts would round
     big[0, :3] = 1
-    counts = _level_counts(big)
-    assert counts[200] == big.size - 3 and counts[1] == 3
+    counts = level_counts(big, 0, 255)
+    assert counts[200] == big.size - 3 and counts[1] == 3 and len(counts) == 256
 
 
 @pytest.mark.parametrize("kind", [k for k in NON_RADIOGRAPHS if k not in RADIOGRAPH_LIKE])

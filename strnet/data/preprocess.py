@@ -236,16 +236,21 @@ def histogram_percentiles(img: np.ndarray, percentiles: tuple[float, ...], bins:
     return out
 
 
+def level_counts(img: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """int64 pixel counts of each integer level ``lo..hi`` of an 8/16-bit image: OpenCV's histogram where its float32
+    counts are exact (up to 2**24 pixels; about a quarter of ``np.bincount``'s time), numpy's bincount beyond."""
+    if img.size <= _CALCHIST_MAX_COUNT:
+        return cv2.calcHist([img], [0], None, [hi - lo + 1], [lo, hi + 1]).ravel().astype(np.int64)
+    return np.bincount(img.ravel(), minlength=hi + 1)[lo : hi + 1]
+
+
 def _exact_integer_percentiles(img: np.ndarray, percentiles: tuple[float, ...]) -> list[float]:
     lo_f, hi_f, _, _ = cv2.minMaxLoc(img)
     lo, hi = int(lo_f), int(hi_f)
     if hi == lo:
         return [float(lo) for _ in percentiles]
     n = img.size
-    if n <= _CALCHIST_MAX_COUNT:
-        counts = cv2.calcHist([img], [0], None, [hi - lo + 1], [lo, hi + 1]).ravel().astype(np.int64)
-    else:
-        counts = np.bincount(img.ravel(), minlength=hi + 1)[lo:]
+    counts = level_counts(img, lo, hi)
     cum = np.cumsum(counts)
 
     def order_statistic(r: int) -> int:  # the r-th smallest value, 0-based
