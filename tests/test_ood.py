@@ -163,16 +163,17 @@ def test_neighbour_correlation_equals_the_products_of_shifted_views(shape: tuple
         rng.normal(size=shape).astype(np.float32),
         smooth + 5 * rng.normal(size=shape[1]).astype(np.float32),
     ):
-        small = gray
-        scale = min(1.0, CHECK_SIDE / max(shape))
-        if scale < 1.0:
-            small = cv2.resize(gray, (round(shape[1] * scale), round(shape[0] * scale)), interpolation=cv2.INTER_AREA)
-        a = small.astype(np.float64) - small.astype(np.float64).mean()
+        small = gray.astype(np.float64)
+        f = max(shape) // CHECK_SIDE
+        if f > 1:  # means of disjoint f x f blocks, the ragged edge dropped
+            h, w = shape[0] // f, shape[1] // f
+            small = small[: h * f, : w * f].reshape(h, f, w, f).mean(axis=(1, 3))
+        a = small - small.mean()
         corrs = [
             float((x * y).sum() / math.sqrt((x * x).sum() * (y * y).sum()))
             for x, y in ((a[:, 1:], a[:, :-1]), (a[1:, :], a[:-1, :]))
         ]
-        assert _neighbour_correlation(gray) == pytest.approx(float(np.mean(corrs)), abs=1e-12)
+        assert _neighbour_correlation(gray) == pytest.approx(float(np.mean(corrs)), abs=1e-6)
 
 
 def test_level_counts_equal_bincount_on_both_sides_of_the_float32_limit() -> None:
