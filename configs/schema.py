@@ -226,6 +226,8 @@ def _check(cfg: Config) -> None:
         )
     if cfg.train.min_epochs < 0:
         raise ConfigError(f"train.min_epochs={cfg.train.min_epochs} must be >= 0")
+    if not (cfg.train.ema_decay == 0 or 0 < cfg.train.ema_decay < 1):
+        raise ConfigError(f"train.ema_decay={cfg.train.ema_decay} must be 0 (off) or in (0, 1)")
     fed = cfg.federation
     names = [site.name for site in fed.sites]
     if len(set(names)) != len(names):

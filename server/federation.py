@@ -31,6 +31,7 @@ from server.tscore import pooled_tscore_refit
 from strnet import batchnorm
 from strnet.calibration import Platt
 from strnet.engine import RecipeSchedule, seed_everything
+from strnet.errors import ConfigError
 from strnet.model import batchnorm_keys
 from strnet.privacy import run_privacy, site_reports_from_history
 from strnet.protocol import WEIGHT, Field, MessageKind, config_digest, round_nbytes
@@ -108,6 +109,9 @@ def run_federated(
     """The whole federated run; ``resume`` continues from ``<output_dir>/federation-checkpoint.pt`` (the last
     completed round of a stopped run with the same configuration) and reaches the same final weights."""
     fed, th = cfg.federation, cfg.threshold
+    if cfg.train.ema_decay:
+        # A site's round is ~1/(1 - decay) steps or fewer: its average would mostly hold the weights it was sent.
+        raise ConfigError(f"train.ema_decay={cfg.train.ema_decay}: the weight average is centralized only; set 0")
     config_json = json.dumps(cfg.to_dict())
     digest = config_digest(config_json)
     checkpoint = RoundCheckpoint.load(cfg.output_dir, config_digest=digest) if resume else None

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm import tqdm
 
@@ -67,6 +68,9 @@ class TrainParams:
     # "source_label": draw training knees so every (source, normal/bone-loss) cell is equally likely, which takes
     # away the shortcut "this source is mostly bone loss" (the BCE class weight is then 1).
     balance: Literal["none", "source_label"] = "none"
+    # Exponential moving average of the weights (and BatchNorm statistics) per optimizer step, validated and kept
+    # in place of the raw weights; 0 is off (the paper). decay d averages over ~1/(1-d) steps.
+    ema_decay: float = 0.0
 
 
 def seed_everything(seed: int) -> None:
@@ -202,10 +206,12 @@ def train_one_epoch(
     progress: bool = True,
     desc: str = "train",
     proximal: Proximal | None = None,
+    ema: AveragedModel | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns mean loss components, examples seen and throughput.
 
-    ``proximal`` (FedProx) adds (mu/2)·Σ‖w − w_global‖² over the trainable parameters to every step's loss.
+    ``proximal`` (FedProx) adds (mu/2)·Σ‖w − w_global‖² over the trainable parameters to every step's loss;
+    ``ema`` is updated from the model after every optimizer step.
 
     Every random draw of the epoch (shuffle order, augmentation, dropout) is seeded from (``seed``, ``epoch``)
     alone, so a federated site running global epoch *e* draws exactly what a centralized run draws in its
@@ -239,6 +245,8 @@ def train_one_epoch(
         if params.grad_clip and not _is_private(optimizer):  # DP-SGD clips every case's gradient instead
             nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
         optimizer.step()
+        if ema is not None:
+            ema.update_parameters(model)
         bs = int(batch["image"].shape[0])
         n_seen += bs
         for k, v in parts.items():
@@ -376,6 +384,18 @@ def build_optimizer(model: nn.Module, params: TrainParams) -> torch.optim.Optimi
     )
 
 
+def weight_average(model: nn.Module, decay: float) -> AveragedModel | None:
+    """The EMA copy of ``model`` that :func:`train_one_epoch` updates each step, or None when ``decay`` is 0.
+
+    BatchNorm statistics are averaged with the weights (``use_buffers``), so the copy is evaluated as it is.
+    """
+    if decay == 0:
+        return None
+    if not 0 < decay < 1:
+        raise ValueError(f"train.ema_decay={decay} must be 0 (off) or in (0, 1)")
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def fit(
     model: nn.Module,
     train_df: pd.DataFrame,
@@ -427,6 +447,8 @@ def fit(
         pos_weight=class_weight(train_df, t), weights=loss_weights, per_case=private is not None
     ).to(device)
     optimizer = build_optimizer(model, t)
+    ema = weight_average(model, t.ema_decay)
+    kept = ema.module if ema is not None else model  # what is validated and kept
     schedule = RecipeSchedule(t)
     loader_args = {"num_workers": num_workers, "seed": seed}
     train_loader = make_loader(
@@ -443,7 +465,7 @@ def fit(
         val_df, preprocess, cache, batch_size=t.eval_batch_size, augment=None, shuffle=False, **loader_args
     )
     start_epoch = 0
-    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    best_state = {k: v.detach().clone() for k, v in kept.state_dict().items()}
     history: list[dict[str, float]] = []
     if resume and checkpoint_path is not None and checkpoint_path.exists():
         # weights_only: a checkpoint is data, never code — a tampered file fails to load instead of running
@@ -454,6 +476,8 @@ def fit(
                 checkpoint_path, f"not a plain-data checkpoint, refused ({str(exc).splitlines()[0]})"
             ) from exc
         model.load_state_dict(ckpt["model"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["schedule"])
         if private is not None:
@@ -482,9 +506,10 @@ def fit(
             device=device,
             amp_dtype=amp_dtype,
             progress=progress,
+            ema=ema,
         )
         preds = predict_loader(
-            model,
+            kept,
             val_loader,
             device=device,
             amp_dtype=amp_dtype,
@@ -495,7 +520,7 @@ def fit(
         ranking = with_site_auroc(validation_ranking(preds, n_bins), per_site)
         improved = schedule.step(ranking[t.monitor])
         if improved:
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().cpu().clone() for k, v in kept.state_dict().items()}
         row = history_row(lr, train_summary(train_stats), ranking) | site_rows(per_site)
         if private is not None:
             row["privacy_epsilon"] = private.epsilon()
@@ -514,6 +539,7 @@ def fit(
             torch.save(
                 {
                     "model": model.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else None,
                     "optimizer": optimizer.state_dict(),
                     "schedule": schedule.state_dict(),
                     "epoch": epoch,

@@ -890,3 +890,11 @@ def test_resume_refuses_another_configuration_and_a_tampered_checkpoint(scenario
     with pytest.raises(DataError, match="not a plain-data checkpoint"):
         run_federated(InProcessGrid(3), cfg, resume=True)  # type: ignore[arg-type]
     assert not marker.exists()
+
+
+def test_the_centralized_weight_average_is_refused_before_any_site_is_asked(scenario, tmp_path: Path) -> None:
+    cfg = load_config("demo", [*_overrides(scenario, tmp_path), "tracking.enabled=false", "train.ema_decay=0.9"])
+    grid = InProcessGrid(3)
+    with pytest.raises(ConfigError, match=r"ema_decay=0\.9.*centralized only"):
+        run_federated(grid, cfg)  # type: ignore[arg-type]
+    assert not Path(cfg.output_dir).exists()

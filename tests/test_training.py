@@ -324,3 +324,67 @@ def test_predict_decodes_each_file_once_and_serves_what_evaluation_serves(
     ood = OODModel.from_dict(bundle.metadata["ood"])
     features = extract_features(bundle.model, KneeDataset(manifest, bundle.preprocess, None))
     np.testing.assert_allclose(ok["ood_score"].astype(float), ood.scores(features), rtol=1e-4)
+
+
+def _fit_tiny(cfg, manifest: Path, **kw):  # type: ignore[no-untyped-def]
+    from configs.schema import build_model
+    from strnet.engine import fit, split_frames
+
+    torch.manual_seed(0)
+    frames = split_frames(pd.read_csv(manifest))
+    return fit(
+        build_model(cfg),
+        frames["train"],
+        frames["val"],
+        params=cfg.train,
+        seed=cfg.seed,
+        preprocess=cfg.preprocess,
+        augment=cfg.augment,
+        loss_weights=cfg.loss,
+        cache=None,
+        n_bins=cfg.threshold.histogram_bins,
+        device=torch.device("cpu"),
+        progress=False,
+        **kw,
+    )
+
+
+def test_ema_keeps_the_moving_average_of_every_step(scenario, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The kept state is d·EMA + (1 − d)·w after each optimizer step, weights and BatchNorm statistics alike,
+    taken at the best epoch; validation scores that EMA copy, not the raw weights."""
+    import strnet.engine as E
+
+    decay = 0.6
+    snapshots: list[dict[str, torch.Tensor]] = []
+    ends: list[int] = []
+    real_train = E.train_one_epoch
+
+    class Recording(E.AveragedModel):
+        def update_parameters(self, model: torch.nn.Module) -> None:
+            snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+            super().update_parameters(model)
+
+    monkeypatch.setattr(
+        E, "weight_average", lambda m, d: Recording(m, multi_avg_fn=E.get_ema_multi_avg_fn(d), use_buffers=True)
+    )
+    monkeypatch.setattr(E, "train_one_epoch", lambda *a, **k: (real_train(*a, **k), ends.append(len(snapshots)))[0])
+    cfg = tiny_config(tmp_path, scenario.manifest, **{"train.epochs": "3", "train.ema_decay": str(decay)})
+    result = _fit_tiny(cfg, scenario.manifest)
+    steps = ends[result.best_epoch - 1]
+    assert steps >= 2
+    for key, value in result.best_state.items():
+        if not value.is_floating_point():
+            continue
+        expected = snapshots[0][key].double()
+        for snap in snapshots[1:steps]:
+            expected = decay * expected + (1 - decay) * snap[key].double()
+        np.testing.assert_allclose(value.double().numpy(), expected.numpy(), rtol=1e-4, atol=1e-6, err_msg=key)
+    raw = snapshots[steps - 1]
+    assert any(not torch.allclose(v, raw[k]) for k, v in result.best_state.items() if v.is_floating_point())
+
+
+def test_ema_decay_outside_the_unit_interval_is_refused(scenario, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from strnet.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ema_decay"):
+        tiny_config(tmp_path, scenario.manifest, **{"train.ema_decay": "1.0"})
