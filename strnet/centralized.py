@@ -27,6 +27,7 @@ from strnet.data.cache import PreprocessCache
 from strnet.data.dataset import KneeDataset
 from strnet.data.manifest import read_manifest
 from strnet.engine import (
+    FitResult,
     autocast_dtype,
     fit,
     make_loader,
@@ -43,6 +44,36 @@ from strnet.run import Run, RunResult, SiteResult, Tracker, headline, manifest_d
 from strnet.subgroups import CENTRALIZED_NOTE
 from strnet.sufficient import ValidationCounts
 from strnet.tscore import DP_OFF, refit_centralized
+
+
+def fit_config(
+    cfg: Config,
+    model: torch.nn.Module,
+    splits: dict[str, pd.DataFrame],
+    *,
+    cache: PreprocessCache | None,
+    device: torch.device,
+    **kwargs: Any,
+) -> FitResult:
+    """:func:`strnet.engine.fit` on the train and val frames with everything else the configuration says."""
+    return fit(
+        model,
+        splits["train"],
+        splits["val"],
+        params=cfg.train,
+        seed=cfg.seed,
+        preprocess=cfg.preprocess,
+        augment=cfg.augment,
+        loss_weights=cfg.loss,
+        cache=cache,
+        n_bins=cfg.threshold.histogram_bins,
+        num_workers=cfg.data.num_workers,
+        device=device,
+        config_dict=cfg.to_dict(),
+        test_time_mirror=cfg.model.test_time_mirror,
+        dp=cfg.privacy.dp,
+        **kwargs,
+    )
 
 
 def run_centralized(
@@ -86,26 +117,16 @@ def run_centralized(
         device = resolve_device()
         model = build_model(cfg)
         run.begin("training")
-        result = fit(
+        result = fit_config(
+            cfg,
             model,
-            splits["train"],
-            splits["val"],
-            params=cfg.train,
-            seed=cfg.seed,
-            preprocess=cfg.preprocess,
-            augment=cfg.augment,
-            loss_weights=cfg.loss,
+            splits,
             cache=cache,
-            n_bins=cfg.threshold.histogram_bins,
-            num_workers=cfg.data.num_workers,
             device=device,
             checkpoint_path=out_dir / "checkpoint.pt",
             resume=resume,
-            config_dict=cfg.to_dict(),
             on_epoch_end=run.log_step,
             progress=progress,
-            test_time_mirror=cfg.model.test_time_mirror,
-            dp=cfg.privacy.dp,
         )
         run.begin("after_training")
         model.load_state_dict(result.best_state)

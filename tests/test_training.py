@@ -328,25 +328,12 @@ def test_predict_decodes_each_file_once_and_serves_what_evaluation_serves(
 
 def _fit_tiny(cfg, manifest: Path, **kw):  # type: ignore[no-untyped-def]
     from configs.schema import build_model
-    from strnet.engine import fit, split_frames
+    from strnet.centralized import fit_config
+    from strnet.engine import split_frames
 
     torch.manual_seed(0)
     frames = split_frames(pd.read_csv(manifest))
-    return fit(
-        build_model(cfg),
-        frames["train"],
-        frames["val"],
-        params=cfg.train,
-        seed=cfg.seed,
-        preprocess=cfg.preprocess,
-        augment=cfg.augment,
-        loss_weights=cfg.loss,
-        cache=None,
-        n_bins=cfg.threshold.histogram_bins,
-        device=torch.device("cpu"),
-        progress=False,
-        **kw,
-    )
+    return fit_config(cfg, build_model(cfg), frames, cache=None, device=torch.device("cpu"), progress=False, **kw)
 
 
 def test_ema_keeps_the_moving_average_of_every_step(scenario, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
