@@ -54,10 +54,12 @@ EXP := runs/exp
 # recipe they were compared on (no balancing, no mirror averaging)
 NO_MIRROR := model.test_time_mirror=false
 VARIANTS := base:train.balance=none,$(NO_MIRROR) balance:$(NO_MIRROR) balance-mirror:train.balance=source_label \
-	balance-site:train.monitor=site_auroc,$(NO_MIRROR) balance-site-mirror:train.monitor=site_auroc
+	balance-site:train.monitor=site_auroc,$(NO_MIRROR) balance-site-mirror:train.monitor=site_auroc \
+	ema:train.ema_decay=0.9 frozen-bn:model.norm=frozen lr-1e-4:train.lr=1e-4 \
+	strong-aug:augment.max_rotation_deg=15,augment.max_translate=0.08,augment.scale_range=[0.8;1.2],augment.border_mask_max_frac=0.15
 STRATEGIES := fedavg fedprox fedavgm fedadam:federation.server_lr=0.001 fedbn
 real-data-experiments: real-data-prepare
-	for v in $(VARIANTS); do name=$${v%%:*}; sets=$$(echo $${v#*:} | tr ',' ' '); \
+	for v in $(VARIANTS); do name=$${v%%:*}; sets=$$(echo $${v#*:} | tr ',;' ' ,'); \
 	  $(BIN)/strnet train --config cpu --output-dir $(EXP)/$$name $$(for s in $$sets; do echo --set $$s; done) || exit 1; \
 	  $(BIN)/python -m simulations.inference_variants --bundle $(EXP)/$$name/bundle --manifest $(REAL)/split.csv > $(EXP)/$$name/val_variants.txt || exit 1; done
 	for s in $(STRATEGIES); do name=$${s%%:*}; extra=$$(echo $$s | grep -q : && echo --set $${s#*:}); \
