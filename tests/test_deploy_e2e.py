@@ -47,7 +47,7 @@ SITES = {"stage1": "train", "hospital": "train", "stage2": "external"}
 ROUND_TIMEOUT = 20
 # The first run installs the app at every site before its first reply: on a slower AVX2 machine, with five Flower
 # processes on two cores, a reply came after 20 s there. The later runs, whose lost nodes wait out the round
-# timeout, keep 20 s (45 s for all of them took this file from 7 to 13.5 minutes).
+# timeout, keep 20 s.
 FIRST_RUN_TIMEOUT = 60
 
 
