@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from flwr.app import Message
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 
 from strnet.protocol import Field, Key, MessageKind
@@ -88,8 +89,11 @@ def _exchange(grid: Grid, messages: Iterable[Message], timeout: float | None) ->
     pacer = Pacer(LAST_SECONDS.get(kind) if kind else None)
     while waiting:
         got = list(grid.pull_messages(waiting))
-        replies.extend(got)
         waiting.difference_update(m.metadata.reply_to_message_id for m in got)
+        # For a node it has lost, the SuperLink answers itself (Flower's NODE_UNAVAILABLE error, sent from its own
+        # node id): no reply will come, so stop waiting for it, and let the caller name the site as not replying
+        # rather than read an error from "node 1".
+        replies.extend(m for m in got if m.metadata.src_node_id != SUPERLINK_NODE_ID)
         if not waiting:
             break
         left = None if end is None else end - time.monotonic()

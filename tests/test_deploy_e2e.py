@@ -1,9 +1,11 @@
 """A real deployment on loopback: TLS, node authentication, SuperNodes as separate processes, `flwr run`.
 
-One SuperLink serves every scenario (a module fixture): the end-to-end run, an unregistered node, a node lost
-mid-round with the quorum holding (and coming back), and one lost below the quorum. Certificates and keys are
+One SuperLink serves every scenario (a module fixture): an unregistered node; the end-to-end run, in which a
+node is lost mid-round with the quorum holding and comes back; a node lost below the quorum; a SuperLink stopped
+and resumed. Every message starts a ClientApp process at its site (~10 s of imports on two slow cores), so the
+scenarios share runs where they can. Certificates and keys are
 made on the fly with the `strnet deploy` functions; every site sees only its own manifest through its
-`site.yaml`; every process is stopped by its PID. Rounds time out after 20 s instead of Flower's 60 s heartbeat.
+`site.yaml`; every process is stopped by its PID.
 """
 
 from __future__ import annotations
@@ -45,9 +47,9 @@ REFUSED_EXIT = 305  # the exit code flower-supernode logs when the SuperLink doe
 # the process itself exits 1)
 SITES = {"stage1": "train", "hospital": "train", "stage2": "external"}
 ROUND_TIMEOUT = 20
-# The first run installs the app at every site before its first reply: on a slower AVX2 machine, with five Flower
-# processes on two cores, a reply came after 20 s there. The later runs, whose lost nodes wait out the round
-# timeout, keep 20 s.
+# The first run installs the app at every site before its first reply, and its restarted node installs it again:
+# on a slower AVX2 machine, with five Flower processes on two cores, a reply came after 20 s there. The later runs
+# keep 20 s.
 FIRST_RUN_TIMEOUT = 60
 
 
@@ -203,10 +205,19 @@ def test_an_unregistered_node_is_refused(federation: Federation) -> None:
     assert f"Exit Code: {REFUSED_EXIT}" in refusal and "Failed to activate SuperNode" in refusal
 
 
-def test_tls_authenticated_deployment_end_to_end(federation: Federation) -> None:
+def test_tls_authenticated_deployment_end_to_end_with_a_node_lost_and_back(federation: Federation) -> None:
+    """The whole run over TLS with authenticated nodes, while a training node is stopped in round 1 and started
+    again: the quorum of one holds, the lost round names the site, and the node is back for the last round and
+    everything after it (calibration, τ*, frozen evaluation)."""
     t0 = time.perf_counter()
-    cfg, path = federation.config("e2e", f"federation.round_timeout={FIRST_RUN_TIMEOUT}")
+    cfg, path = federation.config(
+        "e2e", "federation.rounds=3", "federation.quorum=1", f"federation.round_timeout={FIRST_RUN_TIMEOUT}"
+    )
+    seen = federation.log("hospital").read_text().count("Receiving: train")
     run = federation.run(path)
+    wait_for(federation.log("hospital"), "Receiving: train", seen + 1)
+    stop_process_group(federation.nodes["hospital"])  # stopped while it trains round 1
+    federation.start_node("hospital")  # and back: the same key, so the same node
     log, _ = run.communicate(timeout=420)
     # flwr 1.42's `flwr run --stream` exits 0 even when the ServerApp raised: read its log too
     assert run.returncode == 0 and "ServerApp raised an exception" not in log, log[-4000:]
@@ -215,26 +226,18 @@ def test_tls_authenticated_deployment_end_to_end(federation: Federation) -> None
     meta = json.loads((bundle / "metadata.json").read_text())
     assert meta["training"]["mode"] == "federated"
     assert meta["threshold"]["sites"] == ["hospital", "stage1"]
+    problems = json.loads((Path(cfg.output_dir) / "summary.json").read_text())["problems"]
+    # the loss is named as the site, never as an error from the SuperLink's own node id (it answers for lost nodes)
+    assert "round 1 train: site 'hospital': no reply (node lost or round timed out)" in problems, problems
+    assert all("site 'hospital'" in p for p in problems), problems
+    # round 2 may still miss it (it can be sent before the node is back); the last round has it
+    assert not [p for p in problems if p.startswith("round 3") or not p.startswith("round ")], problems
     for site in SITES:  # each site preprocessed into the cache its site.yaml names, not the run config's
         assert any((federation.root / "sites" / site / "cache").rglob("*.npy")), site
     mlflow.set_tracking_uri(f"sqlite:///{federation.root / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["e2e"])
     assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
     print(f"deployment end to end: {time.perf_counter() - t0:.1f} s")
-
-
-def test_a_node_lost_mid_round_is_named_and_rejoins_while_the_quorum_holds(federation: Federation) -> None:
-    cfg, path = federation.config("lost-node", "federation.quorum=1", "tscore.rounds=0")
-    seen = federation.log("hospital").read_text().count("Receiving: train")
-    run = federation.run(path)
-    wait_for(federation.log("hospital"), "Receiving: train", seen + 1)
-    stop_process_group(federation.nodes["hospital"])  # killed while it trains round 1
-    federation.start_node("hospital")  # and back: the same key, so the same node, for round 2
-    log, _ = run.communicate(timeout=420)
-    assert run.returncode == 0 and "ServerApp raised an exception" not in log, log[-4000:]
-    problems = json.loads((Path(cfg.output_dir) / "summary.json").read_text())["problems"]
-    assert "round 1 train: site 'hospital': no reply (node lost or round timed out)" in problems, problems
-    assert not [p for p in problems if p.startswith("round 2") and "hospital" in p], problems  # it rejoined
 
 
 def test_a_node_lost_below_the_quorum_fails_the_run_naming_it(federation: Federation) -> None:

@@ -13,6 +13,10 @@ from server import exchange
 from strnet.protocol import Field, Key, MessageKind
 
 
+def reply(to: str, src: int = 7) -> SimpleNamespace:
+    return SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=to, src_node_id=src))
+
+
 class SlowGrid:
     """A grid whose replies become available ``after`` seconds after the push (one reply per message)."""
 
@@ -29,7 +33,7 @@ class SlowGrid:
         self.pulls += 1
         now = time.monotonic() - self.pushed_at
         ready = [i for i in ids if self.after[i] <= now]
-        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in ready]
+        return [reply(i) for i in ready]
 
 
 def test_quick_replies_are_collected_in_milliseconds_not_on_a_3_second_tick() -> None:
@@ -49,6 +53,20 @@ def test_late_replies_are_dropped_at_the_timeout() -> None:
     assert 0.3 <= time.monotonic() - start < 1.5
 
 
+def test_a_node_the_superlink_reports_lost_is_not_waited_for_nor_read_as_a_reply() -> None:
+    grid = SlowGrid({"a": 0.0, "lost": 0.0})
+    pull = grid.pull_messages
+    # what flwr 1.42's SuperLink returns for a message whose node went offline: an error from its own node id
+    grid.pull_messages = lambda ids: [  # type: ignore[method-assign]
+        reply(m.metadata.reply_to_message_id, src=1 if m.metadata.reply_to_message_id == "lost" else 7)
+        for m in pull(ids)
+    ]
+    start = time.monotonic()
+    replies = exchange.send_and_receive(grid, ["a", "lost"], timeout=30)  # type: ignore[arg-type]
+    assert [r.metadata.reply_to_message_id for r in replies] == ["a"]
+    assert time.monotonic() - start < 1.0  # not the 30 s timeout
+
+
 def test_the_poll_interval_grows_to_its_ceiling(monkeypatch: pytest.MonkeyPatch) -> None:
     sleeps: list[float] = []
     monkeypatch.setattr(exchange.time, "sleep", sleeps.append)
@@ -56,7 +74,7 @@ def test_the_poll_interval_grows_to_its_ceiling(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(
         grid,
         "pull_messages",
-        lambda ids: [] if len(sleeps) < 30 else [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id="a"))],
+        lambda ids: [] if len(sleeps) < 30 else [reply("a")],
     )
     exchange.send_and_receive(grid, ["a"], timeout=None)  # type: ignore[arg-type]
     assert sleeps[0] == exchange.FIRST_POLL_S and max(sleeps) == exchange.LAST_POLL_S
