@@ -1,0 +1,159 @@
+"""How far one run of a recipe can be trusted, and what averaging several runs gives.
+
+    python -m simulations.seed_ensemble runs/seeds/42/bundle runs/seeds/43/bundle runs/seeds/44/bundle \\
+        --manifest runs/real/split.csv
+
+Every bundle scores the same knees: the validation split (pooled and per source), the training sites' test
+split and every external site. For each cohort the table gives each bundle's AUROC and left–right agreement,
+their mean and spread, and the *ensemble*: the mean of the bundles' calibrated probabilities, thresholded at a
+τ* the paper's rule picks on the ensemble's own validation probabilities. Choosing between one run and an
+ensemble is done on the validation rows; the test and external rows are reported, never used to choose.
+
+``--soup`` adds a *model soup* (Wortsman et al. 2022): one model whose weights are the mean of the bundles'
+(every run starts from the same ImageNet weights, so their fine-tuned weights may share a basin), with BatchNorm
+statistics re-estimated on each training site's training images and pooled (:mod:`strnet.batchnorm`), Platt
+calibration refitted and τ* chosen on validation. Unlike the ensemble it serves as one bundle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.special import logit
+
+from configs.schema import ThresholdConfig
+from simulations.bn_probe import with_statistics
+from strnet import metrics as M
+from strnet.bundle import Bundle, load_bundle
+from strnet.calibration import fit_platt_to_logits
+from strnet.data.cache import PreprocessCache
+from strnet.data.manifest import read_manifest
+from strnet.evaluation import frame_metrics, predict_frame
+
+COLUMNS = {
+    "screening_auroc": "AUROC",
+    "radiograph_auroc": "AUROC per film",
+    "screening_sensitivity": "sens",
+    "screening_specificity": "spec",
+    "bilateral_n_pairs": "films",
+    "bilateral_flag_disagreement": "L-R flags differ",
+    "bilateral_spearman": "Spearman R/L",
+    "t_score_pearson_r": "T r",
+}
+
+
+def cohorts(df: pd.DataFrame, train_sites: list[str]) -> dict[str, pd.DataFrame]:
+    """Validation (pooled, then per source), pooled test, and each external site's whole cohort."""
+    df = df[df["label_cls"] != ""]
+    train = df[df["site"].isin(train_sites)]
+    out = {"val (pooled)": train[train["split"] == "val"]}
+    for site in train_sites:
+        out[f"val {site}"] = train[(train["split"] == "val") & (train["site"] == site)]
+    out["test (pooled)"] = train[train["split"] == "test"]
+    for site in sorted(set(df["site"]) - set(train_sites)):
+        out[site] = df[df["site"] == site]
+    return {k: v.reset_index(drop=True) for k, v in out.items() if len(v)}
+
+
+def ensemble_frame(frames: list[pd.DataFrame], threshold: float) -> pd.DataFrame:
+    """The bundles' mean calibrated probability (and T-score estimate) in the first bundle's table."""
+    out = frames[0].copy()
+    for column in ("prob_bone_loss", "prob_bone_loss_uncalibrated", "t_score_estimate"):
+        out[column] = np.mean([f[column].to_numpy(float) for f in frames], axis=0)
+    out["flag_bone_loss"] = (out["prob_bone_loss"] >= threshold).astype(int)
+    out["threshold"] = threshold
+    return out
+
+
+def soup(bundles: list[Bundle], train: list[pd.DataFrame], val: pd.DataFrame, cache: PreprocessCache | None) -> Bundle:
+    """The mean of the bundles' weights as one bundle: statistics re-estimated, calibration and τ* refitted."""
+    states = [b.model.state_dict() for b in bundles]
+    mean = {
+        k: torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype) if v.is_floating_point() else v
+        for k, v in states[0].items()
+    }
+    model = copy.deepcopy(bundles[0].model)
+    model.load_state_dict(mean)
+    metadata = copy.deepcopy(bundles[0].metadata)
+    metadata["calibration"] = None
+    model = with_statistics(model, train, bundles[0], cache)
+    raw = predict_frame(Bundle(model, metadata), val, cache=cache, progress=False)
+    y = (raw["label_cls"] != "normal").to_numpy(int)
+    metadata["calibration"] = fit_platt_to_logits(logit(raw["prob_bone_loss_uncalibrated"].to_numpy(float)), y)
+    calibrated = predict_frame(Bundle(model, metadata), val, cache=cache, progress=False)
+    metadata["threshold"]["value"] = rule_threshold(metadata, y, calibrated["prob_bone_loss"].to_numpy(float))
+    return Bundle(model, metadata)
+
+
+def rule_threshold(metadata: dict, y: np.ndarray, prob: np.ndarray) -> float:
+    """The paper's τ* rule with the grid and sensitivity the bundle's own τ* was chosen with."""
+    start, stop, step = metadata["threshold"]["grid"]
+    grid = ThresholdConfig(grid_start=start, grid_stop=stop, grid_step=step).grid()
+    return M.select_threshold(y, prob, metadata["threshold"]["min_sensitivity"], grid)
+
+
+def run_name(bundle: Path) -> str:
+    """A run's folder name (``runs/seeds/43/bundle`` -> ``43``)."""
+    return bundle.parent.name if bundle.name == "bundle" else bundle.name
+
+
+def summarise(
+    bundles: list[Path], manifest: Path, train_sites: list[str], cache_dir: Path, *, with_soup: bool = False
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    df = read_manifest(manifest)
+    parts = cohorts(df, train_sites)
+    cache = PreprocessCache(cache_dir)
+    loaded = {run_name(b): load_bundle(b) for b in bundles}
+    if with_soup:
+        train = [df[(df["site"] == s) & (df["split"] == "train")] for s in train_sites]
+        loaded["soup"] = soup(list(loaded.values()), train, parts["val (pooled)"], cache)
+    frames = {
+        name: {run: predict_frame(b, part, cache=cache, progress=False) for run, b in loaded.items()}
+        for name, part in parts.items()
+    }
+    singles = [run for run in loaded if run != "soup"]
+    # the ensemble's τ*: the paper's rule on its pooled validation probabilities (what each bundle did alone)
+    val = ensemble_frame([frames["val (pooled)"][r] for r in singles], 0.5)
+    y_val = (val["label_cls"] != "normal").to_numpy(int)
+    tau = rule_threshold(loaded[singles[0]].metadata, y_val, val["prob_bone_loss"].to_numpy(float))
+    rows = []
+    for name, per_run in frames.items():
+        scored = [(run, frame, loaded[run].threshold) for run, frame in per_run.items()]
+        scored.append(("ensemble", ensemble_frame([per_run[r] for r in singles], tau), tau))
+        for run, frame, threshold in scored:
+            metrics, _ = frame_metrics(frame, threshold, n_bins=1000, n_boot=0, seed=0)
+            rows.append(
+                {"cohort": name, "run": run, "knees": len(frame), "τ*": threshold}
+                | {title: metrics.get(key, np.nan) for key, title in COLUMNS.items()}
+            )
+    table = pd.DataFrame(rows)
+    spread = (
+        table[table["run"].isin(singles)].groupby("cohort", sort=False)[list(COLUMNS.values())].agg(["mean", "std"])
+    )
+    spread.columns = [f"{a} {b}" for a, b in spread.columns]
+    return table, spread
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bundles", nargs="+", type=Path, help="bundle folders of the same recipe (one per seed)")
+    parser.add_argument("--manifest", required=True, type=Path)
+    parser.add_argument("--train-sites", nargs="+", default=["stage1", "stage2"])
+    parser.add_argument("--cache", type=Path, default=Path(".cache/preprocessed"))
+    parser.add_argument("--soup", action="store_true", help="also score the mean of the bundles' weights")
+    args = parser.parse_args(argv)
+    table, spread = summarise(args.bundles, args.manifest, args.train_sites, args.cache, with_soup=args.soup)
+    with pd.option_context("display.width", 200, "display.precision", 3, "display.max_columns", 40):
+        print(table.to_string(index=False))
+        print()
+        print(spread.to_string())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,88 @@
+"""The seed study's two combinations of runs: the ensemble scores the mean of the runs' probabilities, the soup
+is one model with the mean of their weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from configs.schema import ThresholdConfig
+from simulations.scenario import build_synthetic_scenario
+from simulations.seed_ensemble import cohorts, soup, summarise
+from strnet.bundle import load_bundle, save_bundle
+from strnet.data.manifest import read_manifest
+from strnet.data.preprocess import PreprocessParams
+from strnet.evaluation import predict_frame
+from strnet.metrics import select_threshold
+from strnet.model import batchnorm_keys, build_strnet
+
+MODEL = {"backbone": "tiny", "weights": "none", "neck_dim": 128, "dropout": 0.3}
+THRESHOLD = {"value": 0.5, "rule": "test", "min_sensitivity": 0.86, "grid": [0.2, 0.8, 0.01]}
+TRAIN_SITES = ["stage1", "stage2"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    root = tmp_path_factory.mktemp("seeds")
+    manifest = build_synthetic_scenario(root / "data", seed=5, n_patients=24, image_size=48).manifest
+    bundles = []
+    for seed in (0, 1, 2):  # three untrained "runs": different weights, the same architecture
+        torch.manual_seed(seed)
+        model = build_strnet(**MODEL).eval()
+        bundles.append(
+            save_bundle(
+                root / str(seed) / "bundle",
+                state_dict=model.state_dict(),
+                model_config=MODEL,
+                preprocess=PreprocessParams(size=32),
+                threshold=THRESHOLD,
+                training={"mode": "test"},
+            )
+        )
+    return manifest, bundles
+
+
+def test_the_ensemble_scores_the_mean_probability_and_the_spread_is_over_single_runs(
+    runs: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    manifest, bundles = runs
+    table, spread = summarise(bundles, manifest, TRAIN_SITES, tmp_path / "cache")
+    test = cohorts(read_manifest(manifest), TRAIN_SITES)["test (pooled)"]
+    probs = [predict_frame(load_bundle(b), test, cache=None, progress=False)["prob_bone_loss"] for b in bundles]
+    y = (test["label_cls"] != "normal").to_numpy(int)
+    row = table[(table["cohort"] == "test (pooled)")].set_index("run")
+    assert row.loc["ensemble", "AUROC"] == pytest.approx(roc_auc_score(y, np.mean(probs, axis=0)), abs=1e-12)
+    singles = [roc_auc_score(y, p) for p in probs]
+    assert row.loc[["0", "1", "2"], "AUROC"].tolist() == pytest.approx(singles, abs=1e-12)
+    assert spread.loc["test (pooled)", "AUROC mean"] == pytest.approx(np.mean(singles))
+    assert spread.loc["test (pooled)", "AUROC std"] == pytest.approx(np.std(singles, ddof=1))
+    # every cohort the study reads: validation pooled and per training site, pooled test, the external site
+    assert list(spread.index) == ["val (pooled)", "val stage1", "val stage2", "test (pooled)", "hospital"]
+
+
+def test_the_soup_is_the_mean_of_the_weights_with_its_own_statistics_and_tau(runs: tuple[Path, list[Path]]) -> None:
+    manifest, bundles = runs
+    df = read_manifest(manifest)
+    loaded = [load_bundle(b) for b in bundles]
+    train = [df[(df["site"] == s) & (df["split"] == "train")] for s in TRAIN_SITES]
+    val = cohorts(df, TRAIN_SITES)["val (pooled)"]
+    made = soup(loaded, train, val, None)
+    states = [b.model.state_dict() for b in loaded]
+    statistics = {k for k in batchnorm_keys(made.model) if k.endswith(("running_mean", "running_var"))}
+    assert statistics
+    for key, value in made.model.state_dict().items():
+        if key in statistics or not value.is_floating_point():
+            continue
+        assert torch.allclose(value, torch.stack([s[key] for s in states]).mean(0), atol=1e-6), key
+    # BatchNorm statistics are the soup's own, not the mean of the runs'
+    key = sorted(statistics)[0]
+    assert not torch.allclose(made.model.state_dict()[key], torch.stack([s[key] for s in states]).mean(0))
+    # calibration refitted and τ* chosen by the paper's rule on the soup's own validation probabilities
+    assert made.metadata["calibration"] != loaded[0].metadata.get("calibration")
+    y = (val["label_cls"] != "normal").to_numpy(int)
+    p = predict_frame(made, val, cache=None, progress=False)["prob_bone_loss"].to_numpy(float)
+    assert made.threshold == select_threshold(y, p, 0.86, ThresholdConfig().grid())
