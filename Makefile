@@ -10,7 +10,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: demo test lint real-data real-data-prepare real-data-experiments real-data-dp dp-table venv bench
+.PHONY: demo test lint real-data real-data-prepare real-data-experiments real-data-seeds real-data-dp dp-table venv bench
 
 venv: $(STAMP)
 
@@ -67,6 +67,20 @@ real-data-experiments: real-data-prepare
 	    --set federation.strategy=$$name --set train.balance=none --set $(NO_MIRROR) $$extra || exit 1; done
 	$(BIN)/python -m simulations.experiment_table $(EXP)/* > $(EXP)/table.md
 	cat $(EXP)/table.md
+	$(MAKE) real-data-seeds
+
+# How far one run of the chosen recipe can be trusted (README, "Three seeds"): `make real-data`'s two runs again
+# with seeds 43 and 44, then each mode's spread and ensemble (and the centralized weight soup) on the same knees
+# (~50 min on 2 cores).
+SEEDS := 43 44
+real-data-seeds: real-data-prepare
+	for s in $(SEEDS); do $(BIN)/strnet train --config cpu --set seed=$$s --output-dir $(EXP)/seeds/central-$$s \
+	  && $(BIN)/python -m simulations.federate --config cpu --set seed=$$s --out $(EXP)/seeds/federated-$$s \
+	  || exit 1; done
+	$(BIN)/python -m simulations.seed_ensemble --soup $(REAL)/centralized/bundle \
+	  $(addprefix $(EXP)/seeds/central-,$(addsuffix /bundle,$(SEEDS))) --manifest $(REAL)/split.csv
+	$(BIN)/python -m simulations.seed_ensemble $(REAL)/federated/bundle \
+	  $(addprefix $(EXP)/seeds/federated-,$(addsuffix /bundle,$(SEEDS))) --manifest $(REAL)/split.csv
 
 # DP-SGD (README, "Privacy"). dp-table: the demo's synthetic sites at ε 8/3/1 beside the non-private runs, both
 # modes (about 25 min on 2 idle cores). real-data-dp: the cpu preset federated with ε = 8 at every site

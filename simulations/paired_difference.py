@@ -7,6 +7,8 @@ For the pooled test cohort (the training sites' test splits) and every external 
 replicate draws radiographs with replacement, stratified by the film's label, and recomputes both models'
 per-knee AUROC on the same draw; the interval of B − A is the 2.5th–97.5th percentile. This needs both
 models' per-knee scores, so it runs where the images are (public data here), not on a federation's server.
+Several bundles on a side compare their ensemble (the mean of their calibrated probabilities), e.g. three
+seeds of each mode (``make real-data-seeds``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
+from simulations.seed_ensemble import ensemble_frame
 from strnet.bundle import load_bundle
 from strnet.data.cache import PreprocessCache
 from strnet.data.manifest import read_manifest
@@ -44,10 +47,21 @@ def paired_auroc_difference(
     return {"auroc_a": a, "auroc_b": b, "difference": b - a, "ci_lo": float(lo), "ci_hi": float(hi), "n": len(y)}
 
 
+def ensemble_probability(bundles: list[str], frame: pd.DataFrame, cache: PreprocessCache) -> np.ndarray:
+    """The calibrated probability of one bundle, or the mean over several (an ensemble of runs, as
+    :mod:`simulations.seed_ensemble` scores it)."""
+    frames = [predict_frame(load_bundle(b), frame, cache=cache) for b in bundles]
+    return ensemble_frame(frames, threshold=0.5)["prob_bone_loss"].to_numpy(float)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--a", required=True, help="reference bundle (e.g. centralized)")
-    parser.add_argument("--b", required=True, help="compared bundle (e.g. federated)")
+    parser.add_argument(
+        "--a", required=True, nargs="+", help="reference bundle(s) (e.g. centralized); several: their ensemble"
+    )
+    parser.add_argument(
+        "--b", required=True, nargs="+", help="compared bundle(s) (e.g. federated); several: their ensemble"
+    )
     parser.add_argument("--manifest", required=True)
     parser.add_argument("--train-sites", nargs="+", default=["stage1", "stage2"])
     parser.add_argument("--cache", default=".cache/preprocessed")
@@ -61,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, part in cohorts.items():
         part = part.reset_index(drop=True)
-        pa = predict_frame(load_bundle(args.a), part, cache=cache)["prob_bone_loss"].to_numpy(float)
-        pb = predict_frame(load_bundle(args.b), part, cache=cache)["prob_bone_loss"].to_numpy(float)
+        pa, pb = (ensemble_probability(paths, part, cache) for paths in (args.a, args.b))
         y = (part["label_cls"] != "normal").to_numpy(int)
         film, _ = pd.factorize(part["path"].str.lower())
         rows.append({"cohort": name} | paired_auroc_difference(y, pa, pb, film))
