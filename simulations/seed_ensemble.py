@@ -108,7 +108,15 @@ def summarise(
     df = read_manifest(manifest)
     parts = cohorts(df, train_sites)
     cache = PreprocessCache(cache_dir)
-    loaded = {run_name(b): load_bundle(b) for b in bundles}
+    names = [run_name(b) for b in bundles]
+    if len(bundles) < 2 or len(set(names)) < len(names):
+        raise ValueError(f"need two or more runs with distinct folder names, got {[str(b) for b in bundles]}")
+    loaded = {name: load_bundle(b) for name, b in zip(names, bundles, strict=True)}
+    for name, b in zip(bundles, loaded.values(), strict=True):
+        if b.metadata["model"] != loaded[names[0]].metadata["model"]:
+            raise ValueError(
+                f"{name}: another model than {bundles[0]} ({b.metadata['model']}); runs of one recipe only"
+            )
     if with_soup:
         train = [df[(df["site"] == s) & (df["split"] == "train")] for s in train_sites]
         loaded["soup"] = soup(list(loaded.values()), train, parts["val (pooled)"], cache)

@@ -86,3 +86,20 @@ def test_the_soup_is_the_mean_of_the_weights_with_its_own_statistics_and_tau(run
     y = (val["label_cls"] != "normal").to_numpy(int)
     p = predict_frame(made, val, cache=None, progress=False)["prob_bone_loss"].to_numpy(float)
     assert made.threshold == select_threshold(y, p, 0.86, ThresholdConfig().grid())
+
+
+def test_runs_that_cannot_be_told_apart_or_compared_are_refused(runs: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    manifest, bundles = runs
+    with pytest.raises(ValueError, match="distinct folder names"):
+        summarise([bundles[0], bundles[0]], manifest, TRAIN_SITES, tmp_path)
+    other = build_strnet(**(MODEL | {"neck_dim": 64}))
+    odd = save_bundle(
+        tmp_path / "odd" / "bundle",
+        state_dict=other.state_dict(),
+        model_config=MODEL | {"neck_dim": 64},
+        preprocess=PreprocessParams(size=32),
+        threshold=THRESHOLD,
+        training={"mode": "test"},
+    )
+    with pytest.raises(ValueError, match=f"{odd}: another model"):
+        summarise([bundles[0], odd], manifest, TRAIN_SITES, tmp_path)
