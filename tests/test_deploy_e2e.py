@@ -2,7 +2,7 @@
 
 One SuperLink serves every scenario (a module fixture): an unregistered node; the end-to-end run, in which a
 node is lost mid-round with the quorum holding and comes back; a node lost below the quorum; a SuperLink stopped
-and resumed. Every message starts a ClientApp process at its site (~10 s of imports on two slow cores), so the
+and resumed. Every message starts a ClientApp process at its site (~9 s of imports on two slow cores), so the
 scenarios share runs where they can. Certificates and keys are
 made on the fly with the `strnet deploy` functions; every site sees only its own manifest through its
 `site.yaml`; every process is stopped by its PID.
