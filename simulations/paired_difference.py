@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from simulations.seed_ensemble import ensemble_frame
+from simulations.seed_ensemble import cohorts, ensemble_frame
 from strnet.bundle import load_bundle
 from strnet.data.cache import PreprocessCache
 from strnet.data.manifest import read_manifest
@@ -66,15 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-sites", nargs="+", default=["stage1", "stage2"])
     parser.add_argument("--cache", default=".cache/preprocessed")
     args = parser.parse_args(argv)
-    df = read_manifest(args.manifest)
-    df = df[df["label_cls"] != ""]
-    cohorts = {"pooled test": df[df["site"].isin(args.train_sites) & (df["split"] == "test")]}
-    for site in sorted(set(df["site"]) - set(args.train_sites)):
-        cohorts[site] = df[df["site"] == site]
+    # the reported cohorts (pooled test, each external site) as the seed study reads them; validation is for choosing
+    every = cohorts(read_manifest(args.manifest), args.train_sites)
+    reported = {name: part for name, part in every.items() if not name.startswith("val ")}
     cache = PreprocessCache(args.cache)
     rows = []
-    for name, part in cohorts.items():
-        part = part.reset_index(drop=True)
+    for name, part in reported.items():
         pa, pb = (ensemble_probability(paths, part, cache) for paths in (args.a, args.b))
         y = (part["label_cls"] != "normal").to_numpy(int)
         film, _ = pd.factorize(part["path"].str.lower())
