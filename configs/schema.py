@@ -47,6 +47,10 @@ class ModelConfig:
     # the per-case forms DP-SGD needs | auto: group exactly when privacy.dp is on. Loading resolves auto, so a
     # bundle and every site record the form they built.
     norm: Literal["auto", "batch", "group", "frozen"] = "auto"
+    # A centralized run trains this many networks (seeds seed, seed + 1, ...) and serves their combination
+    # (strnet.ensemble). A federation trains one (its recipe says so): three federated seeds' ensemble did not
+    # beat one federated run on validation (README, "Three seeds").
+    members: int = 1
 
 
 @dataclass(frozen=True)
@@ -197,7 +201,9 @@ def _resolved(cfg: Config) -> Config:
 
 
 def build_model(cfg: Config, *, weights: str | None = None) -> STRNet:
-    """STR-Net as the configuration describes it (``weights`` None: the configured initialisation)."""
+    """One STR-Net as the configuration describes it (``weights`` None: the configured initialisation).
+
+    A centralized run with ``model.members`` > 1 builds one per member (:mod:`strnet.ensemble`)."""
     m = cfg.model
     norm = m.norm if m.norm != "auto" else ("group" if cfg.privacy.dp.enabled else "batch")
     return build_strnet(
@@ -228,6 +234,13 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"train.min_epochs={cfg.train.min_epochs} must be >= 0")
     if not (cfg.train.ema_decay == 0 or 0 < cfg.train.ema_decay < 1):
         raise ConfigError(f"train.ema_decay={cfg.train.ema_decay} must be 0 (off) or in (0, 1)")
+    members = cfg.model.members
+    if isinstance(members, bool) or not isinstance(members, int) or members < 1:
+        raise ConfigError(f"model.members={members!r} must be a positive integer")
+    if members > 1 and cfg.privacy.dp.enabled:
+        raise ConfigError(
+            f"model.members={members} with privacy.dp: every member would spend the privacy budget again; set 1"
+        )
     fed = cfg.federation
     names = [site.name for site in fed.sites]
     if len(set(names)) != len(names):

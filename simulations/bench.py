@@ -641,7 +641,7 @@ def run(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
             result["training"].append({"preset": preset} | bench_training(cfg, steps, work))
     if "predict" in parts:
         print("predict ...", flush=True)
-        result["predict"] = bench_predict(load_config("cpu", ["model.weights=none"]), sizes, work / "predict")
+        result["predict"] = bench_predict(load_config("cpu", ["model.weights=none", "model.members=1"]), sizes, work / "predict")
     if "federation" in parts:
         print("federation (three demo runs) ...", flush=True)
         result["federation"] = bench_federation(args, work / "federation")

@@ -20,8 +20,10 @@ import torch
 
 from strnet.calibration import Platt
 from strnet.data.preprocess import PreprocessParams
+from strnet.ensemble import STRNetEnsemble
+from strnet.ensemble import build as build_model
 from strnet.errors import DataError
-from strnet.model import STRNet, build_strnet
+from strnet.model import STRNet
 
 WEIGHTS_NAME = "model.pt"
 METADATA_NAME = "metadata.json"
@@ -55,7 +57,7 @@ def library_versions() -> dict[str, str]:
 
 @dataclass
 class Bundle:
-    model: STRNet
+    model: STRNet | STRNetEnsemble
     metadata: dict[str, Any]
     path: Path | None = None  # None: a frozen model in memory, not yet written
 
@@ -154,7 +156,8 @@ def load_bundle(path: str | Path, map_location: str | torch.device = "cpu") -> B
             "(weights were modified or belong to another bundle; refusing to use them)",
         )
     m = metadata["model"]
-    model = build_strnet(
+    model = build_model(
+        members=int(m.get("members", 1)),
         backbone=m["backbone"],
         weights="none",
         neck_dim=int(m.get("neck_dim", 128)),

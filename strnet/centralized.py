@@ -6,6 +6,8 @@ site, then hand everything to :meth:`strnet.run.Run.finish` — the same finish 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ from strnet.engine import (
     seed_everything,
     split_frames,
 )
+from strnet.ensemble import STRNetEnsemble
 from strnet.errors import DataError
 from strnet.evaluation import EvaluationResult, evaluate_bundle, frame_metrics
 from strnet.ood import fit_ood
@@ -115,40 +118,19 @@ def run_centralized(
         )
 
         device = resolve_device()
-        model = build_model(cfg)
         run.begin("training")
-        result = fit_config(
-            cfg,
-            model,
-            splits,
-            cache=cache,
-            device=device,
-            checkpoint_path=out_dir / "checkpoint.pt",
-            resume=resume,
-            on_epoch_end=run.log_step,
-            progress=progress,
-        )
+        trained = [
+            _train_member(cfg, k, splits, cache, device, run, resume=resume, progress=progress)
+            for k in range(cfg.model.members)
+        ]
         run.begin("after_training")
-        model.load_state_dict(result.best_state)
+        result, tscore = trained[0].fit, trained[0].tscore
         privacy = run_privacy(cfg.privacy.dp, {"centralized": result.privacy}) if result.privacy else None
-        ts = cfg.tscore
-        tscore = (
-            refit_centralized(
-                model,
-                splits["train"],
-                splits["val"],
-                cfg.preprocess,
-                cache,
-                device,
-                rounds=ts.rounds,
-                steps_per_round=ts.steps_per_round,
-                patience=ts.patience,
-                lr=ts.lr,
-                weight_decay=ts.weight_decay,
-            )
-            if ts.rounds and not cfg.privacy.dp.enabled
-            else {"status": DP_OFF if ts.rounds else "off"}
-        )
+        model: torch.nn.Module = trained[0].net
+        if len(trained) > 1:
+            model = STRNetEnsemble([m.net for m in trained])
+            for k, m in enumerate(trained):
+                model.set_member_calibration(k, m.calibration["a"], m.calibration["b"])
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         # Calibrate the kept model on validation, then choose τ* on the calibrated scale (the same Newton fit
         # the federation runs on pooled statistics).
@@ -217,7 +199,8 @@ def run_centralized(
                 "stopped_early": result.stopped_early,
                 "best_score": result.best_score,
                 "tscore_refit": tscore,
-            },
+            }
+            | ({"members": [m.describe() for m in trained]} if len(trained) > 1 else {}),
             recipe=recipe(cfg, "centralized"),
             calibration=calibration,
             ood=metadata.get("ood"),
@@ -229,6 +212,85 @@ def run_centralized(
             subgroups=subgroups,
             subgroups_note=CENTRALIZED_NOTE,
         )
+
+
+@dataclass
+class Member:
+    """One trained network of a run: all of a single-network run, or one member of an ensemble."""
+
+    seed: int
+    net: torch.nn.Module
+    fit: FitResult
+    tscore: dict[str, Any]
+    calibration: dict[str, Any]  # its own Platt fit on validation (what the ensemble combines on)
+
+    def describe(self) -> dict[str, Any]:
+        f = self.fit
+        return {
+            "seed": self.seed,
+            "best_step": f.best_epoch,
+            "best_score": f.best_score,
+            "epochs_run": f.epochs_run,
+            "stopped_early": f.stopped_early,
+            "calibration": self.calibration,
+            "tscore_refit": self.tscore,
+        }
+
+
+def _train_member(
+    cfg: Config,
+    k: int,
+    splits: dict[str, pd.DataFrame],
+    cache: PreprocessCache,
+    device: torch.device,
+    run: Run,
+    *,
+    resume: bool,
+    progress: bool,
+) -> Member:
+    """Member ``k`` (seed ``cfg.seed + k``) trained exactly as a one-network run with that seed would be: fit,
+    kept state, T-score refit, then its own Platt calibration on validation. Member 0's learning curve is the
+    run's; later members log theirs as ``member.<k+1>.history/…``."""
+    cfg = replace(cfg, seed=cfg.seed + k)
+    seed_everything(cfg.seed)
+    net = build_model(cfg)
+    name = "checkpoint.pt" if k == 0 else f"checkpoint-member{k + 1}.pt"
+    result = fit_config(
+        cfg,
+        net,
+        splits,
+        cache=cache,
+        device=device,
+        checkpoint_path=Path(cfg.output_dir) / name,
+        resume=resume,
+        on_epoch_end=run.log_step if k == 0 else partial(run.log_member_step, k + 1),
+        progress=progress,
+    )
+    net.load_state_dict(result.best_state)
+    ts = cfg.tscore
+    tscore = (
+        refit_centralized(
+            net,
+            splits["train"],
+            splits["val"],
+            cfg.preprocess,
+            cache,
+            device,
+            rounds=ts.rounds,
+            steps_per_round=ts.steps_per_round,
+            patience=ts.patience,
+            lr=ts.lr,
+            weight_decay=ts.weight_decay,
+        )
+        if ts.rounds and not cfg.privacy.dp.enabled
+        else {"status": DP_OFF if ts.rounds else "off"}
+    )
+    calibration = (
+        fit_platt_to_logits(*labelled_logits(_predict(net, splits["val"], cfg, cache, device)))
+        if cfg.model.members > 1
+        else {}
+    )
+    return Member(cfg.seed, net, result, tscore, calibration)
 
 
 def _predict(

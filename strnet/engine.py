@@ -492,7 +492,9 @@ def fit(
     step_model, step_optimizer, step_loader = (
         private.attach(model, optimizer, train_loader) if private else (model, optimizer, train_loader)
     )
-    for epoch in range(start_epoch, t.epochs):
+    # a resumed fit that had already stopped early is finished (an ensemble's earlier members, on resume)
+    last_epoch = start_epoch if schedule.should_stop else t.epochs
+    for epoch in range(start_epoch, last_epoch):
         lr = schedule.lr
         set_learning_rate(step_optimizer, lr)
         train_stats = train_one_epoch(

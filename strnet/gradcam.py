@@ -9,6 +9,7 @@ and it must leave the model exactly as found (train/eval mode, no hooks, no grad
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import cv2
@@ -20,9 +21,9 @@ from torch import nn
 from strnet.errors import DataError
 
 
-def _default_layer(model: nn.Module) -> nn.Module:
+def _default_layer(model: nn.Module) -> nn.Module | Sequence[nn.Module]:
     layer = getattr(model, "gradcam_layer", None)
-    if isinstance(layer, nn.Module):
+    if isinstance(layer, nn.Module) or (isinstance(layer, tuple) and layer):
         return layer
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     if not convs:
@@ -34,7 +35,7 @@ def grad_cam(
     model: nn.Module,
     image: torch.Tensor,
     tabular: torch.Tensor,
-    layer: nn.Module | None = None,
+    layer: nn.Module | Sequence[nn.Module] | None = None,
     output: str = "screen",
 ) -> np.ndarray:
     """Heat map (H, W) in [0, 1] for one image [1, 1, H, W]; all zeros when nothing pushes the logit up.
@@ -50,7 +51,7 @@ def grad_cams(
     model: nn.Module,
     images: torch.Tensor,
     tabular: torch.Tensor,
-    layer: nn.Module | None = None,
+    layer: nn.Module | Sequence[nn.Module] | None = None,
     output: str = "screen",
 ) -> np.ndarray:
     """Heat maps (B, H, W) in [0, 1] for a batch [B, C, H, W], each normalised on its own.
@@ -60,15 +61,19 @@ def grad_cams(
     """
     if images.ndim != 4 or images.shape[0] < 1:
         raise ValueError(f"grad_cams expects images shaped [B, C, H, W], got {tuple(images.shape)}")
-    layer = layer if layer is not None else _default_layer(model)
-    store: dict[str, torch.Tensor] = {}
+    chosen = layer if layer is not None else _default_layer(model)
+    layers = list(chosen) if isinstance(chosen, Sequence) else [chosen]
+    store: dict[int, torch.Tensor] = {}
 
-    def keep(_module: nn.Module, _inputs: tuple, out: torch.Tensor) -> None:
-        if isinstance(out, torch.Tensor):
-            store["act"] = out
+    def keeper(i: int) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
+        def keep(_module: nn.Module, _inputs: tuple, out: torch.Tensor) -> None:
+            if isinstance(out, torch.Tensor):
+                store[i] = out
+
+        return keep
 
     was_training = model.training
-    handle = layer.register_forward_hook(keep)
+    handles = [lay.register_forward_hook(keeper(i)) for i, lay in enumerate(layers)]
     try:
         model.eval()
         with torch.enable_grad():
@@ -82,17 +87,24 @@ def grad_cams(
                 logit = outputs[output]
             else:
                 logit = outputs
-            if "act" not in store:
+            if len(store) < len(layers):
                 raise RuntimeError("grad_cam: the chosen layer was not used in the forward pass")
-            act = store["act"]
+            acts = [store[i] for i in range(len(layers))]
+            if len({tuple(a.shape[2:]) for a in acts}) > 1:
+                raise ValueError(f"grad_cam: the layers' maps differ in size {[tuple(a.shape) for a in acts]}")
             per_case = logit.reshape(images.shape[0], -1)[:, 0]
-            grad = torch.autograd.grad(per_case.sum(), act, retain_graph=False)[0]
-        weights = grad.mean(dim=(2, 3), keepdim=True)
-        cam = F.relu((weights * act).sum(dim=1, keepdim=True)).detach()
+            grads = torch.autograd.grad(per_case.sum(), acts, retain_graph=False)
+        # several layers (an ensemble's members, whose logits the output sums): one map, each layer's
+        # gradient-weighted activations added before the ReLU — Grad-CAM of the combined logit
+        weighted = [
+            (g.mean(dim=(2, 3), keepdim=True) * a).sum(dim=1, keepdim=True) for g, a in zip(grads, acts, strict=True)
+        ]
+        cam = F.relu(torch.stack(weighted).sum(0)).detach()
         cam = F.interpolate(cam, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
         cams = cam.cpu().numpy().astype(np.float32)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         model.train(was_training)
     cams -= cams.min(axis=(1, 2), keepdims=True)
     peak = cams.max(axis=(1, 2), keepdims=True)

@@ -236,6 +236,12 @@ class Run:
         if self.tracker is not None:
             self.tracker.log_metrics({history_name(k): v for k, v in row.items()}, step=step)
 
+    def log_member_step(self, member: int, step: int, row: dict[str, float]) -> None:
+        """One epoch of an ensemble's later member (``member`` 2, 3, …), as ``member.<n>.history/…`` in MLflow;
+        the run's own curve (``history``, the learning-curve figure) is the first member's."""
+        if self.tracker is not None:
+            self.tracker.log_metrics({f"member.{member}.{history_name(k)}": v for k, v in row.items()}, step=step)
+
     def problem(self, text: str) -> None:
         self.problems.append(text)
         print(f"warning: {text}", file=sys.stderr)
@@ -273,7 +279,7 @@ class Run:
         bundle_dir = save_bundle(
             self.out_dir / "bundle",
             state_dict=state_dict,
-            model_config=model_config(self.cfg),
+            model_config=model_config(self.cfg, self.mode),
             preprocess=self.cfg.preprocess,
             threshold=threshold,
             training={
@@ -468,6 +474,7 @@ def recipe(cfg: Config, mode: Mode) -> dict[str, Any]:
         f"{t.early_stop_patience} (not before {t.min_epochs})",
         "monitor": f"validation {t.monitor} from the score histograms of the training sites' cases",
         "warmup_epochs": cfg.loss.warmup_epochs,
+        "members": _members_words(cfg, mode),
     }
     if mode == "centralized":
         return out | {"step": "epoch", "max_epochs": t.epochs, "optimizer_state": "continuous"}
@@ -479,10 +486,24 @@ def recipe(cfg: Config, mode: Mode) -> dict[str, Any]:
     }
 
 
-def model_config(cfg: Config) -> dict[str, Any]:
-    """The bundle's model section: the config's model, weights loaded from the bundle, parameter counts."""
-    model = build_model(cfg, weights="none")
-    return {**cfg.model.__dict__, "weights": "none", "init_weights": cfg.model.weights, **count_params(model)}
+def _members_words(cfg: Config, mode: Mode) -> str:
+    n, k = served_members(cfg, mode), cfg.model.members
+    if n > 1:
+        return f"{n} networks (seeds {cfg.seed}-{cfg.seed + n - 1}), their calibrated screening logits averaged"
+    return "1 network" + (f" (model.members={k} applies to centralized runs)" if k > 1 else "")
+
+
+def model_config(cfg: Config, mode: Mode = "centralized") -> dict[str, Any]:
+    """The bundle's model section: the config's model, weights loaded from the bundle, parameter counts (of
+    every member: what the bundle's weights hold). A federation's bundle is one network (``members`` 1)."""
+    members = served_members(cfg, mode)
+    counts = {k: n * members for k, n in count_params(build_model(cfg, weights="none")).items()}
+    return {**cfg.model.__dict__, "members": members, "weights": "none", "init_weights": cfg.model.weights, **counts}
+
+
+def served_members(cfg: Config, mode: Mode) -> int:
+    """How many networks a run of ``mode`` trains and serves: ``model.members`` centralized, one federated."""
+    return cfg.model.members if mode == "centralized" else 1
 
 
 def evaluation_table(sites: dict[str, SiteResult], pooled_test: dict[str, float]) -> pd.DataFrame:
