@@ -641,7 +641,9 @@ def run(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
             result["training"].append({"preset": preset} | bench_training(cfg, steps, work))
     if "predict" in parts:
         print("predict ...", flush=True)
-        result["predict"] = bench_predict(load_config("cpu", ["model.weights=none", "model.members=1"]), sizes, work / "predict")
+        # one network: an ensemble bundle's forward pass is its members' passes one after another
+        one = load_config("cpu", ["model.weights=none", "model.members=1"])
+        result["predict"] = bench_predict(one, sizes, work / "predict")
     if "federation" in parts:
         print("federation (three demo runs) ...", flush=True)
         result["federation"] = bench_federation(args, work / "federation")
