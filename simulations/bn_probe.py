@@ -5,7 +5,8 @@ scored 0.68, while an IID split of the same cases over two sites matched the cen
 every learned weight and replaces only BatchNorm's running statistics with those :mod:`strnet.batchnorm`
 re-estimates on each training source's own training images and pools by their moments (what FedBN's bundle now
 does, through the sites). It prints AUROC per split and source for the bundle as it is and with the
-re-estimated statistics; choose on the validation rows only.
+re-estimated statistics, and with each site's own statistics (a training source's from its training images, an
+external site's from its own unlabelled images); choose on the validation rows only.
 
     python -m simulations.bn_probe --bundle runs/real/federated/bundle --manifest runs/real/split.csv
 """
@@ -35,10 +36,13 @@ def with_statistics(model: nn.Module, frames: list[pd.DataFrame], bundle: Bundle
     return out.eval()
 
 
-def _auroc(bundle: Bundle, model: nn.Module, frame: pd.DataFrame, cache: PreprocessCache) -> float:
-    pred = predict_frame(Bundle(model, bundle.metadata, bundle.path), frame, cache=cache, progress=False)
-    y = (pred["label_cls"].astype(str).str.lower() != "normal").astype(int)
-    return float(roc_auc_score(y, pred["prob_bone_loss"])) if y.nunique() == 2 else float("nan")
+def _scores(bundle: Bundle, scored: list[tuple[nn.Module, pd.DataFrame]], cache: PreprocessCache) -> float:
+    """AUROC over the parts together, each part predicted by its own model (one model: the usual AUROC)."""
+    preds = pd.concat(
+        [predict_frame(Bundle(m, bundle.metadata, bundle.path), f, cache=cache, progress=False) for m, f in scored]
+    )
+    y = (preds["label_cls"].astype(str).str.lower() != "normal").astype(int)
+    return float(roc_auc_score(y, preds["prob_bone_loss"])) if y.nunique() == 2 else float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,14 +52,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default=".cache/preprocessed")
     args = parser.parse_args(argv)
     bundle = load_bundle(args.bundle)
-    frame = pd.read_csv(args.manifest)
+    frame = pd.read_csv(args.manifest, keep_default_na=False)
     cache = PreprocessCache(args.cache)
     train = frame[frame["split"] == "train"]
     sources = {site: rows for site, rows in train.groupby("site")}
-    variants = {
-        "as bundled": bundle.model,
-        "re-estimated per source, pooled": with_statistics(bundle.model, list(sources.values()), bundle, cache),
+    pooled = with_statistics(bundle.model, list(sources.values()), bundle, cache)
+    # each site's own statistics: a training site's from its training images, an external site's from its own
+    # (unlabelled) images — what a hospital can do for itself before it reads any result (AdaBN)
+    own = {
+        site: with_statistics(bundle.model, [sources.get(site, frame[frame["site"] == site])], bundle, cache)
+        for site in sorted(frame["site"].unique())
     }
+    variants = ["as bundled", "re-estimated per source, pooled", "each site's own statistics"]
     print("| split | cohort | knees | " + " | ".join(variants) + " |")
     print("|---|---|---|" + "---|" * len(variants))
     for split in ("val", "test"):
@@ -63,7 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         cohorts = [("pooled", rows[rows["site"].isin(list(sources))])]
         cohorts += [(site, rows[rows["site"] == site]) for site in sorted(rows["site"].unique())]
         for name, part in cohorts:
-            scores = [_auroc(bundle, model, part, cache) for model in variants.values()]
+            by_site = [(own[site], p) for site, p in part.groupby("site")]
+            scores = [
+                _scores(bundle, [(bundle.model, part)], cache),
+                _scores(bundle, [(pooled, part)], cache),
+                _scores(bundle, by_site, cache),
+            ]
             print(f"| {split} | {name} | {len(part)} | " + " | ".join(f"{s:.3f}" for s in scores) + " |", flush=True)
     return 0
 

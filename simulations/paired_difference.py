@@ -7,8 +7,9 @@ For the pooled test cohort (the training sites' test splits) and every external 
 replicate draws radiographs with replacement, stratified by the film's label, and recomputes both models'
 per-knee AUROC on the same draw; the interval of B − A is the 2.5th–97.5th percentile. This needs both
 models' per-knee scores, so it runs where the images are (public data here), not on a federation's server.
-Several bundles on a side compare their ensemble (the mean of their calibrated probabilities), e.g. three
-seeds of each mode (``make real-data-seeds``).
+Several bundles on a side compare their ensemble (the mean of their calibrated logits, ranked as
+:mod:`strnet.ensemble` ranks them), e.g. three seeds of each mode (``make real-data-seeds``); an ensemble bundle
+(``model.members``) is one bundle.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from simulations.seed_ensemble import cohorts, ensemble_frame
+from simulations.seed_ensemble import cohorts, mean_logit
 from strnet.bundle import load_bundle
 from strnet.data.cache import PreprocessCache
 from strnet.data.manifest import read_manifest
@@ -47,11 +48,10 @@ def paired_auroc_difference(
     return {"auroc_a": a, "auroc_b": b, "difference": b - a, "ci_lo": float(lo), "ci_hi": float(hi), "n": len(y)}
 
 
-def ensemble_probability(bundles: list[str], frame: pd.DataFrame, cache: PreprocessCache) -> np.ndarray:
-    """The calibrated probability of one bundle, or the mean over several (an ensemble of runs, as
-    :mod:`simulations.seed_ensemble` scores it)."""
-    frames = [predict_frame(load_bundle(b), frame, cache=cache) for b in bundles]
-    return ensemble_frame(frames, threshold=0.5)["prob_bone_loss"].to_numpy(float)
+def ensemble_score(bundles: list[str], frame: pd.DataFrame, cache: PreprocessCache) -> np.ndarray:
+    """A score per knee that ranks as the bundles' ensemble does: one bundle's calibrated logit, or the mean over
+    several (the ensemble's own calibration on top is monotone, and AUROC reads ranks only)."""
+    return mean_logit([predict_frame(load_bundle(b), frame, cache=cache) for b in bundles])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = PreprocessCache(args.cache)
     rows = []
     for name, part in reported.items():
-        pa, pb = (ensemble_probability(paths, part, cache) for paths in (args.a, args.b))
+        pa, pb = (ensemble_score(paths, part, cache) for paths in (args.a, args.b))
         y = (part["label_cls"] != "normal").to_numpy(int)
         film, _ = pd.factorize(part["path"].str.lower())
         rows.append({"cohort": name} | paired_auroc_difference(y, pa, pb, film))

@@ -5,8 +5,9 @@
 
 Every bundle scores the same knees: the validation split (pooled and per source), the training sites' test
 split and every external site. For each cohort the table gives each bundle's AUROC and left–right agreement,
-their mean and spread, and the *ensemble*: the mean of the bundles' calibrated probabilities, thresholded at a
-τ* the paper's rule picks on the ensemble's own validation probabilities. Choosing between one run and an
+their mean and spread, and the *ensemble*: the runs combined as ``strnet train`` combines an ensemble's members
+(:mod:`strnet.ensemble`: the mean of their calibrated logits, calibrated again, τ* by the paper's rule on its
+own validation probabilities). Choosing between one run and an
 ensemble is done on the validation rows; the test and external rows are reported, never used to choose.
 
 ``--soup`` adds a *model soup* (Wortsman et al. 2022): one model whose weights are the mean of the bundles'
@@ -33,6 +34,7 @@ from strnet.bundle import Bundle, load_bundle
 from strnet.calibration import fit_platt_to_logits
 from strnet.data.cache import PreprocessCache
 from strnet.data.manifest import read_manifest
+from strnet.ensemble import STRNetEnsemble
 from strnet.evaluation import frame_metrics, predict_frame
 
 COLUMNS = {
@@ -60,14 +62,21 @@ def cohorts(df: pd.DataFrame, train_sites: list[str]) -> dict[str, pd.DataFrame]
     return {k: v.reset_index(drop=True) for k, v in out.items() if len(v)}
 
 
-def ensemble_frame(frames: list[pd.DataFrame], threshold: float) -> pd.DataFrame:
-    """The bundles' mean calibrated probability (and T-score estimate) in the first bundle's table."""
-    out = frames[0].copy()
-    for column in ("prob_bone_loss", "prob_bone_loss_uncalibrated", "t_score_estimate"):
-        out[column] = np.mean([f[column].to_numpy(float) for f in frames], axis=0)
-    out["flag_bone_loss"] = (out["prob_bone_loss"] >= threshold).astype(int)
-    out["threshold"] = threshold
-    return out
+def mean_logit(frames: list[pd.DataFrame]) -> np.ndarray:
+    """The mean of the runs' calibrated logits: the ensemble's score (:mod:`strnet.ensemble`) before its own
+    Platt calibration, which is monotone, so rankings and AUROC are the ensemble's."""
+    return np.mean([logit(np.clip(f["prob_bone_loss"].to_numpy(float), 1e-15, 1 - 1e-15)) for f in frames], axis=0)
+
+
+def combine(bundles: list[Bundle], val: pd.DataFrame, cache: PreprocessCache | None) -> Bundle:
+    """The runs as the ensemble ``strnet train`` makes with ``model.members`` (:class:`STRNetEnsemble`): each run's
+    own calibration on its logit, their mean calibrated by Platt and τ* chosen on validation."""
+    model = STRNetEnsemble([copy.deepcopy(b.model) for b in bundles]).eval()
+    for k, b in enumerate(bundles):
+        model.set_member_calibration(k, b.calibration.a, b.calibration.b)
+    metadata = copy.deepcopy(bundles[0].metadata)
+    metadata["model"]["members"] = len(bundles)
+    return _calibrated(model, metadata, val, cache)
 
 
 def soup(bundles: list[Bundle], train: list[pd.DataFrame], val: pd.DataFrame, cache: PreprocessCache | None) -> Bundle:
@@ -79,9 +88,13 @@ def soup(bundles: list[Bundle], train: list[pd.DataFrame], val: pd.DataFrame, ca
     }
     model = copy.deepcopy(bundles[0].model)
     model.load_state_dict(mean)
-    metadata = copy.deepcopy(bundles[0].metadata)
-    metadata["calibration"] = None
     model = with_statistics(model, train, bundles[0], cache)
+    return _calibrated(model, copy.deepcopy(bundles[0].metadata), val, cache)
+
+
+def _calibrated(model: torch.nn.Module, metadata: dict, val: pd.DataFrame, cache: PreprocessCache | None) -> Bundle:
+    """A combined model as a bundle: Platt fitted on its validation logits, τ* by the paper's rule on top."""
+    metadata["calibration"] = None
     raw = predict_frame(Bundle(model, metadata), val, cache=cache, progress=False)
     y = (raw["label_cls"] != "normal").to_numpy(int)
     metadata["calibration"] = fit_platt_to_logits(logit(raw["prob_bone_loss_uncalibrated"].to_numpy(float)), y)
@@ -117,23 +130,20 @@ def summarise(
             raise ValueError(
                 f"{name}: another model than {bundles[0]} ({b.metadata['model']}); runs of one recipe only"
             )
+    singles = list(loaded)
+    runs = list(loaded.values())
+    loaded["ensemble"] = combine(runs, parts["val (pooled)"], cache)
     if with_soup:
         train = [df[(df["site"] == s) & (df["split"] == "train")] for s in train_sites]
-        loaded["soup"] = soup(list(loaded.values()), train, parts["val (pooled)"], cache)
+        loaded["soup"] = soup(runs, train, parts["val (pooled)"], cache)
     frames = {
         name: {run: predict_frame(b, part, cache=cache, progress=False) for run, b in loaded.items()}
         for name, part in parts.items()
     }
-    singles = [run for run in loaded if run != "soup"]
-    # the ensemble's τ*: the paper's rule on its pooled validation probabilities (what each bundle did alone)
-    val = ensemble_frame([frames["val (pooled)"][r] for r in singles], 0.5)
-    y_val = (val["label_cls"] != "normal").to_numpy(int)
-    tau = rule_threshold(loaded[singles[0]].metadata, y_val, val["prob_bone_loss"].to_numpy(float))
     rows = []
     for name, per_run in frames.items():
-        scored = [(run, frame, loaded[run].threshold) for run, frame in per_run.items()]
-        scored.append(("ensemble", ensemble_frame([per_run[r] for r in singles], tau), tau))
-        for run, frame, threshold in scored:
+        for run, frame in per_run.items():
+            threshold = loaded[run].threshold
             metrics, _ = frame_metrics(frame, threshold, n_bins=1000, n_boot=0, seed=0)
             rows.append(
                 {"cohort": name, "run": run, "knees": len(frame), "τ*": threshold}

@@ -39,6 +39,7 @@ from strnet.data.manifest import read_manifest
 from strnet.engine import RecipeSchedule, TrainParams
 from strnet.errors import ConfigError, DataError
 from strnet.evaluation import predict_frame, strict_json
+from strnet.model import STRNet
 from strnet.protocol import PROTOCOL_VERSION, Field, Key, MessageKind, encode
 from strnet.subgroups import subgroup_metrics
 from strnet.sufficient import ValidationCounts
@@ -458,6 +459,17 @@ def test_optimizer_state_can_restart_every_round(scenario, tmp_path: Path) -> No
     assert json.loads((result.bundle_dir / "metadata.json").read_text())["training"]["recipe"]["optimizer_state"] == (
         "reset every round"
     )
+
+
+def test_a_federation_trains_one_network_whatever_model_members_says(scenario, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """``model.members`` is the centralized ensemble: a federation with the same preset serves one network, and its
+    bundle and recipe say so (a bundle that claimed three members would not load its one network's weights)."""
+    overrides = [*_overrides(scenario, tmp_path), "model.members=3", "federation.rounds=1", "tracking.enabled=false"]
+    result = run_federated(InProcessGrid(3), load_config("demo", overrides))  # type: ignore[arg-type]
+    meta = json.loads((result.bundle_dir / "metadata.json").read_text())
+    assert meta["model"]["members"] == 1
+    assert meta["training"]["recipe"]["members"] == "1 network (model.members=3 applies to centralized runs)"
+    assert isinstance(load_bundle(result.bundle_dir).model, STRNet)
 
 
 @pytest.mark.parametrize("transport", ["fp16", "fp32"])

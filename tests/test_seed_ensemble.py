@@ -1,5 +1,5 @@
-"""The seed study's two combinations of runs: the ensemble scores the mean of the runs' probabilities, the soup
-is one model with the mean of their weights."""
+"""The seed study's two combinations of runs: the ensemble is ``strnet train``'s (the mean of the runs' calibrated
+logits, calibrated again), the soup is one model with the mean of their weights."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy.special import logit
 from sklearn.metrics import roc_auc_score
 
 from configs.schema import ThresholdConfig
 from simulations.scenario import build_synthetic_scenario
-from simulations.seed_ensemble import cohorts, soup, summarise
+from simulations.seed_ensemble import cohorts, combine, soup, summarise
 from strnet.bundle import load_bundle, save_bundle
 from strnet.data.manifest import read_manifest
 from strnet.data.preprocess import PreprocessParams
@@ -41,22 +42,35 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
                 preprocess=PreprocessParams(size=32),
                 threshold=THRESHOLD,
                 training={"mode": "test"},
+                extra={"calibration": {"method": "platt", "a": 0.5 + seed, "b": seed - 1.0, "status": "fitted"}},
             )
         )
     return manifest, bundles
 
 
-def test_the_ensemble_scores_the_mean_probability_and_the_spread_is_over_single_runs(
+def test_the_ensemble_is_the_runs_calibrated_logits_averaged_and_the_spread_is_over_single_runs(
     runs: tuple[Path, list[Path]], tmp_path: Path
 ) -> None:
     manifest, bundles = runs
     table, spread = summarise(bundles, manifest, TRAIN_SITES, tmp_path / "cache")
-    test = cohorts(read_manifest(manifest), TRAIN_SITES)["test (pooled)"]
-    probs = [predict_frame(load_bundle(b), test, cache=None, progress=False)["prob_bone_loss"] for b in bundles]
+    parts = cohorts(read_manifest(manifest), TRAIN_SITES)
+    test, val = parts["test (pooled)"], parts["val (pooled)"]
+    loaded = [load_bundle(b) for b in bundles]
+    frames = [predict_frame(b, test, cache=None, progress=False) for b in loaded]
+    # each run's probability through its own calibration, then logit, mean, and the ensemble's own Platt on top
+    made = combine(loaded, val, None)
+    zs = [logit(f["prob_bone_loss"].to_numpy(float)) for f in frames]
+    expected = made.calibration.probabilities(np.mean(zs, axis=0))
+    served = predict_frame(made, test, cache=None, progress=False)["prob_bone_loss"].to_numpy(float)
+    np.testing.assert_allclose(served, expected, atol=1e-6)
+    y_val = (val["label_cls"] != "normal").to_numpy(int)
+    p_val = predict_frame(made, val, cache=None, progress=False)["prob_bone_loss"].to_numpy(float)
+    assert made.threshold == select_threshold(y_val, p_val, 0.86, ThresholdConfig().grid())
+
     y = (test["label_cls"] != "normal").to_numpy(int)
     row = table[(table["cohort"] == "test (pooled)")].set_index("run")
-    assert row.loc["ensemble", "AUROC"] == pytest.approx(roc_auc_score(y, np.mean(probs, axis=0)), abs=1e-12)
-    singles = [roc_auc_score(y, p) for p in probs]
+    assert row.loc["ensemble", "AUROC"] == pytest.approx(roc_auc_score(y, served), abs=1e-12)
+    singles = [roc_auc_score(y, f["prob_bone_loss"]) for f in frames]
     assert row.loc[["0", "1", "2"], "AUROC"].tolist() == pytest.approx(singles, abs=1e-12)
     assert spread.loc["test (pooled)", "AUROC mean"] == pytest.approx(np.mean(singles))
     assert spread.loc["test (pooled)", "AUROC std"] == pytest.approx(np.std(singles, ddof=1))
