@@ -2,6 +2,9 @@
 
     python -m simulations.seed_ensemble runs/seeds/42/bundle runs/seeds/43/bundle runs/seeds/44/bundle \\
         --manifest runs/real/split.csv
+    python -m simulations.seed_ensemble runs/real/centralized/bundle --manifest runs/real/split.csv
+
+An ensemble bundle (``model.members``) counts as its members, each the one-network run of its seed.
 
 Every bundle scores the same knees: the validation split (pooled and per source), the training sites' test
 split and every external site. For each cohort the table gives each bundle's AUROC and left–right agreement,
@@ -110,6 +113,31 @@ def rule_threshold(metadata: dict, y: np.ndarray, prob: np.ndarray) -> float:
     return M.select_threshold(y, prob, metadata["threshold"]["min_sensitivity"], grid)
 
 
+ARCHITECTURE = ("backbone", "neck_dim", "dropout", "norm", "input_size")
+
+
+def architecture(bundle: Bundle) -> dict:
+    """What makes two runs the same network (an ensemble's members share it with a one-network run)."""
+    return {k: bundle.metadata["model"].get(k) for k in ARCHITECTURE}
+
+
+def runs_of(name: str, bundle: Bundle, val: pd.DataFrame, cache: PreprocessCache | None) -> dict[str, Bundle]:
+    """A bundle as the runs it holds: itself, or an ensemble's members (``<name> seed <s>``), each the one-network
+    run its seed gave — its own calibration, and τ* by the paper's rule on its own validation probabilities."""
+    if not isinstance(bundle.model, STRNetEnsemble):
+        return {name: bundle}
+    out = {}
+    for net, member in zip(bundle.model.members, bundle.metadata["training"]["members"], strict=True):
+        metadata = copy.deepcopy(bundle.metadata) | {"calibration": member["calibration"]}
+        metadata["model"]["members"] = 1
+        run = Bundle(net, metadata)
+        calibrated = predict_frame(run, val, cache=cache, progress=False)
+        y = (calibrated["label_cls"] != "normal").to_numpy(int)
+        metadata["threshold"]["value"] = rule_threshold(metadata, y, calibrated["prob_bone_loss"].to_numpy(float))
+        out[f"{name} seed {member['seed']}"] = run
+    return out
+
+
 def run_name(bundle: Path) -> str:
     """A run's folder name (``runs/seeds/43/bundle`` -> ``43``)."""
     return bundle.parent.name if bundle.name == "bundle" else bundle.name
@@ -122,14 +150,18 @@ def summarise(
     parts = cohorts(df, train_sites)
     cache = PreprocessCache(cache_dir)
     names = [run_name(b) for b in bundles]
-    if len(bundles) < 2 or len(set(names)) < len(names):
-        raise ValueError(f"need two or more runs with distinct folder names, got {[str(b) for b in bundles]}")
-    loaded = {name: load_bundle(b) for name, b in zip(names, bundles, strict=True)}
-    for name, b in zip(bundles, loaded.values(), strict=True):
-        if b.metadata["model"] != loaded[names[0]].metadata["model"]:
+    if len(set(names)) < len(names):
+        raise ValueError(f"need runs with distinct folder names, got {[str(b) for b in bundles]}")
+    loaded: dict[str, Bundle] = {}
+    for name, path in zip(names, bundles, strict=True):
+        bundle = load_bundle(path)
+        if architecture(bundle) != architecture(load_bundle(bundles[0])):
             raise ValueError(
-                f"{name}: another model than {bundles[0]} ({b.metadata['model']}); runs of one recipe only"
+                f"{path}: another model than {bundles[0]} ({bundle.metadata['model']}); runs of one recipe only"
             )
+        loaded |= runs_of(name, bundle, parts["val (pooled)"], cache)
+    if len(loaded) < 2:
+        raise ValueError(f"need two or more runs (bundles, or an ensemble's members), got {[str(b) for b in bundles]}")
     singles = list(loaded)
     runs = list(loaded.values())
     loaded["ensemble"] = combine(runs, parts["val (pooled)"], cache)
@@ -159,7 +191,9 @@ def summarise(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("bundles", nargs="+", type=Path, help="bundle folders of the same recipe (one per seed)")
+    parser.add_argument(
+        "bundles", nargs="+", type=Path, help="bundle folders of one recipe (one per seed; an ensemble: its members)"
+    )
     parser.add_argument("--manifest", required=True, type=Path)
     parser.add_argument("--train-sites", nargs="+", default=["stage1", "stage2"])
     parser.add_argument("--cache", type=Path, default=Path(".cache/preprocessed"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy.special import logit
@@ -117,3 +118,33 @@ def test_runs_that_cannot_be_told_apart_or_compared_are_refused(runs: tuple[Path
     )
     with pytest.raises(ValueError, match=f"{odd}: another model"):
         summarise([bundles[0], odd], manifest, TRAIN_SITES, tmp_path)
+
+
+def test_an_ensemble_bundle_counts_as_its_members(runs: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    """`strnet train`'s ensemble bundle read as its members gives the rows the members' own bundles give, and
+    combining those members gives the ensemble row again."""
+    manifest, bundles = runs
+    loaded = [load_bundle(b) for b in bundles]
+    made = combine(loaded, cohorts(read_manifest(manifest), TRAIN_SITES)["val (pooled)"], None)
+    members = [{"seed": seed, "calibration": b.metadata["calibration"]} for seed, b in enumerate(loaded)]
+    ensemble = save_bundle(
+        tmp_path / "three" / "bundle",
+        state_dict=made.model.state_dict(),
+        model_config=MODEL | {"members": 3},
+        preprocess=PreprocessParams(size=32),
+        threshold=made.metadata["threshold"],
+        training={"mode": "test", "members": members},
+        extra={"calibration": made.metadata["calibration"]},
+    )
+    as_members, _ = summarise([ensemble], manifest, TRAIN_SITES, tmp_path / "cache")
+    as_runs, _ = summarise(bundles, manifest, TRAIN_SITES, tmp_path / "cache")
+    ranks = ["cohort", "knees", "AUROC", "AUROC per film", "Spearman R/L", "T r"]
+    for seed in range(3):
+        mine = as_members[as_members["run"] == f"three seed {seed}"][ranks].reset_index(drop=True)
+        pd.testing.assert_frame_equal(mine, as_runs[as_runs["run"] == str(seed)][ranks].reset_index(drop=True))
+    pd.testing.assert_frame_equal(
+        as_members[as_members["run"] == "ensemble"].reset_index(drop=True),
+        as_runs[as_runs["run"] == "ensemble"].reset_index(drop=True),
+    )
+    with pytest.raises(ValueError, match="two or more runs"):
+        summarise([bundles[0]], manifest, TRAIN_SITES, tmp_path / "cache")
