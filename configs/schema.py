@@ -146,6 +146,9 @@ class FederationConfig:
     # fp16 halves the bytes (vectors such as BatchNorm scales stay fp32); the server averages in fp32 and keeps,
     # checkpoints and bundles fp32 weights.
     transport: Literal["fp16", "fp32"] = "fp16"
+    # How the average weighs the training sites: by their training cases (FedAvg), or equally — what source x label
+    # balanced draws (train.balance) do centrally when every site is one source holding both labels
+    site_weights: Literal["cases", "equal"] = "cases"
     sites: tuple[SiteConfig, ...] = ()
 
 

@@ -60,7 +60,8 @@ from strnet.sufficient import ValidationCounts
 
 
 class SiteFedAvg(FedAvg):
-    """FedAvg weighted by each site's training-set size, over a fixed node -> site map of training sites."""
+    """FedAvg weighted by each site's training-set size (or equally: ``federation.site_weights``), over a fixed
+    node -> site map of training sites."""
 
     def __init__(
         self,
@@ -76,6 +77,7 @@ class SiteFedAvg(FedAvg):
         local_keys: frozenset[str] = frozenset(),
         ledger: StatisticsLedger | None = None,
         transport: str = FederationConfig.transport,
+        equal_weights: bool = False,
     ) -> None:
         n = len(train_nodes)
         super().__init__(min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n, weighted_by_key=WEIGHT)
@@ -109,6 +111,7 @@ class SiteFedAvg(FedAvg):
         self.ledger = ledger  # privacy.statistics: every noised validation histogram received
         wire_dtype(transport)  # a clear error for an unknown name
         self.transport = transport  # the weights' precision on the wire, both ways (strnet.protocol.to_wire)
+        self.equal_weights = equal_weights  # federation.site_weights=equal: every usable reply weighs 1
 
     # The server optimizer's state in Flower's FedAvgM (current_arrays, momentum_vector) and FedOpt/FedAdam
     # (current_arrays, m_t, v_t): what a resumed run must restore to take the same steps.
@@ -343,7 +346,8 @@ class SiteFedAvg(FedAvg):
                 f"({sorted(u[0] for u in usable)}), quorum is {self.quorum}; problems: "
                 + ("; ".join(p for p in self.problems if p.startswith(f"round {server_round} ")) or "no reply")
             )
-        averaged = weighted_average([u[1] for u in usable], [u[3] for u in usable], self._reference)
+        weights = [1.0 if self.equal_weights else u[3] for u in usable]
+        averaged = weighted_average([u[1] for u in usable], weights, self._reference)
         self._lr = self._sent_lr
         total = sum(u[3] for u in usable)
         common = set.intersection(*(set(u[2]) for u in usable)) - set(PRIVACY_METRICS)
@@ -503,6 +507,7 @@ def build_strategy(fed: FederationConfig, **site: Any) -> SiteFedAvg:
     """The configured strategy over the training sites (``federation.strategy``); FedBN is SiteFedAvg with the
     BatchNorm keys as ``local_keys``. Weights travel at ``fed.transport`` precision."""
     site["transport"] = fed.transport
+    site["equal_weights"] = fed.site_weights == "equal"
     if fed.strategy != "fedbn":
         site.pop("local_keys", None)
     if fed.strategy == "fedavg":

@@ -480,7 +480,8 @@ def recipe(cfg: Config, mode: Mode) -> dict[str, Any]:
         return out | {"step": "epoch", "max_epochs": t.epochs, "optimizer_state": "continuous"}
     kept = "kept at each site between rounds" if fed.keep_optimizer_state else "reset every round"
     return out | {
-        "step": f"round of {fed.local_epochs} local epoch(s), FedAvg weighted by training cases",
+        "step": f"round of {fed.local_epochs} local epoch(s), FedAvg "
+        + ("weighted by training cases" if fed.site_weights == "cases" else "with the sites weighted equally"),
         "max_epochs": fed.rounds * fed.local_epochs,
         "optimizer_state": kept,
     }

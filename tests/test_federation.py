@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -124,6 +125,28 @@ def test_fedavg_is_weighted_by_examples_and_keeps_integer_buffers() -> None:
     assert int(out["bn.num_batches_tracked"]) == round(np.average([10, 21], weights=[10, 30]))
     assert metrics["train_loss_total"] == pytest.approx(np.average([10, 30], weights=[10, 30]))
     assert len(strategy.problems) == 1 and "gamma" in strategy.problems[0] and "out of memory" in strategy.problems[0]
+
+
+def test_equal_site_weights_average_the_sites_alike_whatever_their_size() -> None:
+    """``federation.site_weights=equal`` (every configured strategy): the plain mean of the sites' weights; the
+    training numbers in the learning curve stay case-weighted (they describe the cases trained on)."""
+    fed = FederationConfig(strategy="fedavgm", server_lr=1.0, server_momentum=0.0, site_weights="equal")
+    site = {
+        "train_nodes": {11: "alpha", 22: "beta"},
+        "quorum": 2,
+        "threshold": TH,
+        "schedule": RecipeSchedule(TrainParams(lr=0.01)),
+        "monitor": "auprc",
+        "config_digest": "d1",
+    }
+    for strategy in (build_strategy(replace(fed, strategy="fedavg"), **site), build_strategy(fed, **site)):
+        reference = ArrayRecord({k: Array(v) for k, v in _state(0.0, 0).items()})
+        list(strategy.configure_train(1, reference, ConfigRecord(), grid=None))  # type: ignore[arg-type]
+        replies = [_train_reply(11, _state(1.0, 10), n=10), _train_reply(22, _state(5.0, 21), n=30)]
+        arrays, metrics = strategy.aggregate_train(1, replies)
+        assert arrays is not None and metrics is not None
+        np.testing.assert_allclose(arrays["w"].numpy(), 3.0)  # not the case-weighted 4.0
+        assert metrics["train_loss_total"] == pytest.approx(np.average([10, 30], weights=[10, 30]))
 
 
 def test_malformed_train_reply_is_named_and_quorum_enforced() -> None:
