@@ -167,6 +167,13 @@ def load_bundle(path: str | Path, map_location: str | torch.device = "cpu") -> B
     state = torch.load(weights, map_location=map_location, weights_only=True)
     # bundles written before trunks exposed ``last_block`` as a property carry its tensors a second time
     state = {k: v for k, v in state.items() if not k.startswith(ALIAS_PREFIX)}
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise DataError(
+            weights,
+            f"the weights do not fit the model {METADATA_NAME} describes ({m['backbone']}, "
+            f"{m.get('members', 1)} network(s)): {str(exc).splitlines()[0]}",
+        ) from exc
     model.eval()
     return Bundle(model=model, metadata=metadata, path=root)

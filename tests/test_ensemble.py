@@ -15,6 +15,7 @@ from strnet.bundle import load_bundle, save_bundle
 from strnet.centralized import run_centralized
 from strnet.data.preprocess import PreprocessParams
 from strnet.ensemble import STRNetEnsemble, build
+from strnet.errors import DataError
 from strnet.gradcam import grad_cams
 from strnet.model import build_strnet
 from strnet.run import model_config, recipe
@@ -116,6 +117,11 @@ def test_a_bundle_of_an_ensemble_loads_with_its_calibrations(tmp_path: Path) -> 
     image, tabular = torch.rand(2, 1, 32, 32), torch.rand(2, 3)
     with torch.no_grad():
         torch.testing.assert_close(loaded(image, tabular)["screen"], ensemble(image, tabular)["screen"])
+    # metadata edited to another member count: the weights no longer fit, and the error names the file
+    meta = json.loads((bundle / "metadata.json").read_text())
+    (bundle / "metadata.json").write_text(json.dumps(meta | {"model": meta["model"] | {"members": 3}}))
+    with pytest.raises(DataError, match=r"model\.pt.*do not fit the model metadata\.json describes \(tiny, 3"):
+        load_bundle(bundle)
 
 
 def test_members_are_checked_and_a_federation_serves_one_network() -> None:
