@@ -65,11 +65,6 @@ class STRNetEnsemble(nn.Module):
         return self.members[0].neck_features(image)
 
 
-def members(model: nn.Module) -> list[STRNet]:
-    """The networks a model is made of: an ensemble's members, or the model itself."""
-    return list(model.members) if isinstance(model, STRNetEnsemble) else [model]  # type: ignore[list-item]
-
-
 def build(*, members: int = 1, **network: object) -> STRNet | STRNetEnsemble:
     """One STR-Net (``members`` 1) or an ensemble of ``members`` of them, each built by
     :func:`strnet.model.build_strnet` with ``network`` (members start alike; their seeds make them differ)."""
