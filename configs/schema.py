@@ -138,6 +138,15 @@ class FederationConfig:
     server_momentum: float = 0.9
     rounds: int = 5
     local_epochs: int = 1
+    # A round's local work as a number of optimizer steps per site instead of local_epochs whole epochs (0: epochs).
+    # Equal steps at every site keep FedAvg's objective the case-weighted one (FedNova's point: a site taking more
+    # steps per round pulls the average further), and fewer steps between averages let less drift apart on sites
+    # that each hold one source. Each round then counts as one epoch of the warm-up and the draws' seeds.
+    local_steps: int = 0
+    # The server's schedule in rounds when a round is not an epoch's worth of steps (None: train.plateau_patience
+    # and train.early_stop_patience, counted in rounds)
+    plateau_patience: int | None = None
+    early_stop_patience: int | None = None
     quorum: int = 2
     round_timeout: float = 3600.0
     # A site's AdamW moments survive between rounds (in its node state) or restart from zero every round.
@@ -181,6 +190,17 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
+
+    def federated_train(self) -> TrainParams:
+        """``train`` as a federated round runs it: ``federation.local_steps`` caps a site's round, and the server's
+        plateau and early stopping count rounds with the federation's own patience where it sets one."""
+        t, fed = self.train, self.federation
+        return replace(
+            t,
+            max_steps_per_epoch=fed.local_steps or t.max_steps_per_epoch,
+            plateau_patience=t.plateau_patience if fed.plateau_patience is None else fed.plateau_patience,
+            early_stop_patience=t.early_stop_patience if fed.early_stop_patience is None else fed.early_stop_patience,
+        )
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -253,6 +273,18 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"federation.quorum={fed.quorum} must be between 1 and the {n_train} training site(s)")
     if fed.proximal_mu < 0 or fed.server_lr <= 0 or not 0 <= fed.server_momentum < 1:
         raise ConfigError("federation: proximal_mu >= 0, server_lr > 0 and 0 <= server_momentum < 1 required")
+    if fed.local_steps < 0 or fed.local_epochs < 1:
+        raise ConfigError(
+            f"federation: local_epochs >= 1 and local_steps >= 0 required, got {fed.local_epochs} and {fed.local_steps}"
+        )
+    if fed.local_steps and fed.local_epochs != 1:
+        raise ConfigError(
+            f"federation.local_steps={fed.local_steps} with local_epochs={fed.local_epochs}: a round is either a "
+            "number of steps or of epochs; set local_epochs 1"
+        )
+    patience = {"plateau_patience": fed.plateau_patience, "early_stop_patience": fed.early_stop_patience}
+    if any(v is not None and v < 0 for v in patience.values()):
+        raise ConfigError(f"federation: patience in rounds must be >= 0, got {patience}")
     ts = cfg.tscore
     if ts.rounds < 0 or ts.steps_per_round < 1 or not ts.lr > 0 or ts.weight_decay < 0 or ts.patience < 0:
         raise ConfigError(

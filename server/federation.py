@@ -139,7 +139,7 @@ def run_federated(
             train_nodes=train_nodes,
             quorum=fed.quorum,
             threshold=th,
-            schedule=RecipeSchedule(cfg.train),
+            schedule=RecipeSchedule(cfg.federated_train()),
             monitor=cfg.train.monitor,
             config_digest=digest,
             on_round=run.log_step,

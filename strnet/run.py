@@ -467,7 +467,7 @@ def history_name(key: str) -> str:
 
 def recipe(cfg: Config, mode: Mode) -> dict[str, Any]:
     """The training recipe as run, in words both modes share; ``strnet compare`` prints where they differ."""
-    t, fed = cfg.train, cfg.federation
+    t, fed = (cfg.train if mode == "centralized" else cfg.federated_train()), cfg.federation
     out: dict[str, Any] = {
         "optimizer": f"AdamW lr {t.lr:g}, weight decay {t.weight_decay:g}, clip {t.grad_clip:g}, batch {t.batch_size}",
         "schedule": f"plateau x{t.plateau_factor:g} after {t.plateau_patience}, early stop after "
@@ -479,10 +479,11 @@ def recipe(cfg: Config, mode: Mode) -> dict[str, Any]:
     if mode == "centralized":
         return out | {"step": "epoch", "max_epochs": t.epochs, "optimizer_state": "continuous"}
     kept = "kept at each site between rounds" if fed.keep_optimizer_state else "reset every round"
+    local = f"{fed.local_steps} local step(s)" if fed.local_steps else f"{fed.local_epochs} local epoch(s)"
     return out | {
-        "step": f"round of {fed.local_epochs} local epoch(s), FedAvg "
+        "step": f"round of {local}, FedAvg "
         + ("weighted by training cases" if fed.site_weights == "cases" else "with the sites weighted equally"),
-        "max_epochs": fed.rounds * fed.local_epochs,
+        "max_epochs": fed.rounds * (1 if fed.local_steps else fed.local_epochs),
         "optimizer_state": kept,
     }
 

@@ -173,7 +173,8 @@ class SiteRunner:
         proximal_mu: float = 0.0,
         privacy_state: dict[str, Any] | None = None,
     ) -> tuple[dict[str, torch.Tensor], dict[str, float], int, bytes, dict[str, Any] | None]:
-        """``federation.local_epochs`` epochs from the global weights at the server's learning rate.
+        """``federation.local_epochs`` epochs (or ``local_steps`` steps) from the global weights at the server's
+        learning rate.
 
         Global epoch numbers ((round − 1) · local_epochs + e) drive the warm-up and seed every draw, exactly as
         the centralized run's epochs do. Returns the new weights, the last epoch's training numbers, the FedAvg
@@ -188,7 +189,7 @@ class SiteRunner:
             raise ValueError(f"site {self.site}: server round {server_round} must be >= 1")
         self.model.load_state_dict(state_dict)
         self.model.train()  # a kept site's model comes from an evaluation; Opacus checks the mode when attaching
-        t = self.cfg.train
+        t = self.cfg.federated_train()
         optimizer = build_optimizer(self.model, t)
         if optimizer_state is not None:
             # a copy: load_state_dict aliases the tensors, and a round that fails half-way must leave the kept
@@ -241,8 +242,8 @@ class SiteRunner:
 
     def private_training(self) -> PrivateTraining | None:
         """This site's DP-SGD for the run (None without ``privacy.dp``): σ from the site's own sampling rate and
-        the run's planned steps (rounds × local epochs), the same every round."""
-        dp, t, fed = self.cfg.privacy.dp, self.cfg.train, self.cfg.federation
+        the run's planned steps (rounds × a round's steps), the same every round."""
+        dp, t, fed = self.cfg.privacy.dp, self.cfg.federated_train(), self.cfg.federation
         if not dp.enabled:
             return None
         n = len(self.splits["train"])
