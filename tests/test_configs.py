@@ -65,6 +65,8 @@ def test_unknown_key_is_rejected_with_its_full_name(tmp_path: Path) -> None:
         ("federation.keep_optimizer_state=maybe", "expected true/false"),
         ("federation.strategy=fedsgd", "not one of"),
         ("federation.server_momentum=1.5", "server_momentum"),
+        ("federation.local_steps=-1", "local_steps >= 0"),
+        ("federation.early_stop_patience=-2", "patience in rounds must be >= 0"),
         ("train.balance=site", "not one of"),
         ("tscore.steps_per_round=0", "tscore: rounds >= 0, steps_per_round >= 1"),
         ("ood.margin=0", "ood: quantile in"),
@@ -74,6 +76,13 @@ def test_unknown_key_is_rejected_with_its_full_name(tmp_path: Path) -> None:
 def test_bad_values_name_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config("demo", [override])
+
+
+def test_a_round_is_steps_or_epochs_not_both() -> None:
+    with pytest.raises(ConfigError, match="local_steps=2 with local_epochs=3: a round is either"):
+        load_config("demo", ["federation.local_steps=2", "federation.local_epochs=3"])
+    fed = load_config("demo", ["federation.local_steps=2", "federation.local_epochs=1"]).federated_train()
+    assert fed.max_steps_per_epoch == 2
 
 
 def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:

@@ -473,6 +473,41 @@ def test_a_site_on_another_protocol_version_is_named(scenario, tmp_path: Path) -
     assert any("protocol version" in t and str(PROTOCOL_VERSION - 1) in t for t in result.problems)
 
 
+def test_local_steps_bound_a_sites_round_and_the_server_counts_patience_in_rounds(
+    scenario, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``federation.local_steps``: a site's round is that many AdamW steps whatever its size (an epoch of its
+    training split otherwise), and the server's schedule uses the federation's patience, not ``train``'s."""
+    import math
+
+    from strnet.site import SiteRunner
+
+    base = [*_overrides(scenario, tmp_path), "tracking.enabled=false", "train.early_stop_patience=30"]
+    manifest = scenario.site_manifests["stage1"]
+    for steps in (0, 1):
+        cfg = load_config("demo", [*base, f"federation.local_steps={steps}"])
+        site = SiteRunner(cfg, "stage1", manifest, device=torch.device("cpu"))
+        *_, optimizer_state, _ = site.train(site.state_dict(), lr=1e-3, server_round=3, optimizer_state=None)
+        taken = {int(p["step"]) for p in optimizer_state["state"].values()}
+        assert taken == {steps or math.ceil(len(site.splits["train"]) / cfg.train.batch_size)}
+
+    class Scheduled(Exception):
+        pass
+
+    def schedule(params: TrainParams) -> None:
+        raise Scheduled(params)
+
+    monkeypatch.setattr(server.federation, "RecipeSchedule", schedule)
+    cfg = load_config(
+        "demo", [*base, "federation.local_steps=2", "federation.plateau_patience=3", "federation.early_stop_patience=5"]
+    )
+    with pytest.raises(Scheduled) as made:
+        run_federated(InProcessGrid(3), cfg)  # type: ignore[arg-type]
+    params = made.value.args[0]
+    assert (params.plateau_patience, params.early_stop_patience, params.max_steps_per_epoch) == (3, 5, 2)
+    assert cfg.train.early_stop_patience == 30  # centralized training keeps its own
+
+
 def test_optimizer_state_can_restart_every_round(scenario, tmp_path: Path) -> None:
     overrides = [*_overrides(scenario, tmp_path), "federation.keep_optimizer_state=false", "tracking.enabled=false"]
     grid = InProcessGrid(3)
