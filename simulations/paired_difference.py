@@ -48,6 +48,28 @@ def paired_auroc_difference(
     return {"auroc_a": a, "auroc_b": b, "difference": b - a, "ci_lo": float(lo), "ci_hi": float(hi), "n": len(y)}
 
 
+def source_pairs(y: np.ndarray, score: np.ndarray, source: np.ndarray) -> dict[str, float]:
+    """A pooled AUROC split by its (bone-loss, normal) pairs: those within one source and those across two.
+
+    Pooled AUROC is the share of such pairs a model orders correctly (ties half). Across sources whose
+    prevalence differs (Mendeley is mostly bone loss) a model can order pairs by telling the sources apart; within
+    one source it cannot. The pooled value is the pair-count-weighted mean of the two parts.
+    """
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    diff = score[pos][:, None] - score[neg][None, :]
+    won = (diff > 0) + 0.5 * (diff == 0)
+    same = source[pos][:, None] == source[neg][None, :]
+    part = {
+        name: float(won[m].mean()) if m.any() else float("nan") for name, m in (("within", same), ("across", ~same))
+    }
+    return {
+        "within_source": part["within"],
+        "across_sources": part["across"],
+        "pairs_within": int(same.sum()),
+        "pairs_across": int((~same).sum()),
+    }
+
+
 def ensemble_score(bundles: list[str], frame: pd.DataFrame, cache: PreprocessCache) -> np.ndarray:
     """A score per knee that ranks as the bundles' ensemble does: one bundle's calibrated logit, or the mean over
     several (the ensemble's own calibration on top is monotone, and AUROC reads ranks only)."""
@@ -70,14 +92,22 @@ def main(argv: list[str] | None = None) -> int:
     every = cohorts(read_manifest(args.manifest), args.train_sites)
     reported = {name: part for name, part in every.items() if not name.startswith("val ")}
     cache = PreprocessCache(args.cache)
-    rows = []
+    rows, pairs = [], []
     for name, part in reported.items():
         pa, pb = (ensemble_score(paths, part, cache) for paths in (args.a, args.b))
         y = (part["label_cls"] != "normal").to_numpy(int)
         film, _ = pd.factorize(part["path"].str.lower())
         rows.append({"cohort": name} | paired_auroc_difference(y, pa, pb, film))
+        if part["source"].nunique() > 1:
+            source = part["source"].to_numpy()
+            pairs.extend(
+                {"cohort": name, "model": side} | source_pairs(y, p, source) for side, p in (("a", pa), ("b", pb))
+            )
     with pd.option_context("display.width", 160, "display.precision", 3):
         print(pd.DataFrame(rows).to_string(index=False))
+        if pairs:
+            print("\npooled AUROC by pair: within one source, across two (a model can order the latter by source)")
+            print(pd.DataFrame(pairs).to_string(index=False))
     return 0
 
 

@@ -403,3 +403,31 @@ def test_paired_radiograph_bootstrap_of_an_auroc_difference() -> None:
     worse = paired_auroc_difference(y, p_a, p_a + rng.normal(0, 0.3, 120), film, n_boot=400)
     assert worse["difference"] == pytest.approx(worse["auroc_b"] - roc_auc_score(y, p_a))
     assert worse["ci_lo"] <= worse["difference"] <= worse["ci_hi"] and worse["ci_hi"] < 0.05
+
+
+def test_pooled_auroc_splits_into_within_and_across_source_pairs() -> None:
+    """Against scikit-learn: the within-source part is the per-source AUROCs weighted by their pair counts, and
+    the two parts weighted by theirs give the pooled AUROC; a score that is only the source orders every
+    across-source pair of a source that is all bone loss against one that is all normal."""
+    from simulations.paired_difference import source_pairs
+
+    rng = np.random.default_rng(5)
+    source = np.array(["a"] * 50 + ["b"] * 30)
+    y = np.r_[(rng.random(50) < 0.4), (rng.random(30) < 0.85)].astype(int)
+    score = np.round(y + (source == "b") + rng.normal(0, 0.8, 80), 1)  # rounded: some ties
+    parts = source_pairs(y, score, source)
+    per_source = [
+        (roc_auc_score(y[source == s], score[source == s]), (y[source == s] == 1).sum() * (y[source == s] == 0).sum())
+        for s in "ab"
+    ]
+    assert parts["pairs_within"] == sum(n for _, n in per_source)
+    assert parts["within_source"] == pytest.approx(sum(a * n for a, n in per_source) / parts["pairs_within"])
+    total = parts["pairs_within"] + parts["pairs_across"]
+    assert total == (y == 1).sum() * (y == 0).sum()
+    pooled = (parts["within_source"] * parts["pairs_within"] + parts["across_sources"] * parts["pairs_across"]) / total
+    assert pooled == pytest.approx(roc_auc_score(y, score))
+
+    only_source = source_pairs(
+        np.r_[np.zeros(5), np.ones(5)].astype(int), np.r_[np.zeros(5), np.ones(5)], np.array(list("aaaaabbbbb"))
+    )
+    assert only_source["across_sources"] == 1.0 and np.isnan(only_source["within_source"])
