@@ -101,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         if part["source"].nunique() > 1:
             source = part["source"].to_numpy()
             pairs.extend(
-                {"cohort": name, "model": side} | source_pairs(y, p, source) for side, p in (("a", pa), ("b", pb))
+                {"cohort": name, "model": side}
+                | source_pairs(y, p, source)
+                | {f"mean score {s}": float(p[source == s].mean()) for s in sorted(set(source))}
+                for side, p in (("a", pa), ("b", pb))
             )
     with pd.option_context("display.width", 160, "display.precision", 3):
         print(pd.DataFrame(rows).to_string(index=False))
