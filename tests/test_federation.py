@@ -478,8 +478,6 @@ def test_local_steps_bound_a_sites_round_and_the_server_counts_patience_in_round
 ) -> None:
     """``federation.local_steps``: a site's round is that many AdamW steps whatever its size (an epoch of its
     training split otherwise), and the server's schedule uses the federation's patience, not ``train``'s."""
-    import math
-
     from strnet.site import SiteRunner
 
     base = [*_overrides(scenario, tmp_path), "tracking.enabled=false", "train.early_stop_patience=30"]
