@@ -158,6 +158,14 @@ class FederationConfig:
     # How the average weighs the training sites: by their training cases (FedAvg), or equally — what source x label
     # balanced draws (train.balance) do centrally when every site is one source holding both labels
     site_weights: Literal["cases", "equal"] = "cases"
+    # How BatchNorm normalises during a site's training. batch: by the batch, as centralized training does; but a
+    # site's batches hold one source, so each site learns under its own source's statistics while the global
+    # model is evaluated under the average. pooled: before every round the sites re-estimate each layer's input
+    # statistics under the global weights on their training images, the server pools them by their moments
+    # (strnet.batchnorm) into the global model, and every site trains and validates under those (BatchNorm's
+    # scale and shift still learn): training normalises as evaluation and the bundle do. One more exchange and
+    # one forward pass over the training images per round.
+    batchnorm: Literal["batch", "pooled"] = "batch"
     sites: tuple[SiteConfig, ...] = ()
 
 
@@ -282,6 +290,17 @@ def _check(cfg: Config) -> None:
             f"federation.local_steps={fed.local_steps} with local_epochs={fed.local_epochs}: a round is either a "
             "number of steps or of epochs; set local_epochs 1"
         )
+    if fed.batchnorm == "pooled":
+        if fed.strategy == "fedbn":
+            raise ConfigError(
+                "federation.batchnorm=pooled with strategy=fedbn: FedBN keeps each site's BatchNorm; pooled "
+                "statistics give every site the same one (use fedavg, fedprox, fedavgm or fedadam)"
+            )
+        if cfg.model.norm in ("group", "frozen") or cfg.privacy.dp.enabled:
+            raise ConfigError(
+                "federation.batchnorm=pooled needs BatchNorm layers to pool, and model.norm="
+                f"{cfg.model.norm}{' with privacy.dp' if cfg.privacy.dp.enabled else ''} has none; set batch"
+            )
     patience = {"plateau_patience": fed.plateau_patience, "early_stop_patience": fed.early_stop_patience}
     if any(v is not None and v < 0 for v in patience.values()):
         raise ConfigError(f"federation: patience in rounds must be >= 0, got {patience}")

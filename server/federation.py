@@ -70,9 +70,10 @@ def gather_batchnorm(sites: TrainingSites, arrays: ArrayRecord, best_round: int,
 
 
 def pooled_batchnorm_statistics(sites: TrainingSites, arrays: ArrayRecord) -> ArrayRecord:
-    """FedBN's bundle: BatchNorm running statistics re-estimated by each site under the final weights (``arrays``)
-    on its training images, pooled by their moments (:mod:`strnet.batchnorm`). The averaged statistics of the
-    kept round stay where fewer than the quorum of sites answer usably (named in the run's problems)."""
+    """BatchNorm running statistics re-estimated by each site under ``arrays``' weights on its training images,
+    pooled by their moments (:mod:`strnet.batchnorm`): FedBN's bundle, and every round's global model under
+    ``federation.batchnorm: pooled``. ``arrays``' own statistics stay where fewer than the quorum of sites answer
+    usably (named in the run's problems)."""
     cfg, problem = sites.cfg, sites.problem
     expected = {k for k in arrays if k.endswith((f".{batchnorm.MEAN}", f".{batchnorm.VAR}"))}
     usable: list[tuple[dict[str, np.ndarray], int]] = []
@@ -90,8 +91,8 @@ def pooled_batchnorm_statistics(sites: TrainingSites, arrays: ArrayRecord) -> Ar
         usable.append((stats, int(values["n"][0])))
     if len(usable) < cfg.federation.quorum:
         problem(
-            f"bn statistics: {len(usable)} usable site(s), quorum {cfg.federation.quorum}: the bundle keeps the "
-            "kept round's averaged BatchNorm statistics"
+            f"bn statistics: {len(usable)} usable site(s), quorum {cfg.federation.quorum}: the model keeps the "
+            "BatchNorm statistics it had"
         )
         return arrays
     pooled = batchnorm.pool(usable)
@@ -134,6 +135,13 @@ def run_federated(
         )
         state, bn_keys = initial_state(cfg)
         ledger = StatisticsLedger(cfg.privacy.statistics)  # every noised statistic of the run, for its ε
+        refresh = None
+        if fed.batchnorm == "pooled":
+            round_sites = TrainingSites(grid, cfg, train_nodes, digest, run.problem, ledger)
+
+            def refresh(arrays: ArrayRecord) -> ArrayRecord:
+                return pooled_batchnorm_statistics(round_sites, arrays)
+
         strategy = build_strategy(
             fed,
             train_nodes=train_nodes,
@@ -146,6 +154,7 @@ def run_federated(
             problem=run.problem,
             local_keys=bn_keys,
             ledger=ledger,
+            refresh=refresh,
         )
         arrays, start_round, finished = ArrayRecord(state), 1, False
         if checkpoint is not None:

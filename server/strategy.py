@@ -78,6 +78,7 @@ class SiteFedAvg(FedAvg):
         ledger: StatisticsLedger | None = None,
         transport: str = FederationConfig.transport,
         equal_weights: bool = False,
+        refresh: Callable[[ArrayRecord], ArrayRecord] | None = None,
     ) -> None:
         n = len(train_nodes)
         super().__init__(min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n, weighted_by_key=WEIGHT)
@@ -112,6 +113,9 @@ class SiteFedAvg(FedAvg):
         wire_dtype(transport)  # a clear error for an unknown name
         self.transport = transport  # the weights' precision on the wire, both ways (strnet.protocol.to_wire)
         self.equal_weights = equal_weights  # federation.site_weights=equal: every usable reply weighs 1
+        # federation.batchnorm=pooled: the global weights with the sites' pooled BatchNorm statistics, asked for
+        # before every exchange that validates or trains them
+        self.refresh = refresh
 
     # The server optimizer's state in Flower's FedAvgM (current_arrays, momentum_vector) and FedOpt/FedAdam
     # (current_arrays, m_t, v_t): what a resumed run must restore to take the same steps.
@@ -221,6 +225,8 @@ class SiteFedAvg(FedAvg):
         for server_round in range(start_round, num_rounds + 1):
             log(INFO, "[ROUND %s/%s] lr %.3g", server_round, num_rounds, self.schedule.lr)
             validate = server_round > 1
+            if self.refresh is not None:
+                arrays = self.refresh(arrays)
             config = ConfigRecord({**dict(train_config or ConfigRecord()), Field.VALIDATE: validate})
             replies = send_and_receive(grid, self.configure_train(server_round, arrays, config, grid), timeout=timeout)
             if validate:
@@ -259,6 +265,8 @@ class SiteFedAvg(FedAvg):
             if on_round_end is not None:
                 on_round_end(server_round, arrays, False)
         if not stopped and self.rounds_run < num_rounds:
+            if self.refresh is not None:
+                arrays = result.arrays = self.refresh(arrays)
             replies = send_and_receive(
                 grid,
                 self.configure_evaluate(num_rounds, arrays, evaluate_config or ConfigRecord(), grid),

@@ -207,17 +207,25 @@ def train_one_epoch(
     desc: str = "train",
     proximal: Proximal | None = None,
     ema: AveragedModel | None = None,
+    batchnorm_running: bool = False,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns mean loss components, examples seen and throughput.
 
     ``proximal`` (FedProx) adds (mu/2)·Σ‖w − w_global‖² over the trainable parameters to every step's loss;
-    ``ema`` is updated from the model after every optimizer step.
+    ``ema`` is updated from the model after every optimizer step. ``batchnorm_running``: BatchNorm normalises
+    with the running statistics the model carries, in training as in evaluation, and leaves them unchanged (its
+    scale and shift still learn): a federated site whose batches hold one source then trains under the
+    federation's pooled statistics (``federation.batchnorm: pooled``), not its own source's.
 
     Every random draw of the epoch (shuffle order, augmentation, dropout) is seeded from (``seed``, ``epoch``)
     alone, so a federated site running global epoch *e* draws exactly what a centralized run draws in its
     epoch *e*, and a resumed run continues exactly.
     """
     model.train()
+    if batchnorm_running:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     es = epoch_seed(seed, epoch)
     seed_everything(es)
     if loader.generator is not None:

@@ -477,7 +477,12 @@ def recipe(cfg: Config, mode: Mode) -> dict[str, Any]:
         "members": _members_words(cfg, mode),
     }
     if mode == "centralized":
-        return out | {"step": "epoch", "max_epochs": t.epochs, "optimizer_state": "continuous"}
+        return out | {
+            "step": "epoch",
+            "max_epochs": t.epochs,
+            "optimizer_state": "continuous",
+            "batchnorm": "batch statistics",
+        }
     kept = "kept at each site between rounds" if fed.keep_optimizer_state else "reset every round"
     local = f"{fed.local_steps} local step(s)" if fed.local_steps else f"{fed.local_epochs} local epoch(s)"
     return out | {
@@ -485,6 +490,9 @@ def recipe(cfg: Config, mode: Mode) -> dict[str, Any]:
         + ("weighted by training cases" if fed.site_weights == "cases" else "with the sites weighted equally"),
         "max_epochs": fed.rounds * (1 if fed.local_steps else fed.local_epochs),
         "optimizer_state": kept,
+        "batchnorm": "the sites' pooled statistics, re-estimated before every round"
+        if fed.batchnorm == "pooled"
+        else "batch statistics",
     }
 
 

@@ -232,6 +232,7 @@ class SiteRunner:
                 progress=False,
                 desc=f"{self.site} train",
                 proximal=proximal,
+                batchnorm_running=self.cfg.federation.batchnorm == "pooled",
             )
         summary = train_summary(stats)
         if private is not None:

@@ -66,6 +66,7 @@ def test_unknown_key_is_rejected_with_its_full_name(tmp_path: Path) -> None:
         ("federation.strategy=fedsgd", "not one of"),
         ("federation.server_momentum=1.5", "server_momentum"),
         ("federation.local_steps=-1", "local_steps >= 0"),
+        ("federation.batchnorm=local", "not one of"),
         ("federation.early_stop_patience=-2", "patience in rounds must be >= 0"),
         ("train.balance=site", "not one of"),
         ("tscore.steps_per_round=0", "tscore: rounds >= 0, steps_per_round >= 1"),
@@ -83,6 +84,16 @@ def test_a_round_is_steps_or_epochs_not_both() -> None:
         load_config("demo", ["federation.local_steps=2", "federation.local_epochs=3"])
     fed = load_config("demo", ["federation.local_steps=2", "federation.local_epochs=1"]).federated_train()
     assert fed.max_steps_per_epoch == 2
+
+
+def test_pooled_batchnorm_needs_batchnorm_layers_the_sites_share() -> None:
+    with pytest.raises(ConfigError, match="batchnorm=pooled with strategy=fedbn: FedBN keeps each site's"):
+        load_config("demo", ["federation.strategy=fedbn", "federation.batchnorm=pooled"])
+    with pytest.raises(ConfigError, match="model.norm=group has none"):
+        load_config("demo", ["model.norm=group", "federation.batchnorm=pooled"])
+    assert load_config("demo", ["federation.strategy=fedprox", "federation.batchnorm=pooled"]).federation.batchnorm == (
+        "pooled"
+    )
 
 
 def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:

@@ -729,11 +729,57 @@ def test_fedbn_statistics_a_site_garbles_are_named_and_the_average_is_kept(scena
     result = run_federated(grid, load_config("demo", overrides))  # type: ignore[arg-type]
     named = [p for p in result.problems if p.startswith("bn statistics")]
     assert any("site hospital: malformed" in p and "running_var" in p for p in named), named
-    assert any("keeps the kept round's averaged BatchNorm statistics" in p for p in named), named
+    assert any("keeps the BatchNorm statistics it had" in p for p in named), named
     averaged, _ = _kept_batchnorm_average(scenario, grid, result)
     state = load_bundle(result.bundle_dir).model.state_dict()
     key = next(k for k in sorted(averaged) if k.endswith("running_var"))
     np.testing.assert_allclose(state[key].double().numpy(), averaged[key].numpy(), rtol=1e-5)
+
+
+def test_pooled_batchnorm_statistics_are_re_estimated_before_every_exchange_and_sites_train_under_them(
+    scenario, tmp_path: Path
+) -> None:
+    """``federation.batchnorm: pooled``: every exchange that validates or trains a global model is preceded by the
+    sites' statistics under exactly those weights, pooled by their moments; a site's training normalises with
+    them and leaves them as they were (its BatchNorm scales still learn); the bundle's statistics are the pooled
+    ones of its own weights."""
+    from strnet.model import batchnorm_keys
+    from strnet.site import SiteRunner
+
+    overrides = [*_overrides(scenario, tmp_path), "federation.batchnorm=pooled", "tracking.enabled=false"]
+    cfg = load_config("demo", overrides)
+    site = SiteRunner(cfg, "stage1", scenario.site_manifests["stage1"], device=torch.device("cpu"))
+    before = {k: v.clone() for k, v in site.state_dict().items()}
+    after, *_ = site.train(before, lr=1e-2, server_round=1, optimizer_state=None)
+    stats = [k for k in batchnorm_keys(site.model) if k.endswith(("running_mean", "running_var"))]
+    scales = [k for k in batchnorm_keys(site.model) if k.endswith("weight")]
+    assert stats and all(torch.equal(after[k], before[k]) for k in stats)
+    assert all(not torch.equal(after[k], before[k]) for k in scales)
+    batch = SiteRunner(load_config("demo", overrides[:-2]), "stage1", scenario.site_manifests["stage1"])
+    moved, *_ = batch.train(before, lr=1e-2, server_round=1, optimizer_state=None)
+    assert not any(torch.equal(moved[k], before[k]) for k in stats)  # the batch form updates them
+
+    grid = InProcessGrid(3)
+    result = run_federated(grid, cfg)  # type: ignore[arg-type]
+    assert not result.problems
+    kinds = [msg.metadata.message_type for node, msg in grid.sent if node == 100]
+    rounds = [i for i, k in enumerate(kinds) if k in (MessageKind.TRAIN, MessageKind.VAL_STATS)]
+    assert len(rounds) == 3  # two rounds, then the last round's validation
+    assert all(kinds[i - 1] == MessageKind.BN_STATISTICS for i in rounds)
+    bundle = load_bundle(result.bundle_dir)
+    state = bundle.model.state_dict()
+    per_site = [
+        batchnorm.reestimate(
+            bundle.model,
+            KneeDataset(read_manifest(scenario.site_manifests[s]).query("split == 'train'"), cfg.preprocess, None),
+            batch_size=cfg.train.batch_size,
+        )
+        for s in ("stage1", "hospital")
+    ]
+    for key, value in batchnorm.pool(per_site).items():
+        np.testing.assert_allclose(state[key].numpy(), value, rtol=1e-4, atol=1e-6, err_msg=key)
+    recipe = json.loads((result.bundle_dir / "metadata.json").read_text())["training"]["recipe"]
+    assert recipe["batchnorm"] == "the sites' pooled statistics, re-estimated before every round"
 
 
 def test_server_optimizers_leave_batchnorm_statistics_to_the_plain_average() -> None:
