@@ -89,7 +89,7 @@ def test_a_round_is_steps_or_epochs_not_both() -> None:
 def test_pooled_batchnorm_needs_batchnorm_layers_the_sites_share() -> None:
     with pytest.raises(ConfigError, match="batchnorm=pooled with strategy=fedbn: FedBN keeps each site's"):
         load_config("demo", ["federation.strategy=fedbn", "federation.batchnorm=pooled"])
-    with pytest.raises(ConfigError, match="model.norm=group has none"):
+    with pytest.raises(ConfigError, match=r"model\.norm=group has none"):
         load_config("demo", ["model.norm=group", "federation.batchnorm=pooled"])
     assert load_config("demo", ["federation.strategy=fedprox", "federation.batchnorm=pooled"]).federation.batchnorm == (
         "pooled"
