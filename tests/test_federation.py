@@ -666,6 +666,18 @@ def _kept_batchnorm_average(scenario, grid: InProcessGrid, result) -> tuple[dict
     return averaged, n
 
 
+def _training_statistics(scenario, model: torch.nn.Module, cfg) -> list[tuple[dict[str, np.ndarray], int]]:
+    """Each training site's BatchNorm statistics under ``model`` on its training images (stage1, hospital)."""
+    return [
+        batchnorm.reestimate(
+            model,
+            KneeDataset(read_manifest(scenario.site_manifests[s]).query("split == 'train'"), cfg.preprocess, None),
+            batch_size=cfg.train.batch_size,
+        )
+        for s in ("stage1", "hospital")
+    ]
+
+
 def test_fedbn_keeps_batchnorm_tensors_out_of_every_site_message_but_one(scenario, tmp_path: Path) -> None:
     """FedBN: no train or validation reply carries a BatchNorm tensor; after training each site sends its own
     once (the kept round), and the bundle's BatchNorm layers are their average weighted by training cases."""
@@ -700,14 +712,7 @@ def test_fedbn_keeps_batchnorm_tensors_out_of_every_site_message_but_one(scenari
         np.testing.assert_allclose(state[key].double().numpy(), averaged[key].numpy(), rtol=1e-5)
     # statistics: re-estimated under the final weights on each site's training images, pooled by their moments
     cfg = load_config("demo", overrides)
-    per_site = [
-        batchnorm.reestimate(
-            bundle.model,
-            KneeDataset(read_manifest(scenario.site_manifests[s]).query("split == 'train'"), cfg.preprocess, None),
-            batch_size=cfg.train.batch_size,
-        )
-        for s in ("stage1", "hospital")
-    ]
+    per_site = _training_statistics(scenario, bundle.model, cfg)
     assert [m for _, m in per_site] == [n[100], n[101]]
     for key, value in batchnorm.pool(per_site).items():
         np.testing.assert_allclose(state[key].numpy(), value, rtol=1e-4, atol=1e-6, err_msg=key)
@@ -768,14 +773,7 @@ def test_pooled_batchnorm_statistics_are_re_estimated_before_every_exchange_and_
     assert all(kinds[i - 1] == MessageKind.BN_STATISTICS for i in rounds)
     bundle = load_bundle(result.bundle_dir)
     state = bundle.model.state_dict()
-    per_site = [
-        batchnorm.reestimate(
-            bundle.model,
-            KneeDataset(read_manifest(scenario.site_manifests[s]).query("split == 'train'"), cfg.preprocess, None),
-            batch_size=cfg.train.batch_size,
-        )
-        for s in ("stage1", "hospital")
-    ]
+    per_site = _training_statistics(scenario, bundle.model, cfg)
     for key, value in batchnorm.pool(per_site).items():
         np.testing.assert_allclose(state[key].numpy(), value, rtol=1e-4, atol=1e-6, err_msg=key)
     recipe = json.loads((result.bundle_dir / "metadata.json").read_text())["training"]["recipe"]
