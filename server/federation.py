@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -135,13 +136,11 @@ def run_federated(
         )
         state, bn_keys = initial_state(cfg)
         ledger = StatisticsLedger(cfg.privacy.statistics)  # every noised statistic of the run, for its ε
-        refresh = None
-        if fed.batchnorm == "pooled":
-            round_sites = TrainingSites(grid, cfg, train_nodes, digest, run.problem, ledger)
-
-            def refresh(arrays: ArrayRecord) -> ArrayRecord:
-                return pooled_batchnorm_statistics(round_sites, arrays)
-
+        refresh = (  # federation.batchnorm=pooled: every round's global model under the sites' pooled statistics
+            partial(pooled_batchnorm_statistics, TrainingSites(grid, cfg, train_nodes, digest, run.problem, ledger))
+            if fed.batchnorm == "pooled"
+            else None
+        )
         strategy = build_strategy(
             fed,
             train_nodes=train_nodes,
