@@ -73,6 +73,7 @@ def cmd_data_audit(args: argparse.Namespace) -> int:
         json_out=Path(args.json) if args.json else None,
         clean_out=Path(args.clean) if args.clean else None,
         max_distance=args.max_distance,
+        knee_correlation=args.knee_correlation if args.knee_correlation > 0 else None,
     )
     print(summarize(report))
     return 0
@@ -361,6 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the full report as JSON")
     p.add_argument("--clean", default=None, help="write a manifest with conflicts dropped, one image per group")
     p.add_argument("--max-distance", type=int, default=4, help="perceptual-hash Hamming distance (default 4)")
+    p.add_argument(
+        "--knee-correlation",
+        type=float,
+        default=0.985,
+        help="also find one knee in several files: correlation of the knee crops, direct or mirrored, at or above "
+        "which two rows are copies (default 0.985; -1 skips this pass)",
+    )
     p.set_defaults(func=cmd_data_audit)
 
     p = data.add_parser("synth", help="write three synthetic sites in the three real layouts")

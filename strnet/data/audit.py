@@ -38,6 +38,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from strnet.data.imageio import read_radiograph
+from strnet.data.knee_copies import KneeAudit
 from strnet.data.manifest import merge_manifests, normalize, read_manifest, write_manifest
 from strnet.errors import DataError
 
@@ -102,6 +103,7 @@ class AuditReport:
     files: list[FileHash] = field(default_factory=list)
     file_group: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    knees: KneeAudit | None = None  # the knee-level pass over the file-cleaned rows (run_audit)
 
     def to_dict(self) -> dict[str, Any]:
         group_of = self.file_group
@@ -122,6 +124,7 @@ class AuditReport:
             "groups": [asdict(g) for g in self.groups],
             "problems": [asdict(p) for p in self.problems],
             "files": [{**asdict(f), "phash": f"{f.phash:016x}", "group": group_of[f.path]} for f in self.files],
+            "knees": self.knees.to_dict() if self.knees is not None else None,
         }
 
     def to_json(self, path: str | Path | None = None) -> str:
@@ -444,6 +447,21 @@ def summarize(report: AuditReport, max_examples: int = 5) -> str:
         lines.append("  label conflicts, e.g.:")
         for g in conflicts[:max_examples]:
             lines.append(f"    group {g.group} {'/'.join(g.labels)}: {', '.join(g.paths)}")
+    k = report.knees
+    if k is not None:
+        knee = k.to_dict()
+        lines.append(
+            f"knees: {k.n_signed} of {k.n_rows} rows left by the file clean compared in {k.seconds:.1f} s, "
+            f"crop correlation >= {k.min_correlation}"
+        )
+        lines.append(
+            f"  knees in more than one row: {knee['groups_with_copies']} ({knee['copy_rows']} copy rows; "
+            f"{knee['cross_source_groups']} across sources or sites, {knee['cross_split_groups']} across splits, "
+            f"{knee['label_conflict_groups']} with a label conflict)"
+        )
+        lines += [f"  unsigned (kept): {r}: {p}" for r, p in k.problems[:max_examples]]
+        for g in [g for g in k.groups if g.label_conflict][:max_examples]:
+            lines.append(f"    {'/'.join(g.labels)} (r >= {g.min_correlation}): {', '.join(g.rows)}")
     return "\n".join(lines)
 
 
@@ -453,13 +471,25 @@ def run_audit(
     clean_out: str | Path | None = None,
     max_distance: int = DEFAULT_MAX_DISTANCE,
     workers: int | None = None,
+    knee_correlation: float | None = None,
 ) -> AuditReport:
-    """What ``strnet data audit`` does: read + merge manifests, audit, write the JSON and the cleaned manifest."""
+    """What ``strnet data audit`` does: read + merge manifests, audit, write the JSON and the cleaned manifest.
+
+    With ``knee_correlation`` the rows left after the file clean are audited again knee by knee
+    (:mod:`strnet.data.knee_copies`): its report is the JSON's ``knees`` entry and its clean follows the file
+    clean. The report is returned with ``knees`` set.
+    """
     df = merge_manifests(read_manifest(m) for m in manifests)
     report = audit_manifest(df, max_distance=max_distance, workers=workers)
+    cleaned, _ = clean_manifest(df, report)
+    if knee_correlation is not None:
+        from strnet.data.knee_copies import audit_knees, clean_knees
+
+        report.knees = audit_knees(cleaned, min_correlation=knee_correlation, workers=workers)
+        pixels = {f.path: f.height * f.width for f in report.files}
+        cleaned, _ = clean_knees(cleaned, report.knees, pixels)
     if json_out is not None:
         report.to_json(json_out)
     if clean_out is not None:
-        cleaned, _ = clean_manifest(df, report)
         write_manifest(cleaned, clean_out)
     return report
