@@ -31,6 +31,7 @@ HEADLINE = (
     "privacy_delta",
 )
 SITE_KEYS = (
+    "train_screening_auroc",
     "test_screening_auroc",
     "test_screening_auprc",
     "test_screening_sensitivity",

@@ -38,7 +38,7 @@ from strnet.privacy import run_privacy, site_reports_from_history
 from strnet.protocol import WEIGHT, Field, MessageKind, config_digest, round_nbytes
 from strnet.released import StatisticsLedger, usable
 from strnet.run import Run, RunResult, SiteResult, Tracker, recipe, site_datasets
-from strnet.scoring import task_metrics
+from strnet.scoring import fit_of, task_metrics
 from strnet.sufficient import EvaluationCounts, ValidationCounts
 
 
@@ -235,6 +235,9 @@ def run_federated(
         def score(counts: EvaluationCounts) -> dict[str, float]:
             return task_metrics(usable(counts), tau, n_boot=cfg.evaluate.bootstrap, seed=cfg.seed)
 
+        def fit(counts: EvaluationCounts) -> dict[str, float]:
+            return task_metrics(usable(counts), tau, n_boot=0, seed=cfg.seed)
+
         # usable: noised histograms (privacy.statistics) clipped once, after pooling; the identity on exact counts
         val_counts, test_counts = usable(pooled("val")), usable(pooled("test"))
         # the pooled test split by sex, age band, BMI band and site, from the per-level histograms the sites sent
@@ -269,7 +272,10 @@ def run_federated(
             threshold=threshold,
             val=score(val_counts),
             test=score(test_counts),
-            sites={s: SiteResult(roles[s], score(c["test"])) for s, c in frozen.items()},
+            sites={
+                s: SiteResult(roles[s], score(c["test"]), fit_of(fit(c["train"])) if "train" in c else {})
+                for s, c in frozen.items()
+            },
             training=training,
             recipe=recipe(cfg, "federated"),
             calibration=calibration,

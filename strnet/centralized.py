@@ -40,10 +40,11 @@ from strnet.engine import (
 )
 from strnet.ensemble import STRNetEnsemble
 from strnet.errors import DataError
-from strnet.evaluation import EvaluationResult, evaluate_bundle, frame_metrics
+from strnet.evaluation import EvaluationResult, evaluate_bundle, frame_metrics, predict_frame
 from strnet.ood import fit_ood
 from strnet.privacy import run_privacy
 from strnet.run import Run, RunResult, SiteResult, Tracker, headline, manifest_datasets, recipe
+from strnet.scoring import fit_of
 from strnet.subgroups import CENTRALIZED_NOTE
 from strnet.sufficient import ValidationCounts
 from strnet.tscore import DP_OFF, refit_centralized
@@ -179,6 +180,13 @@ def run_centralized(
             for site, part in ev.predictions.groupby("site"):
                 own, _ = frame_metrics(part, tau, n_bins=n_bins, n_boot=n_boot, seed=cfg.seed)
                 sites[str(site)] = SiteResult("train", own)
+        if not splits["train"].empty:
+            # the frozen model on its own training images, un-augmented, per site (scoring.fit_of)
+            fitted = predict_frame(frozen, splits["train"], cache=cache, precision=cfg.train.precision, progress=False)
+            for site, part in fitted.groupby("site"):
+                if str(site) in sites:
+                    own, _ = frame_metrics(part, tau, n_bins=n_bins, n_boot=0, seed=cfg.seed)
+                    sites[str(site)].fit = fit_of(own)
         for site in external_sites(cfg):
             title = f"{cfg.name}: frozen external evaluation at {site.name}"
             cohort = read_manifest(site.manifest)

@@ -153,8 +153,10 @@ def decode_splits(
     for key, value in arrays.items():
         split, _, name = key.partition(".")
         by_split.setdefault(split, {})[name] = value
-    if "test" not in by_split or set(by_split) - {"test", "val"}:
-        raise SiteError(site, f"malformed evaluation statistics: splits {sorted(by_split)}, expected test [and val]")
+    if "test" not in by_split or set(by_split) - {"test", "val", "train"}:
+        raise SiteError(
+            site, f"malformed evaluation statistics: splits {sorted(by_split)}, expected test [and val, train]"
+        )
     return {split: decode_evaluation(site, values, n_bins=n_bins, noised=noised) for split, values in by_split.items()}
 
 

@@ -164,7 +164,10 @@ def _subgroup_statistics() -> tuple[Statistic, ...]:
 
 
 _WEIGHTS_NOTE = "not withheld (that would drop the site from FedAvg); privacy.dp (DP-SGD) bounds what they reveal"
-_SPLIT_CASES = "the split's labelled knees (test: the evaluation cohort; val: a training site's validation split)"
+_SPLIT_CASES = (
+    "the split's labelled knees (test: the evaluation cohort; val: a training site's validation split; train: its "
+    "training split, sent only without privacy.statistics)"
+)
 
 # a round's validation counts: asked by a validation query, or in the next round's train message
 _VALIDATION = Statistic(
@@ -649,7 +652,7 @@ def markdown() -> str:
             other = "all others" if len(s.arrays) > 1 else "all"
             kinds.setdefault(kind, []).append(other if name == ANY else f"`{name}`")
         arrays = "; ".join(f"{', '.join(names)} ({kind})" for kind, names in kinds.items())
-        cells = (f"`{s.message}`", f"{s.describe('test/val')}: {s.what}", arrays, s.cases, s.protection)
+        cells = (f"`{s.message}`", f"{s.describe('test/val/train')}: {s.what}", arrays, s.cases, s.protection)
         rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(rows)
 

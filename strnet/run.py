@@ -113,6 +113,8 @@ class SiteResult:
 
     role: str
     metrics: dict[str, float]
+    # a training site's own training split (scoring.fit_of); empty for an external site
+    fit: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -153,6 +155,7 @@ class RunResult:
                 f"  {name} ({s.role}, n={s.metrics['screening_n']:.0f}): AUROC {s.metrics['screening_auroc']:.3f}, "
                 f"sensitivity {s.metrics['screening_sensitivity']:.3f}, specificity "
                 f"{s.metrics['screening_specificity']:.3f}"
+                + (f"; own training split AUROC {s.fit['screening_auroc']:.3f}" if s.fit else "")
             )
         if self.problems:
             lines.append(f"  {len(self.problems)} problem(s), listed in summary.json")
@@ -328,7 +331,10 @@ class Run:
             "ood": {k: v for k, v in (ood or {}).items() if k != "gaussian"},
             "recipe": recipe,
             "metrics": metrics,
-            "sites": {name: {"role": s.role, **prefixed(s.metrics, "test")} for name, s in sorted(sites.items())},
+            "sites": {
+                name: {"role": s.role, **prefixed(s.metrics, "test"), **prefixed(s.fit, "train")}
+                for name, s in sorted(sites.items())
+            },
             "timings": timings,
             "problems": self.problems,
             "subgroups": {
@@ -349,7 +355,7 @@ class Run:
                 self.tracker.set_tags({"privacy": "dp-sgd"})
                 self.tracker.log_metrics(privacy_metrics(privacy))
             for name, s in sites.items():
-                self.tracker.log_metrics(prefixed(s.metrics, "test", site=name))
+                self.tracker.log_metrics(prefixed(s.metrics, "test", site=name) | prefixed(s.fit, "train", site=name))
             self.tracker.log_dict(strict_json(summary["subgroups"]), "subgroups.json")
             for path in (summary_path, self.out_dir / "evaluation.csv"):
                 self.tracker.log_artifact(path)

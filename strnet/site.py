@@ -299,15 +299,21 @@ class SiteRunner:
     ) -> dict[str, EvaluationCounts]:
         """Frozen evaluation at the pooled τ* on the calibrated scale: counts of the evaluation cohort (``test``)
         and, for a training site, of its validation split (``val``), so the server reports pooled validation
-        metrics at τ* too. Mirror stability is measured here (one more forward pass per knee)."""
+        metrics at τ* too, and of its training split (``train``, un-augmented: how far the model fits what it
+        was taught, :func:`strnet.scoring.fit_of`). Mirror stability is measured on test and val (one more
+        forward pass per knee)."""
         self.model.load_state_dict(state_dict)
         n_bins = self.cfg.threshold.histogram_bins
         frames = {"test": self.evaluation_frame()}
         if self.role == "train":
             frames["val"] = self.splits["val"]
+            if not self.cfg.privacy.statistics.enabled:  # a diagnostic is not worth privacy budget on training cases
+                frames["train"] = self.splits["train"]
         return {
             split: EvaluationCounts.from_predictions(
-                calibrated(self._predict(df, with_mirror=True), calibration), threshold=threshold, n_bins=n_bins
+                calibrated(self._predict(df, with_mirror=split != "train"), calibration),
+                threshold=threshold,
+                n_bins=n_bins,
             )
             if len(df)
             else EvaluationCounts.empty(n_bins)

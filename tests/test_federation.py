@@ -314,6 +314,16 @@ def test_federated_run_in_process(scenario, tmp_path: Path, monkeypatch: pytest.
     y = (pred["label_cls"] != "normal").to_numpy(int)
     p = pred["prob_bone_loss"].to_numpy()
     assert bundle.threshold == M.select_threshold(y, p, 0.86, GRID)
+    # each training site's fit on its own training split, from its histograms == sklearn on the bundle's scores
+    # (to the 1/1000 score bins the histograms hold); an external site has no training split to report
+    for site in ("stage1", "hospital"):
+        train = frames[("stage1", "hospital").index(site)]
+        fitted = predict_frame(bundle, train[train["split"] == "train"], cache=cache, precision="fp32")
+        y_fit = (fitted["label_cls"] != "normal").to_numpy(int)
+        assert result.sites[site].fit["screening_n"] == len(fitted)
+        expected = roc_auc_score(y_fit, fitted["prob_bone_loss"].to_numpy())
+        assert result.sites[site].fit["screening_auroc"] == pytest.approx(expected, abs=0.01)
+    assert all(not r.fit for r in result.sites.values() if r.role == "external")
     # the calibration fitted by Newton steps on pooled statistics == the fit on the concatenated logits
     raw = pred["prob_bone_loss_uncalibrated"].to_numpy()
     central = fit_platt_to_logits(np.log(raw) - np.log1p(-raw), y)

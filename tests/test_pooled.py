@@ -177,10 +177,10 @@ def test_histogram_bootstrap_agrees_with_the_case_bootstrap() -> None:
 
 def test_malformed_frozen_statistics_name_the_site() -> None:
     counts = EvaluationCounts.from_predictions(site_predictions(1, 30), threshold=0.5, n_bins=BINS)
-    arrays = encode_splits({"test": counts, "val": counts})
-    assert set(decode_splits("s1", wire(arrays), n_bins=BINS)) == {"test", "val"}
+    arrays = encode_splits({"test": counts, "val": counts, "train": counts})
+    assert set(decode_splits("s1", wire(arrays), n_bins=BINS)) == {"test", "val", "train"}
     with pytest.raises(SiteError, match=r"site 's1'.*splits"):
-        decode_splits("s1", {k.replace("test.", "train."): v for k, v in arrays.items()}, n_bins=BINS)
+        decode_splits("s1", {k.replace("test.", "holdout."): v for k, v in arrays.items()}, n_bins=BINS)
     bad = dict(arrays, **{"test.tscore_sums": np.full(8, np.nan)})
     with pytest.raises(SiteError, match=r"site 's1'.*tscore_sums"):
         decode_splits("s1", bad, n_bins=BINS)

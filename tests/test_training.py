@@ -138,6 +138,33 @@ def test_evaluate_matches_sklearn_on_same_predictions(scenario, trained, tmp_pat
     assert len(df) > len(test)
 
 
+def test_each_site_reports_how_the_model_fits_its_own_training_split(trained) -> None:  # type: ignore[no-untyped-def]
+    """The standing fit metric: the frozen model on each site's un-augmented training knees, against sklearn, in
+    the summary and in MLflow under the one name both modes use."""
+    from strnet.data.manifest import read_manifest
+    from strnet.evaluation import predict_frame
+
+    _, cfg, result, tracker = trained
+    train = read_manifest(cfg.data.manifests[0])
+    train = train[train["split"] == "train"].reset_index(drop=True)
+    pred = predict_frame(load_bundle(result.bundle_dir), train, cache=None, precision="fp32", progress=False)
+    summary = json.loads((result.bundle_dir.parent / "summary.json").read_text())
+    runs = search_runs(tracker.uri, "test")
+    logged = runs[runs["run_id"] == result.run_id].iloc[0]
+    # a training site is reported where it has a test split (the tiny synthetic hospital may have none)
+    reported = sorted(s for s, r in result.sites.items() if r.fit)
+    assert reported == sorted(s for s, r in result.sites.items() if r.role == "train") and reported
+    for site, part in pred[pred["site"].isin(reported)].groupby("site"):
+        y = (part["label_cls"] != "normal").to_numpy(int)
+        p = part["prob_bone_loss"].to_numpy(float)
+        fit = result.sites[site].fit
+        assert fit["screening_n"] == len(part)
+        assert fit["screening_auroc"] == pytest.approx(roc_auc_score(y, p), abs=1e-6)
+        assert fit["screening_auprc"] == pytest.approx(average_precision_score(y, p), abs=1e-6)
+        assert summary["sites"][site]["train_screening_auroc"] == pytest.approx(fit["screening_auroc"])
+        assert logged[f"metrics.site.{site}.train_screening_auroc"] == pytest.approx(fit["screening_auroc"])
+
+
 def test_tampered_bundle_is_refused(trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     _, _, result, _ = trained
     copy = tmp_path / "bundle"
