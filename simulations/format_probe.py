@@ -22,13 +22,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
-from sklearn.metrics import roc_auc_score
 
-from strnet.bundle import load_bundle
-from strnet.data.cache import PreprocessCache
+from simulations.bundle_scores import auroc_row, bundle_scores, named_bundles
 from strnet.data.imageio import read_radiograph
 from strnet.data.manifest import read_manifest
-from strnet.evaluation import predict_frame
 
 
 def film_format(path: str | Path) -> str:
@@ -63,16 +60,7 @@ def auroc_without_each_format(frame: pd.DataFrame, scores: Mapping[str, np.ndarr
     for cohort, part in df.groupby("cohort"):
         for left_out in [None, *sorted(part["format"].unique())]:
             kept = part if left_out is None else part[part["format"] != left_out]
-            row: dict[str, object] = {
-                "cohort": cohort,
-                "without": left_out or "-",
-                "knees": len(kept),
-                "normal": int((kept["y"] == 0).sum()),
-            }
-            for name in scores:
-                ok = kept["y"].nunique() == 2
-                row[name] = float(roc_auc_score(kept["y"], kept[name])) if ok else float("nan")
-            rows.append(row)
+            rows.append(auroc_row(kept, list(scores), cohort=cohort, without=left_out or "-"))
     return pd.DataFrame(rows)
 
 
@@ -83,19 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sites", nargs="+", required=True, help="the sites whose knees to score")
     parser.add_argument("--cache", type=Path, default=Path(".cache/preprocessed"))
     args = parser.parse_args(argv)
-    named = dict(b.split("=", 1) for b in args.bundle if "=" in b)
-    if len(named) != len(args.bundle):
-        parser.error(f"every --bundle as NAME=DIR with distinct names, got {args.bundle}")
+    named = named_bundles(parser, args.bundle)
     df = read_manifest(args.manifest)
     frame = df[df["site"].isin(args.sites) & (df["label_cls"] != "")].reset_index(drop=True)
     if frame.empty:
         parser.error(f"{args.manifest}: no labelled knee of the sites {args.sites}")
     frame["format"] = frame["path"].map({p: film_format(p) for p in frame["path"].unique()})
-    cache = PreprocessCache(args.cache)
-    scores = {
-        name: predict_frame(load_bundle(path), frame, cache=cache, progress=False)["prob_bone_loss"].to_numpy(float)
-        for name, path in named.items()
-    }
+    scores = bundle_scores(named, frame, args.cache)
     with pd.option_context("display.width", 200, "display.max_rows", None):
         print(format_table(frame, scores).round(2).to_string(index=False))
         print()

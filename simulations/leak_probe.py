@@ -18,13 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_auc_score
 
-from strnet.bundle import load_bundle
-from strnet.data.cache import PreprocessCache
+from simulations.bundle_scores import auroc_row, bundle_scores, named_bundles
 from strnet.data.knee_copies import DEFAULT_MIN_CORRELATION, audit_knees
 from strnet.data.manifest import normalize, read_manifest
-from strnet.evaluation import predict_frame
 
 
 def seen_in_training(df: pd.DataFrame, min_correlation: float = DEFAULT_MIN_CORRELATION) -> pd.Series:
@@ -43,17 +40,8 @@ def auroc_without_seen(frame: pd.DataFrame, scores: Mapping[str, np.ndarray]) ->
     df = frame.assign(y=(frame["label_cls"] != "normal").astype(int), **scores)
     rows = []
     for site, part in df.groupby("site"):
-        for knees, kept in (("all", part), ("unseen", part[~part["seen_in_training"]])):
-            row: dict[str, object] = {
-                "cohort": site,
-                "knees": knees,
-                "n": len(kept),
-                "normal": int((kept["y"] == 0).sum()),
-            }
-            for name in scores:
-                ok = kept["y"].nunique() == 2
-                row[name] = float(roc_auc_score(kept["y"], kept[name])) if ok else float("nan")
-            rows.append(row)
+        for subset, kept in (("all", part), ("unseen", part[~part["seen_in_training"]])):
+            rows.append(auroc_row(kept, list(scores), cohort=site, subset=subset))
     return pd.DataFrame(rows)
 
 
@@ -64,19 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test", help="the evaluation split to score (default test)")
     parser.add_argument("--cache", type=Path, default=Path(".cache/preprocessed"))
     args = parser.parse_args(argv)
-    named = dict(b.split("=", 1) for b in args.bundle if "=" in b)
-    if len(named) != len(args.bundle):
-        parser.error(f"every --bundle as NAME=DIR with distinct names, got {args.bundle}")
+    named = named_bundles(parser, args.bundle)
     df = read_manifest(args.manifest).reset_index(drop=True)
     df = df.assign(seen_in_training=seen_in_training(df))
     frame = df[(df["split"] == args.split) & (df["label_cls"] != "")].reset_index(drop=True)
     if frame.empty:
         parser.error(f"{args.manifest}: no labelled knee in split {args.split!r}")
-    cache = PreprocessCache(args.cache)
-    scores = {
-        name: predict_frame(load_bundle(path), frame, cache=cache, progress=False)["prob_bone_loss"].to_numpy(float)
-        for name, path in named.items()
-    }
+    scores = bundle_scores(named, frame, args.cache)
     with pd.option_context("display.width", 200):
         print(auroc_without_seen(frame, scores).round(3).to_string(index=False))
     return 0

@@ -39,11 +39,11 @@ def test_auroc_without_seen_knees_matches_sklearn_on_the_kept_rows() -> None:
         }
     )
     score = rng.random(n)
-    table = auroc_without_seen(frame, {"m": score}).set_index(["cohort", "knees"])
+    table = auroc_without_seen(frame, {"m": score}).set_index(["cohort", "subset"])
     y = (frame["label_cls"] != "normal").to_numpy(int)
     for site in ("s1", "s2"):
         mine = (frame["site"] == site).to_numpy()
         unseen = mine & ~frame["seen_in_training"].to_numpy()
         assert table.loc[(site, "all"), "m"] == pytest.approx(roc_auc_score(y[mine], score[mine]))
         assert table.loc[(site, "unseen"), "m"] == pytest.approx(roc_auc_score(y[unseen], score[unseen]))
-        assert table.loc[(site, "unseen"), "n"] == unseen.sum()
+        assert table.loc[(site, "unseen"), "knees"] == unseen.sum()

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +38,7 @@ from scipy.sparse.csgraph import connected_components
 from strnet.data.imageio import read_radiograph
 from strnet.data.knee_copies import KneeAudit
 from strnet.data.manifest import merge_manifests, normalize, read_manifest, write_manifest
+from strnet.data.pool import map_in_threads
 from strnet.errors import DataError
 
 DEFAULT_MAX_DISTANCE = 4
@@ -182,19 +181,8 @@ def _hash_or_problem(path: str) -> FileHash | Problem:
 
 
 def hash_files(paths: Sequence[str], workers: int | None = None) -> tuple[list[FileHash], list[Problem]]:
-    """Hash files in a thread pool; results keep the order of ``paths``.
-
-    Threads, not processes: hashing, JPEG/PNG decoding and the resize release the GIL, and a forked pool
-    deadlocks when the parent already holds live OpenCV/OpenMP thread pools (as any caller that decoded an
-    image or imported torch does).
-    """
-    paths = list(paths)
-    workers = min(os.cpu_count() or 1, 8) if workers is None else max(1, workers)
-    if workers == 1 or len(paths) < 16:
-        results = [_hash_or_problem(p) for p in paths]
-    else:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(_hash_or_problem, paths))
+    """Hash files in a thread pool (:func:`strnet.data.pool.map_in_threads`); results keep the order of ``paths``."""
+    results = map_in_threads(_hash_or_problem, list(paths), workers)
     hashes = [r for r in results if isinstance(r, FileHash)]
     problems = [r for r in results if isinstance(r, Problem)]
     return hashes, problems

@@ -24,9 +24,7 @@ dominates (538 knees of 0.05-2.5 MP films in 1.7 s on 2 cores) and runs in a thr
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -36,6 +34,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from strnet.data.manifest import normalize
+from strnet.data.pool import map_in_threads
 from strnet.data.preprocess import PreprocessParams, load_preprocessed
 
 SIGNATURE_SIDE = 64
@@ -116,12 +115,7 @@ def _signed(args: tuple[str, str]) -> np.ndarray | str:
 def signatures(df: pd.DataFrame, workers: int | None = None) -> tuple[np.ndarray, list[str | None]]:
     """``(n, 4096)`` signatures in row order, and per row the problem that left it unsigned (None if signed)."""
     jobs = list(zip(df["path"].astype(str), df["side"].astype(str), strict=True))
-    workers = min(os.cpu_count() or 1, 8) if workers is None else max(1, workers)
-    if workers == 1 or len(jobs) < 16:
-        results = [_signed(j) for j in jobs]
-    else:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(_signed, jobs))
+    results = map_in_threads(_signed, jobs, workers)
     out = np.zeros((len(jobs), SIGNATURE_SIDE * SIGNATURE_SIDE), dtype=np.float32)
     problems: list[str | None] = []
     for k, r in enumerate(results):
