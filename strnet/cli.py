@@ -65,6 +65,17 @@ def cmd_data_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _knee_correlation(text: str) -> float:
+    """``--knee-correlation``: a correlation in (0, 1], or -1 to skip the knee pass."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value != -1 and not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a correlation in (0, 1], nor -1 (skip the knee pass)")
+    return value
+
+
 def cmd_data_audit(args: argparse.Namespace) -> int:
     from strnet.data.audit import run_audit, summarize
 
@@ -364,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-distance", type=int, default=4, help="perceptual-hash Hamming distance (default 4)")
     p.add_argument(
         "--knee-correlation",
-        type=float,
+        type=_knee_correlation,
         default=0.985,
         help="also find one knee in several files: correlation of the knee crops, direct or mirrored, at or above "
         "which two rows are copies (default 0.985; -1 skips this pass)",

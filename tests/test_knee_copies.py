@@ -164,6 +164,10 @@ def test_cli_audit_cleans_knee_copies_after_file_copies_and_reports_them(
     assert cli_main([*args, "--clean", str(out / "d.csv")]) == 0
     assert json.loads((out / "b.json").read_text())["knees"] is None
     assert len(read_manifest(out / "d.csv")) == 4
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        cli_main(["data", "audit", films, "--knee-correlation", "1.5"])
+    assert stopped.value.code == 2 and "--knee-correlation: 1.5 is not a correlation" in capsys.readouterr().err
 
 
 @pytest.mark.realdata
