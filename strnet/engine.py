@@ -57,7 +57,7 @@ class TrainParams:
     plateau_patience: int = 20
     grad_clip: float = 1.0
     early_stop_patience: int = 30
-    min_epochs: int = 0  # early stopping may not stop before this many epochs (federated: rounds)
+    min_epochs: int = 0  # a warm-up (federated: rounds) never kept nor counted by early stopping (RecipeSchedule)
     # site_auroc: the mean of the sites' own validation AUROCs, which a model cannot raise by telling the sources
     # apart (pooled AUROC can: one source is mostly bone loss)
     monitor: Literal["auprc", "auroc", "site_auroc"] = "auprc"
