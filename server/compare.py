@@ -24,6 +24,8 @@ HEADLINE = (
     "test_screening_specificity",
     "test_t_score_mae",
     "val_screening_auprc",
+    "val_screening_auroc",
+    "val_monitored_screening_auroc",  # what the schedule kept its step by: far above the line above, a problem
     "tau_star",
     "best_step",
     "wall_seconds",

@@ -35,6 +35,12 @@ from strnet.scoring import prefixed
 from strnet.sufficient import EvaluationCounts
 
 Mode = Literal["centralized", "federated"]
+# How far the bundle's pooled validation AUROC may fall below the one the schedule chose its step by before the run
+# names it as a problem. The two differ by design only in what the bundle adds after training (calibration keeps
+# the ranking; mirror averaging and an ensemble's later members move it by about ±0.01 on the real data); FedBN's
+# bundles fell 0.02-0.12 below, three of four by more than 0.07 (README, "FedAvg again").
+SHIPPED_AUROC_DROP = 0.03
+
 TABLE_METRICS = (
     "screening_auroc",
     "screening_auprc",
@@ -279,6 +285,9 @@ class Run:
         ``privacy`` (DP-SGD runs, :func:`strnet.privacy.run_privacy`): ε per site goes into the bundle, the
         summary, the headline every report opens with, and MLflow."""
         first_line = headline(threshold, calibration, privacy)
+        monitored = monitored_auroc(self.history, best_step)
+        if (text := shipped_problem(monitored, val, best_step)) is not None:
+            self.problem(text)
         bundle_dir = save_bundle(
             self.out_dir / "bundle",
             state_dict=state_dict,
@@ -307,6 +316,7 @@ class Run:
             **prefixed(test, "test"),
             "tau_star": float(threshold["value"]),
             "best_step": float(best_step),
+            "val_monitored_screening_auroc": monitored,
             "wall_seconds": seconds,
         }
         table = evaluation_table(sites, test)
@@ -459,6 +469,24 @@ def _threshold_headline(threshold: dict[str, Any], calibration: dict[str, Any]) 
     return (
         f"WARNING: no grid threshold reached validation sensitivity >= {need:.2f}; τ* = {threshold['value']:.2f} "
         f"is the fallback ({threshold.get('rule')}): validation sensitivity {sens:.3f}, specificity {spec:.3f}; {cal}."
+    )
+
+
+def monitored_auroc(history: list[dict[str, float]], best_step: int) -> float:
+    """The pooled validation AUROC the schedule saw at the kept step (NaN without that step's row)."""
+    row = next((r for r in history if int(r["step"]) == best_step), {})
+    return float(row.get("val_screening_auroc", math.nan))
+
+
+def shipped_problem(monitored: float, val: dict[str, float], best_step: int) -> str | None:
+    """A problem's text when the bundle validates more than SHIPPED_AUROC_DROP below the kept step."""
+    shipped = float(val.get("screening_auroc", math.nan))
+    if not monitored - shipped > SHIPPED_AUROC_DROP:
+        return None
+    return (
+        f"the bundle's pooled validation AUROC {shipped:.3f} is {monitored - shipped:.3f} below the {monitored:.3f} "
+        f"the schedule kept step {best_step} for: the model served is not the one validated during training "
+        "(FedBN, for one, averages the sites' BatchNorm layers only after it)"
     )
 
 

@@ -402,3 +402,29 @@ def test_ema_decay_outside_the_unit_interval_is_refused(scenario, tmp_path: Path
 
     with pytest.raises(ConfigError, match="ema_decay"):
         tiny_config(tmp_path, scenario.manifest, **{"train.ema_decay": "1.0"})
+
+
+def test_the_summary_carries_the_monitored_auroc_of_the_kept_step(trained) -> None:  # type: ignore[no-untyped-def]
+    """The pooled validation AUROC the schedule chose its step by, beside the bundle's own: in the summary and in
+    MLflow, read from the history row of the kept epoch."""
+    _, _, result, tracker = trained
+    summary = json.loads((result.bundle_dir.parent / "summary.json").read_text())
+    kept = int(summary["metrics"]["best_step"])
+    row = next(r for r in result.history if int(r["step"]) == kept)
+    assert summary["metrics"]["val_monitored_screening_auroc"] == pytest.approx(row["val_screening_auroc"])
+    runs = search_runs(tracker.uri, "test")
+    logged = runs[runs["run_id"] == result.run_id].iloc[0]
+    assert logged["metrics.val_monitored_screening_auroc"] == pytest.approx(row["val_screening_auroc"])
+
+
+def test_a_bundle_validating_below_its_kept_step_is_a_problem() -> None:
+    """The model served must be the one validated: FedBN's bundle fell up to 0.12 below the monitored AUROC."""
+    from strnet.run import SHIPPED_AUROC_DROP, monitored_auroc, shipped_problem
+
+    history = [{"step": 1.0, "val_screening_auroc": 0.70}, {"step": 2.0, "val_screening_auroc": 0.86}]
+    assert monitored_auroc(history, 2) == 0.86 and np.isnan(monitored_auroc(history, 3))
+    text = shipped_problem(0.86, {"screening_auroc": 0.75}, 2)
+    assert text is not None and "0.750 is 0.110 below the 0.860" in text and "step 2" in text
+    assert shipped_problem(0.86, {"screening_auroc": 0.86 - SHIPPED_AUROC_DROP + 1e-9}, 2) is None
+    assert shipped_problem(0.86, {"screening_auroc": 0.95}, 2) is None  # an ensemble or the mirror may add
+    assert shipped_problem(float("nan"), {"screening_auroc": 0.5}, 2) is None  # no kept row: nothing to compare
