@@ -505,7 +505,7 @@ def recipe(cfg: Config, mode: Mode) -> dict[str, Any]:
     out: dict[str, Any] = {
         "optimizer": f"AdamW lr {t.lr:g}, weight decay {t.weight_decay:g}, clip {t.grad_clip:g}, batch {t.batch_size}",
         "schedule": f"plateau x{t.plateau_factor:g} after {t.plateau_patience}, early stop after "
-        f"{t.early_stop_patience} (not before {t.min_epochs})",
+        f"{t.early_stop_patience} (after a warm-up of {t.min_epochs})",
         "monitor": f"validation {t.monitor} from the score histograms of the training sites' cases",
         "warmup_epochs": cfg.loss.warmup_epochs,
         "members": _members_words(cfg, mode),
