@@ -40,6 +40,7 @@ Mode = Literal["centralized", "federated"]
 # the ranking; mirror averaging and an ensemble's later members move it by about ±0.01 on the real data); FedBN's
 # bundles fell 0.02-0.12 below, three of four by more than 0.07 (README, "FedAvg again").
 SHIPPED_AUROC_DROP = 0.03
+MIN_PAIRS = 100  # so that the drop is at least three discordant pairs' worth (1 / pairs each)
 
 TABLE_METRICS = (
     "screening_auroc",
@@ -479,9 +480,12 @@ def monitored_auroc(history: list[dict[str, float]], best_step: int) -> float:
 
 
 def shipped_problem(monitored: float, val: dict[str, float], best_step: int) -> str | None:
-    """A problem's text when the bundle validates more than SHIPPED_AUROC_DROP below the kept step."""
+    """A problem's text when the bundle validates more than SHIPPED_AUROC_DROP below the kept step, on a
+    validation split with at least MIN_PAIRS (normal, bone loss) pairs: on fewer, a drop that size is a couple of
+    swapped pairs (a barely trained model, whose scores tie, turns them over with fp16 rounding alone)."""
     shipped = float(val.get("screening_auroc", math.nan))
-    if not monitored - shipped > SHIPPED_AUROC_DROP:
+    pairs = float(val.get("screening_n_pos", 0.0)) * float(val.get("screening_n_neg", 0.0))
+    if pairs < MIN_PAIRS or not monitored - shipped > SHIPPED_AUROC_DROP:
         return None
     return (
         f"the bundle's pooled validation AUROC {shipped:.3f} is {monitored - shipped:.3f} below the {monitored:.3f} "

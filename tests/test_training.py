@@ -423,8 +423,11 @@ def test_a_bundle_validating_below_its_kept_step_is_a_problem() -> None:
 
     history = [{"step": 1.0, "val_screening_auroc": 0.70}, {"step": 2.0, "val_screening_auroc": 0.86}]
     assert monitored_auroc(history, 2) == 0.86 and np.isnan(monitored_auroc(history, 3))
-    text = shipped_problem(0.86, {"screening_auroc": 0.75}, 2)
+    real = {"screening_n_pos": 40.0, "screening_n_neg": 20.0}  # the real data's pooled validation split
+    text = shipped_problem(0.86, real | {"screening_auroc": 0.75}, 2)
     assert text is not None and "0.750 is 0.110 below the 0.860" in text and "step 2" in text
-    assert shipped_problem(0.86, {"screening_auroc": 0.86 - SHIPPED_AUROC_DROP + 1e-9}, 2) is None
-    assert shipped_problem(0.86, {"screening_auroc": 0.95}, 2) is None  # an ensemble or the mirror may add
-    assert shipped_problem(float("nan"), {"screening_auroc": 0.5}, 2) is None  # no kept row: nothing to compare
+    assert shipped_problem(0.86, real | {"screening_auroc": 0.86 - SHIPPED_AUROC_DROP + 1e-9}, 2) is None
+    assert shipped_problem(0.86, real | {"screening_auroc": 0.95}, 2) is None  # an ensemble or the mirror may add
+    assert shipped_problem(float("nan"), real | {"screening_auroc": 0.5}, 2) is None  # no kept row
+    # 6 x 2 validation cases: 0.083 is one swapped pair of 12, not a different model
+    assert shipped_problem(0.583, {"screening_n_pos": 6.0, "screening_n_neg": 2.0, "screening_auroc": 0.5}, 1) is None
