@@ -89,28 +89,38 @@ def assign_splits(
         out["split"] = pd.Series(dtype=str)
         return out
     component = leakage_components(out, groups)
-    labels = out["label_cls"].fillna("").astype(str)
-    if "source" in out.columns:
-        labels = out["source"].fillna("").astype(str) + "|" + labels
-    labels = labels.to_numpy()
     k, counts = _folds_per_split(fractions)  # type: ignore[arg-type]
     fold_split = np.repeat(np.arange(3), counts)  # fold index -> split index
-
-    n_components = len(np.unique(component))
-    largest_class = int(pd.Series(labels).value_counts().max())
-    # StratifiedGroupKFold needs at least K components and at least one class with K members.
-    if n_components >= k and largest_class >= k:
-        fold = np.empty(len(out), dtype=int)
-        sgkf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "least populated class" for rare classes
-            for i, (_, test_idx) in enumerate(sgkf.split(np.zeros(len(out)), labels, groups=component)):
-                fold[test_idx] = i
-        split_idx = fold_split[fold]
-    else:
-        split_idx = _small_split(component, fractions, seed)
+    fold = stratified_group_folds(out, k, seed=seed, component=component)
+    split_idx = fold_split[fold] if fold is not None else _small_split(component, fractions, seed)
     out["split"] = np.asarray(SPLITS)[split_idx]
     return out
+
+
+def stratified_group_folds(
+    df: pd.DataFrame, k: int, *, seed: int = 42, component: np.ndarray | None = None, groups: pd.Series | None = None
+) -> np.ndarray | None:
+    """Fold index (0..k-1) per row: leakage components kept whole, stratified by ``source|label_cls``.
+
+    The one fold assignment behind the train/val/test split and cross-validation over training patients.
+    ``None`` when there are fewer than ``k`` components or no class with ``k`` members
+    (:class:`StratifiedGroupKFold` needs both).
+    """
+    if component is None:
+        component = leakage_components(df, groups)
+    labels = df["label_cls"].fillna("").astype(str)
+    if "source" in df.columns:
+        labels = df["source"].fillna("").astype(str) + "|" + labels
+    labels = labels.to_numpy()
+    if len(np.unique(component)) < k or int(pd.Series(labels).value_counts().max()) < k:
+        return None
+    fold = np.empty(len(df), dtype=int)
+    sgkf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "least populated class" for rare classes
+        for i, (_, test_idx) in enumerate(sgkf.split(np.zeros(len(df)), labels, groups=component)):
+            fold[test_idx] = i
+    return fold
 
 
 def _small_split(component: np.ndarray, fractions: tuple[float, ...], seed: int) -> np.ndarray:

@@ -1,0 +1,231 @@
+"""Cross-validation over the training patients: a selection basis for recipe choices that one validation split
+is too small to carry.
+
+The Mendeley validation split holds 5 normal knees, so one run's Mendeley validation AUROC moves by about 0.07
+per knee. Here the training and validation rows of the training sites (never the test split, never an external
+site) are cut into ``K`` folds by the split's own rule (:func:`strnet.data.split.stratified_group_folds`: whole
+patients, films and duplicate groups, stratified by source and label), and each fold is scored once, out of fold,
+by a model trained with ``strnet train``'s pipeline on the rest. Inside a fold the rows that were validation rows
+stay validation rows (early stop, calibration, τ*), so no model is selected on the rows it is scored on. On the
+real share every one of the 24 normal Mendeley knees of training and validation is then scored, instead of 5.
+
+    python -m simulations.cross_validate run --config cpu --manifest runs/real/split.csv \\
+        --set model.members=1 --out runs/cv/base
+    python -m simulations.cross_validate run --config cpu --manifest runs/real/split.csv \\
+        --set model.members=1 --set loss.label_smoothing=0.1 --out runs/cv/smooth
+    python -m simulations.cross_validate compare runs/cv/base runs/cv/smooth
+
+``run`` writes ``oof.csv`` (every scored knee with its fold) and ``cv.json`` (AUROC per cohort: all folds'
+out-of-fold scores together with a radiograph-level bootstrap interval, and the mean and spread of the folds'
+own AUROC). ``compare`` pairs two runs on the same folds: the difference B − A per cohort with a paired
+radiograph-level bootstrap interval. A run whose ``oof.csv`` already holds a fold skips that fold, so an
+interrupted run resumes. Every fold is an MLflow run tagged ``cv.name`` and ``cv.fold``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score
+
+from configs import Config, load_config
+from simulations.paired_difference import paired_auroc_difference
+from strnet import metrics as M
+from strnet.data.manifest import read_manifest, write_manifest
+from strnet.data.split import leakage_components, stratified_group_folds
+from strnet.evaluation import strict_json
+
+POOL_SPLITS = ("train", "val")
+FOLD_FILE = "predictions.csv"
+
+
+def pool_mask(df: pd.DataFrame) -> np.ndarray:
+    """The labelled training and validation rows: what cross-validation may cut. Test rows and external sites
+    (their rows are all ``test``) stay untouched."""
+    mask = (df["split"].isin(POOL_SPLITS) & (df["label_cls"].fillna("") != "")).to_numpy()
+    if not mask.any():
+        raise ValueError("no labelled train or val rows to cross-validate")
+    return mask
+
+
+def assign_folds(pool: pd.DataFrame, k: int, *, seed: int, groups: pd.Series | None = None) -> np.ndarray:
+    """Fold per row of ``pool``; raises where the rows cannot make ``k`` stratified, leakage-free folds."""
+    if k < 2:
+        raise ValueError(f"need at least 2 folds, got {k}")
+    fold = stratified_group_folds(pool, k, seed=seed, component=leakage_components(pool, groups))
+    if fold is None:
+        raise ValueError(f"{len(pool)} rows cannot make {k} folds: too few patients or no class with {k} members")
+    return fold
+
+
+def fold_manifest(pool: pd.DataFrame, fold: np.ndarray, i: int) -> pd.DataFrame:
+    """Fold ``i`` as a manifest ``strnet train`` reads: its rows become the test split (scored, never trained or
+    selected on); the others keep their train or val split."""
+    out = pool.copy()
+    out.loc[fold == i, "split"] = "test"
+    return out
+
+
+def fold_config(cfg: Config, manifest: Path, out_dir: Path) -> Config:
+    """``cfg`` trained on one fold's manifest, its external sites dropped (cross-validation never scores them)."""
+    sites = tuple(s for s in cfg.federation.sites if s.role == "train")
+    return dataclasses.replace(
+        cfg,
+        output_dir=str(out_dir),
+        data=dataclasses.replace(cfg.data, manifests=(str(manifest),)),
+        federation=dataclasses.replace(cfg.federation, sites=sites),
+    )
+
+
+def cohorts(oof: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """All scored knees, then each source's."""
+    out = {"pooled": oof}
+    for source, part in oof.groupby("source", sort=True):
+        out[str(source)] = part
+    return out
+
+
+def _labels(frame: pd.DataFrame) -> np.ndarray:
+    return (frame["label_cls"] != "normal").to_numpy(int)
+
+
+def _films(frame: pd.DataFrame) -> np.ndarray:
+    return frame["path"].astype(str).str.lower().to_numpy()
+
+
+def cohort_auroc(frame: pd.DataFrame, *, n_boot: int = 2000, seed: int = 42) -> dict[str, float | int | list[float]]:
+    """Out-of-fold AUROC of one cohort: all folds' scores together (interval: whole radiographs resampled), and
+    each fold's own AUROC (its mean and SD; a fold without both classes in the cohort is left out)."""
+    y, p = _labels(frame), frame["prob_bone_loss"].to_numpy(float)
+    row: dict[str, float | int | list[float]] = {"knees": len(frame), "normal": int((y == 0).sum())}
+    if len(np.unique(y)) < 2:
+        return row | {"auroc": float("nan")}
+    lo, hi = M.bootstrap_ci(y, p, 0.5, ["auroc"], n_boot=n_boot, seed=seed, groups=_films(frame))["auroc"]
+    per_fold = [
+        float(roc_auc_score(_labels(f), f["prob_bone_loss"]))
+        for _, f in frame.groupby("fold")
+        if len(np.unique(_labels(f))) == 2
+    ]
+    return row | {
+        "auroc": float(roc_auc_score(y, p)),
+        "ci_lo": lo,
+        "ci_hi": hi,
+        "fold_aurocs": per_fold,
+        "fold_mean": float(np.mean(per_fold)) if per_fold else float("nan"),
+        "fold_sd": float(np.std(per_fold, ddof=1)) if len(per_fold) > 1 else float("nan"),
+    }
+
+
+def summarise(oof: pd.DataFrame, *, n_boot: int = 2000) -> dict[str, dict]:
+    return {name: cohort_auroc(frame, n_boot=n_boot) for name, frame in cohorts(oof).items()}
+
+
+def compare(a: pd.DataFrame, b: pd.DataFrame, *, n_boot: int = 2000) -> dict[str, dict[str, float]]:
+    """B − A per cohort on the knees both scored, paired over whole radiographs. The two runs must have cut the
+    same folds (same manifest, ``--folds`` and ``--seed``), or a knee's two scores come from different splits."""
+    joined = a.merge(b, on=["path", "side"], suffixes=("_a", "_b"), validate="one_to_one")
+    if len(joined) != len(a) or len(joined) != len(b):
+        raise ValueError(f"the runs scored different knees ({len(a)} and {len(b)}, {len(joined)} in common)")
+    if (joined["fold_a"] != joined["fold_b"]).any():
+        raise ValueError("the runs cut different folds: use the same manifest, --folds and --seed")
+    joined["source"], joined["label_cls"] = joined["source_a"], joined["label_cls_a"]
+    out = {}
+    for name, frame in cohorts(joined).items():
+        y = _labels(frame)
+        if len(np.unique(y)) < 2:
+            continue
+        out[name] = paired_auroc_difference(
+            y,
+            frame["prob_bone_loss_a"].to_numpy(float),
+            frame["prob_bone_loss_b"].to_numpy(float),
+            _films(frame),
+            n_boot=n_boot,
+        )
+    return out
+
+
+def run(
+    cfg: Config,
+    manifest: pd.DataFrame,
+    out: Path,
+    *,
+    k: int,
+    seed: int,
+    groups: pd.Series | None = None,
+    tracking: bool = True,
+    name: str | None = None,
+) -> pd.DataFrame:
+    """Train and score every fold not yet in ``out/oof.csv``; returns all out-of-fold rows."""
+    from strnet.centralized import run_centralized
+
+    mask = pool_mask(manifest)
+    pool = manifest[mask].reset_index(drop=True)
+    fold = assign_folds(pool, k, seed=seed, groups=None if groups is None else groups[mask].reset_index(drop=True))
+    out.mkdir(parents=True, exist_ok=True)
+    oof_path = out / "oof.csv"
+    done = pd.read_csv(oof_path, keep_default_na=False) if oof_path.exists() else pd.DataFrame()
+    tracker = None
+    if tracking and cfg.tracking.enabled:
+        from server.tracking import Tracker
+
+        tracker = Tracker(uri=cfg.tracking.uri, experiment=cfg.tracking.experiment)
+    for i in range(k):
+        if len(done) and (done["fold"] == i).any():
+            continue
+        fold_dir = out / f"fold-{i}"
+        path = fold_dir / "manifest.csv"
+        write_manifest(fold_manifest(pool, fold, i), path)
+        tags = {"cv.name": name or out.name, "cv.fold": str(i), "cv.folds": str(k)}
+        run_centralized(fold_config(cfg, path, fold_dir), tracker=tracker, tags=tags, progress=False)
+        scored = pd.read_csv(fold_dir / "test_report" / FOLD_FILE, keep_default_na=False)
+        if len(scored) != int((fold == i).sum()):
+            raise RuntimeError(f"{fold_dir}: scored {len(scored)} knees, fold {i} holds {int((fold == i).sum())}")
+        done = pd.concat([done, scored.assign(fold=i)], ignore_index=True)
+        done.to_csv(oof_path, index=False)
+    return done
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="train and score every fold")
+    r.add_argument("--config", required=True)
+    r.add_argument("--manifest", required=True, help="the split manifest (make real-data-prepare's split.csv)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    r.add_argument("--folds", type=int, default=5)
+    r.add_argument("--seed", type=int, default=42, help="seed of the fold assignment (the model's is the config's)")
+    r.add_argument("--max-distance", type=int, default=2, help="near-duplicate distance (audit); -1: none")
+    r.add_argument("--no-tracking", action="store_true")
+    r.add_argument("--out", required=True)
+    c = sub.add_parser("compare", help="B − A per cohort, paired over radiographs")
+    c.add_argument("a")
+    c.add_argument("b")
+    args = parser.parse_args(argv)
+    if args.command == "compare":
+        read = [pd.read_csv(Path(d) / "oof.csv", keep_default_na=False) for d in (args.a, args.b)]
+        print(json.dumps(compare(*read), indent=1))
+        return 0
+    out = Path(args.out)
+    manifest = read_manifest(args.manifest)
+    groups = None
+    if args.max_distance >= 0:
+        from strnet.data.audit import group_ids
+
+        groups = group_ids(manifest, max_distance=args.max_distance)
+    cfg = load_config(args.config, args.set)
+    oof = run(cfg, manifest, out, k=args.folds, seed=args.seed, groups=groups, tracking=not args.no_tracking)
+    summary = {"folds": args.folds, "seed": args.seed, "overrides": args.set, "cohorts": summarise(oof)}
+    (out / "cv.json").write_text(json.dumps(strict_json(summary), indent=1))
+    for cohort, row in summary["cohorts"].items():
+        print(f"{cohort}: {json.dumps(row)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
