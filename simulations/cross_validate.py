@@ -19,7 +19,8 @@ real share every one of the 24 normal Mendeley knees of training and validation 
 out-of-fold scores together with a radiograph-level bootstrap interval, and the mean and spread of the folds'
 own AUROC). ``compare`` pairs two runs on the same folds: the difference B − A per cohort with a paired
 radiograph-level bootstrap interval. A run whose ``oof.csv`` already holds a fold skips that fold, so an
-interrupted run resumes. Every fold is an MLflow run tagged ``cv.name`` and ``cv.fold``.
+interrupted run resumes. Every fold is an MLflow run tagged ``cv.name`` and ``cv.fold``; ``cv.json`` also lists
+each fold's kept epoch and inner validation AUROC.
 """
 
 from __future__ import annotations
@@ -62,6 +63,34 @@ def assign_folds(pool: pd.DataFrame, k: int, *, seed: int, groups: pd.Series | N
     if fold is None:
         raise ValueError(f"{len(pool)} rows cannot make {k} folds: too few patients or no class with {k} members")
     return fold
+
+
+def folds_from(oof: pd.DataFrame, pool: pd.DataFrame, where: str) -> np.ndarray:
+    """The folds another run cut, by film: how a variant whose manifest has other rows (whole films instead of
+    their two knees) is scored on the same patients per fold."""
+    by_film = oof.assign(film=oof["path"].str.lower()).groupby("film")["fold"]
+    if (by_film.nunique() > 1).any():
+        raise ValueError(f"{where}: a film's knees sit in two folds")
+    lookup = by_film.first()
+    films = pool["path"].str.lower()
+    missing = sorted(set(films) - set(lookup.index))
+    if missing:
+        raise ValueError(f"{where}: {len(missing)} film(s) of this manifest were not scored there, e.g. {missing[0]}")
+    return films.map(lookup).to_numpy(int)
+
+
+def bilateral_as_films(df: pd.DataFrame) -> pd.DataFrame:
+    """Each bilateral film whose right and left knee rows are both kept becomes one whole-film row (``side`` empty:
+    the model sees the radiograph, as a plain whole-film classifier does). A film with one knee row left keeps it
+    as it is: the audit removed the other knee as a copy of another image, and the whole film would bring it back.
+    The two rows of a film share the patient's label, T-score and covariates."""
+    film = df["path"].str.lower()
+    sides = df.groupby(film)["side"].transform(lambda s: "".join(sorted(s)))
+    both = (sides == "LR").to_numpy()
+    keep = ~both | (df["side"] == "R").to_numpy()
+    out = df[keep].reset_index(drop=True)
+    out.loc[both[keep], "side"] = ""
+    return out
 
 
 def fold_manifest(pool: pd.DataFrame, fold: np.ndarray, i: int) -> pd.DataFrame:
@@ -126,9 +155,23 @@ def summarise(oof: pd.DataFrame, *, n_boot: int = 2000) -> dict[str, dict]:
     return {name: cohort_auroc(frame, n_boot=n_boot) for name, frame in cohorts(oof).items()}
 
 
-def compare(a: pd.DataFrame, b: pd.DataFrame, *, n_boot: int = 2000) -> dict[str, dict[str, float]]:
-    """B − A per cohort on the knees both scored, paired over whole radiographs. The two runs must have cut the
-    same folds (same manifest, ``--folds`` and ``--seed``), or a knee's two scores come from different splits."""
+def per_film(oof: pd.DataFrame) -> pd.DataFrame:
+    """One row per radiograph: the mean of its knees' probabilities, as ``strnet predict`` answers for a film."""
+    film = oof["path"].str.lower()
+    if (oof.groupby(film)[["label_cls", "fold"]].nunique() > 1).any().any():
+        raise ValueError("a film's rows disagree on label or fold")
+    agg = {"prob_bone_loss": "mean", "path": "first", "label_cls": "first", "source": "first", "fold": "first"}
+    return oof.groupby(film).agg(agg).reset_index(drop=True).assign(side="")
+
+
+def compare(
+    a: pd.DataFrame, b: pd.DataFrame, *, n_boot: int = 2000, films: bool = False
+) -> dict[str, dict[str, float]]:
+    """B − A per cohort on the knees both scored (``films``: on radiographs, each the mean of its rows), paired
+    over whole radiographs. The two runs must have cut the same folds (same manifest, ``--folds`` and ``--seed``,
+    or ``--folds-from``), or a knee's two scores come from different splits."""
+    if films:
+        a, b = per_film(a), per_film(b)
     joined = a.merge(b, on=["path", "side"], suffixes=("_a", "_b"), validate="one_to_one")
     if len(joined) != len(a) or len(joined) != len(b):
         raise ValueError(f"the runs scored different knees ({len(a)} and {len(b)}, {len(joined)} in common)")
@@ -160,13 +203,19 @@ def run(
     groups: pd.Series | None = None,
     tracking: bool = True,
     name: str | None = None,
+    fold_of: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """Train and score every fold not yet in ``out/oof.csv``; returns all out-of-fold rows."""
+    """Train and score every fold not yet in ``out/oof.csv``; returns all out-of-fold rows. ``fold_of``: another
+    run's ``oof.csv`` whose folds to reuse (:func:`folds_from`)."""
     from strnet.centralized import run_centralized
 
     mask = pool_mask(manifest)
     pool = manifest[mask].reset_index(drop=True)
-    fold = assign_folds(pool, k, seed=seed, groups=None if groups is None else groups[mask].reset_index(drop=True))
+    if fold_of is not None:
+        fold = folds_from(fold_of, pool, "--folds-from")
+        k = int(fold.max()) + 1
+    else:
+        fold = assign_folds(pool, k, seed=seed, groups=None if groups is None else groups[mask].reset_index(drop=True))
     out.mkdir(parents=True, exist_ok=True)
     oof_path = out / "oof.csv"
     done = pd.read_csv(oof_path, keep_default_na=False) if oof_path.exists() else pd.DataFrame()
@@ -191,6 +240,13 @@ def run(
     return done
 
 
+def fold_run(fold_dir: Path) -> dict[str, float]:
+    """What a fold's run kept (``summary.json``): its epoch and its inner validation AUROC, monitored and bundled."""
+    metrics = json.loads((fold_dir / "summary.json").read_text())["metrics"]
+    keys = ("best_step", "epochs_run", "val_monitored_screening_auroc", "val_screening_auroc", "test_screening_auroc")
+    return {k: metrics[k] for k in keys if k in metrics}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -201,26 +257,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--folds", type=int, default=5)
     r.add_argument("--seed", type=int, default=42, help="seed of the fold assignment (the model's is the config's)")
     r.add_argument("--max-distance", type=int, default=2, help="near-duplicate distance (audit); -1: none")
+    r.add_argument("--folds-from", help="a finished run's folder: cut its folds (by film) instead of new ones")
+    r.add_argument("--films", action="store_true", help="bilateral films as one whole-film row (bilateral_as_films)")
     r.add_argument("--no-tracking", action="store_true")
     r.add_argument("--out", required=True)
     c = sub.add_parser("compare", help="B − A per cohort, paired over radiographs")
     c.add_argument("a")
     c.add_argument("b")
+    c.add_argument("--films", action="store_true", help="compare radiographs (mean of a film's rows), not knees")
     args = parser.parse_args(argv)
     if args.command == "compare":
         read = [pd.read_csv(Path(d) / "oof.csv", keep_default_na=False) for d in (args.a, args.b)]
-        print(json.dumps(compare(*read), indent=1))
+        print(json.dumps(compare(*read, films=args.films), indent=1))
         return 0
     out = Path(args.out)
     manifest = read_manifest(args.manifest)
+    if args.films:
+        manifest = bilateral_as_films(manifest)
+    fold_of = None
+    if args.folds_from:
+        fold_of = pd.read_csv(Path(args.folds_from) / "oof.csv", keep_default_na=False)
     groups = None
     if args.max_distance >= 0:
         from strnet.data.audit import group_ids
 
         groups = group_ids(manifest, max_distance=args.max_distance)
     cfg = load_config(args.config, args.set)
-    oof = run(cfg, manifest, out, k=args.folds, seed=args.seed, groups=groups, tracking=not args.no_tracking)
-    summary = {"folds": args.folds, "seed": args.seed, "overrides": args.set, "cohorts": summarise(oof)}
+    oof = run(
+        cfg, manifest, out, k=args.folds, seed=args.seed, groups=groups, tracking=not args.no_tracking, fold_of=fold_of
+    )
+    k = int(oof["fold"].max()) + 1
+    summary = {
+        "folds": k,
+        "seed": args.seed,
+        "folds_from": args.folds_from,
+        "films": args.films,
+        "overrides": args.set,
+        "cohorts": summarise(oof),
+        "cohorts_per_film": summarise(per_film(oof)),
+        "runs": [fold_run(out / f"fold-{i}") for i in range(k)],
+    }
     (out / "cv.json").write_text(json.dumps(strict_json(summary), indent=1))
     for cohort, row in summary["cohorts"].items():
         print(f"{cohort}: {json.dumps(row)}")

@@ -1,0 +1,133 @@
+"""Cross-validation over training patients: which knees each fold may see, the out-of-fold AUROC against
+scikit-learn, the paired comparison, and a whole tiny run that scores every pooled knee exactly once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+import strnet.centralized
+from configs import load_config
+from simulations import cross_validate as CV
+from simulations.scenario import build_synthetic_scenario
+from strnet.data.manifest import read_manifest
+from tests.tiny import TINY_RUN
+
+
+def _manifest(n_patients: int = 40, seed: int = 0) -> pd.DataFrame:
+    """Two sources of bilateral films (two rows per patient), a test split and an external site."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(n_patients):
+        source = "a" if p % 2 else "b"
+        label = rng.choice(["normal", "osteopenia", "osteoporosis"], p=[0.4, 0.4, 0.2])
+        split = rng.choice(["train", "val", "test"], p=[0.6, 0.2, 0.2])
+        site = "ext" if p % 7 == 0 else f"site-{source}"
+        for side in ("R", "L"):
+            rows.append(
+                {"path": f"/x/{p}.png", "patient_id": f"P{p}", "site": site, "source": source,
+                 "split": "test" if site == "ext" else split, "label_cls": label, "side": side}
+            )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_folds_keep_patients_whole_and_leave_test_and_external_rows_alone() -> None:
+    df = _manifest()
+    mask = CV.pool_mask(df)
+    assert not df[mask]["split"].eq("test").any() and df[~mask]["split"].eq("test").all()
+    pool = df[mask].reset_index(drop=True)
+    fold = CV.assign_folds(pool, 3, seed=1)
+    assert sorted(set(fold)) == [0, 1, 2]
+    assert (pd.Series(fold).groupby(pool["patient_id"]).nunique() == 1).all()  # both knees in one fold
+    # stratified by source and label: each stratum's patients spread over the folds within one of even
+    counts = pd.crosstab(pool["source"] + "|" + pool["label_cls"], fold)
+    assert ((counts.max(axis=1) - counts.min(axis=1)) <= 4).all()  # 2 rows per patient
+    for i in range(3):
+        m = CV.fold_manifest(pool, fold, i)
+        assert (m.loc[fold == i, "split"] == "test").all()
+        pd.testing.assert_frame_equal(m[fold != i], pool[fold != i])
+    assert (CV.assign_folds(pool, 3, seed=1) == fold).all()  # seeded
+
+
+def test_bad_fold_requests_are_refused() -> None:
+    pool = _manifest(6).pipe(lambda d: d[CV.pool_mask(d)]).reset_index(drop=True)
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        CV.assign_folds(pool, 1, seed=0)
+    with pytest.raises(ValueError, match="cannot make 50 folds"):
+        CV.assign_folds(pool, 50, seed=0)
+    with pytest.raises(ValueError, match="no labelled train or val rows"):
+        CV.pool_mask(pool.assign(split="test"))
+
+
+def _scored(seed: int, folds: int = 3) -> pd.DataFrame:
+    df = _manifest(60).pipe(lambda d: d[CV.pool_mask(d)]).reset_index(drop=True)
+    rng = np.random.default_rng(seed)
+    y = (df["label_cls"] != "normal").to_numpy()
+    return df.assign(prob_bone_loss=1 / (1 + np.exp(-(rng.normal(size=len(df)) + y))), fold=np.arange(len(df)) % folds)
+
+
+def test_cohort_auroc_is_scikit_learns_on_all_folds_and_per_fold() -> None:
+    oof = _scored(0)
+    summary = CV.summarise(oof, n_boot=200)
+    assert set(summary) == {"pooled", "a", "b"}
+    for name, frame in (("pooled", oof), ("a", oof[oof["source"] == "a"])):
+        y = (frame["label_cls"] != "normal").to_numpy()
+        row = summary[name]
+        assert row["auroc"] == pytest.approx(roc_auc_score(y, frame["prob_bone_loss"]))
+        assert row["knees"] == len(frame) and row["normal"] == int((~y).sum())
+        assert row["ci_lo"] < row["auroc"] < row["ci_hi"]
+        per_fold = [roc_auc_score(f["label_cls"] != "normal", f["prob_bone_loss"]) for _, f in frame.groupby("fold")]
+        assert row["fold_aurocs"] == pytest.approx(per_fold)
+        assert row["fold_sd"] == pytest.approx(np.std(per_fold, ddof=1))
+
+
+def test_compare_pairs_the_same_knees_and_refuses_other_folds() -> None:
+    a, b = _scored(0), _scored(1)
+    same = CV.compare(a, a, n_boot=50)
+    assert all(r["difference"] == 0 and r["ci_lo"] == r["ci_hi"] == 0 for r in same.values())
+    diff = CV.compare(a, b, n_boot=200)
+    for name, frame_a in (("pooled", a), ("b", a[a["source"] == "b"])):
+        frame_b = b.loc[frame_a.index]
+        y = frame_a["label_cls"] != "normal"
+        expected = roc_auc_score(y, frame_b["prob_bone_loss"]) - roc_auc_score(y, frame_a["prob_bone_loss"])
+        assert diff[name]["difference"] == pytest.approx(expected)
+        assert diff[name]["ci_lo"] <= diff[name]["difference"] <= diff[name]["ci_hi"]
+    with pytest.raises(ValueError, match="different folds"):
+        CV.compare(a, b.assign(fold=(b["fold"] + 1) % 3))
+    with pytest.raises(ValueError, match="different knees"):
+        CV.compare(a, b.iloc[:-2])
+
+
+@pytest.mark.slow
+def test_a_tiny_cross_validation_scores_every_pooled_knee_once_and_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scenario = build_synthetic_scenario(tmp_path / "scenario", seed=3, n_patients=24, image_size=64)
+    df = read_manifest(scenario.manifest)
+    overrides = [*TINY_RUN, f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=2", "loss.warmup_epochs=1"]
+    cfg = load_config("demo", overrides)
+    oof = CV.run(cfg, df, tmp_path / "cv", k=2, seed=0, tracking=False)
+
+    pool = df[CV.pool_mask(df)]
+    assert len(oof) == len(pool)
+    assert sorted(zip(oof["path"], oof["side"], strict=True)) == sorted(zip(pool["path"], pool["side"], strict=True))
+    for i in (0, 1):
+        fold_rows = read_manifest(tmp_path / "cv" / f"fold-{i}" / "manifest.csv")
+        scored = set(oof.loc[oof["fold"] == i, "path"])
+        assert scored == set(fold_rows.loc[fold_rows["split"] == "test", "path"])
+        assert not scored & set(fold_rows.loc[fold_rows["split"] != "test", "path"])  # never trained or selected on
+        assert (tmp_path / "cv" / f"fold-{i}" / "bundle" / "model.pt").exists()
+        assert 1 <= CV.fold_run(tmp_path / "cv" / f"fold-{i}")["best_step"] <= 2
+    assert oof["prob_bone_loss"].between(0, 1).all()
+
+    # a finished run resumes without training
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(strnet.centralized, "run_centralized", refuse)
+    again = CV.run(cfg, df, tmp_path / "cv", k=2, seed=0, tracking=False)
+    pd.testing.assert_frame_equal(again, pd.read_csv(tmp_path / "cv" / "oof.csv", keep_default_na=False))
