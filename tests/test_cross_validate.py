@@ -67,7 +67,8 @@ def _scored(seed: int, folds: int = 3) -> pd.DataFrame:
     df = _manifest(60).pipe(lambda d: d[CV.pool_mask(d)]).reset_index(drop=True)
     rng = np.random.default_rng(seed)
     y = (df["label_cls"] != "normal").to_numpy()
-    return df.assign(prob_bone_loss=1 / (1 + np.exp(-(rng.normal(size=len(df)) + y))), fold=np.arange(len(df)) % folds)
+    fold = df["patient_id"].str[1:].astype(int) % folds  # a film's knees in one fold, as assign_folds keeps them
+    return df.assign(prob_bone_loss=1 / (1 + np.exp(-(rng.normal(size=len(df)) + y))), fold=fold)
 
 
 def test_cohort_auroc_is_scikit_learns_on_all_folds_and_per_fold() -> None:
@@ -100,6 +101,47 @@ def test_compare_pairs_the_same_knees_and_refuses_other_folds() -> None:
         CV.compare(a, b.assign(fold=(b["fold"] + 1) % 3))
     with pytest.raises(ValueError, match="different knees"):
         CV.compare(a, b.iloc[:-2])
+
+
+def test_whole_films_replace_both_knee_rows_and_keep_a_lone_knee() -> None:
+    df = _manifest(10)
+    df.loc[df.index[-1], "side"] = "x"  # marks the last film's left row for removal: one knee left
+    df = df[df["side"] != "x"].reset_index(drop=True)
+    films = CV.bilateral_as_films(df)
+    assert len(films) == df["path"].nunique()
+    lone = df["path"].iloc[-1]
+    assert films.loc[films["path"] == lone, "side"].tolist() == ["R"]
+    assert (films.loc[films["path"] != lone, "side"] == "").all()
+    pd.testing.assert_frame_equal(  # labels, splits and sites as the film's rows had them
+        films.drop(columns="side"), df.drop_duplicates("path").drop(columns="side").reset_index(drop=True)
+    )
+
+
+def test_folds_from_another_run_follow_its_films_and_name_what_is_missing() -> None:
+    oof = _scored(0)
+    pool = CV.bilateral_as_films(oof.drop(columns=["fold", "prob_bone_loss"]))
+    fold = CV.folds_from(oof, pool, "runs/cv/base")
+    expected = oof.drop_duplicates("path").set_index("path")["fold"]
+    assert (fold == pool["path"].map(expected).to_numpy()).all()
+    with pytest.raises(ValueError, match=r"runs/cv/base: 1 film\(s\) of this manifest were not scored there"):
+        CV.folds_from(oof[oof["path"] != pool["path"].iloc[0]], pool, "runs/cv/base")
+    split = oof.copy()
+    split.loc[split.index[0], "fold"] = (split["fold"].iloc[0] + 1) % 3
+    with pytest.raises(ValueError, match="a film's knees sit in two folds"):
+        CV.folds_from(split, pool, "runs/cv/base")
+
+
+def test_per_film_comparison_reads_the_mean_of_a_films_knees() -> None:
+    a = _scored(0)
+    b = CV.per_film(_scored(1).assign(fold=a["fold"]))  # B scored whole films
+    films = CV.per_film(a)
+    assert len(films) == a["path"].nunique()
+    first = a[a["path"] == films["path"].iloc[0]]
+    assert films["prob_bone_loss"].iloc[0] == pytest.approx(first["prob_bone_loss"].mean())
+    out = CV.compare(a, b, films=True, n_boot=50)
+    y = films["label_cls"] != "normal"
+    expected = roc_auc_score(y, b["prob_bone_loss"]) - roc_auc_score(y, films["prob_bone_loss"])
+    assert out["pooled"]["difference"] == pytest.approx(expected) and out["pooled"]["n"] == len(films)
 
 
 @pytest.mark.slow
