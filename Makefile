@@ -79,12 +79,19 @@ real-data-experiments: real-data-prepare
 # recipe on 2 cores. Each variant is compared with the preset on the same folds, paired over radiographs.
 CV := runs/cv
 CV_RUN := $(BIN)/python -m simulations.cross_validate run --config cpu --manifest $(REAL)/split.csv --set model.members=1
-CV_VARIANTS := smooth:loss.label_smoothing=0.1 wd:train.weight_decay=0.05
+# name:argument,argument (cross_validate run's own arguments); a whole-film variant (--films) reuses the preset's
+# folds film by film and is compared per radiograph only (its rows are films, not knees)
+CV_VARIANTS := smooth:--set=loss.label_smoothing=0.1 nobalance:--set=train.balance=none \
+	film:--films,--folds-from=$(CV)/base
 real-data-cv: real-data-prepare
 	$(CV_RUN) --out $(CV)/base
-	for v in $(CV_VARIANTS); do name=$${v%%:*}; sets=$$(echo $${v#*:} | tr ',;' ' ,'); \
-	  $(CV_RUN) --out $(CV)/$$name $$(for s in $$sets; do echo --set $$s; done) || exit 1; \
-	  $(BIN)/python -m simulations.cross_validate compare $(CV)/base $(CV)/$$name > $(CV)/$$name/compare.json || exit 1; done
+	$(BIN)/python -m simulations.cross_validate no-mirror $(CV)/base --out $(CV)/nomirror
+	$(BIN)/python -m simulations.cross_validate compare $(CV)/base $(CV)/nomirror > $(CV)/nomirror/knees.json
+	for v in $(CV_VARIANTS); do name=$${v%%:*}; args=$$(echo $${v#*:} | tr ',' ' '); \
+	  $(CV_RUN) --out $(CV)/$$name $$args || exit 1; \
+	  $(BIN)/python -m simulations.cross_validate compare --films $(CV)/base $(CV)/$$name > $(CV)/$$name/films.json || exit 1; \
+	  case "$$args" in *--films*) ;; *) $(BIN)/python -m simulations.cross_validate compare $(CV)/base $(CV)/$$name \
+	    > $(CV)/$$name/knees.json || exit 1;; esac; done
 
 # How far one run of the chosen recipe can be trusted (README, "Three seeds"): the centralized bundle is an
 # ensemble of seeds 42-44, read as its three members; the federation (one network) runs again with seeds 43 and

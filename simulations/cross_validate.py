@@ -14,6 +14,7 @@ real share every one of the 24 normal Mendeley knees of training and validation 
     python -m simulations.cross_validate run --config cpu --manifest runs/real/split.csv \\
         --set model.members=1 --set loss.label_smoothing=0.1 --out runs/cv/smooth
     python -m simulations.cross_validate compare runs/cv/base runs/cv/smooth
+    python -m simulations.cross_validate no-mirror runs/cv/base --out runs/cv/base-nomirror
 
 ``run`` writes ``oof.csv`` (every scored knee with its fold) and ``cv.json`` (AUROC per cohort: all folds'
 out-of-fold scores together with a radiograph-level bootstrap interval, and the mean and spread of the folds'
@@ -240,6 +241,27 @@ def run(
     return done
 
 
+def rescore_without_mirror(run_dir: Path, cache_dir: Path | None) -> pd.DataFrame:
+    """Every fold's network scores its own out-of-fold knees again without test-time mirror averaging: the
+    inference-time half of a recipe tested on the same networks (its Platt fit was made with averaging, which
+    leaves each fold's ranking as the network's own)."""
+    from strnet.bundle import load_bundle
+    from strnet.data.cache import PreprocessCache
+    from strnet.evaluation import predict_frame
+
+    cache = PreprocessCache(cache_dir) if cache_dir else None
+    parts = []
+    for fold_dir in sorted(run_dir.glob("fold-*"), key=lambda d: int(d.name.split("-")[1])):
+        manifest = read_manifest(fold_dir / "manifest.csv")
+        rows = manifest[manifest["split"] == "test"].reset_index(drop=True)
+        bundle = load_bundle(fold_dir / "bundle")
+        bundle.metadata["model"]["test_time_mirror"] = False
+        parts.append(predict_frame(bundle, rows, cache=cache, progress=False).assign(fold=int(fold_dir.name[5:])))
+    if not parts:
+        raise ValueError(f"{run_dir}: no fold-* folders (not a cross_validate run)")
+    return pd.concat(parts, ignore_index=True)
+
+
 def fold_run(fold_dir: Path) -> dict[str, float]:
     """What a fold's run kept (``summary.json``): its epoch and its inner validation AUROC, monitored and bundled."""
     metrics = json.loads((fold_dir / "summary.json").read_text())["metrics"]
@@ -265,7 +287,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("a")
     c.add_argument("b")
     c.add_argument("--films", action="store_true", help="compare radiographs (mean of a film's rows), not knees")
+    m = sub.add_parser("no-mirror", help="a finished run's fold networks re-scored without mirror averaging")
+    m.add_argument("run_dir")
+    m.add_argument("--cache-dir", default=".cache/preprocessed")
+    m.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    if args.command == "no-mirror":
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        rescore_without_mirror(Path(args.run_dir), Path(args.cache_dir)).to_csv(Path(args.out) / "oof.csv", index=False)
+        return 0
     if args.command == "compare":
         read = [pd.read_csv(Path(d) / "oof.csv", keep_default_na=False) for d in (args.a, args.b)]
         print(json.dumps(compare(*read, films=args.films), indent=1))

@@ -151,6 +151,7 @@ def test_a_tiny_cross_validation_scores_every_pooled_knee_once_and_resumes(
     scenario = build_synthetic_scenario(tmp_path / "scenario", seed=3, n_patients=24, image_size=64)
     df = read_manifest(scenario.manifest)
     overrides = [*TINY_RUN, f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=2", "loss.warmup_epochs=1"]
+    overrides.append("model.test_time_mirror=true")
     cfg = load_config("demo", overrides)
     oof = CV.run(cfg, df, tmp_path / "cv", k=2, seed=0, tracking=False)
 
@@ -165,6 +166,13 @@ def test_a_tiny_cross_validation_scores_every_pooled_knee_once_and_resumes(
         assert (tmp_path / "cv" / f"fold-{i}" / "bundle" / "model.pt").exists()
         assert 1 <= CV.fold_run(tmp_path / "cv" / f"fold-{i}")["best_step"] <= 2
     assert oof["prob_bone_loss"].between(0, 1).all()
+
+    # the same networks on the same knees without mirror averaging: every knee in its fold, other scores
+    plain = CV.rescore_without_mirror(tmp_path / "cv", tmp_path / "cache")
+    pd.testing.assert_frame_equal(plain[["path", "side", "fold"]], oof[["path", "side", "fold"]])
+    assert not np.allclose(plain["prob_bone_loss"], oof["prob_bone_loss"])
+    with pytest.raises(ValueError, match="not a cross_validate run"):
+        CV.rescore_without_mirror(tmp_path / "cache", None)
 
     # a finished run resumes without training
     def refuse(*args: object, **kwargs: object) -> None:
