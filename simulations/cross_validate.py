@@ -40,7 +40,7 @@ from configs import Config, load_config
 from simulations.paired_difference import paired_auroc_difference
 from strnet import metrics as M
 from strnet.data.manifest import read_manifest, write_manifest
-from strnet.data.split import leakage_components, stratified_group_folds
+from strnet.data.split import stratified_group_folds
 from strnet.evaluation import strict_json
 
 POOL_SPLITS = ("train", "val")
@@ -60,7 +60,7 @@ def assign_folds(pool: pd.DataFrame, k: int, *, seed: int, groups: pd.Series | N
     """Fold per row of ``pool``; raises where the rows cannot make ``k`` stratified, leakage-free folds."""
     if k < 2:
         raise ValueError(f"need at least 2 folds, got {k}")
-    fold = stratified_group_folds(pool, k, seed=seed, component=leakage_components(pool, groups))
+    fold = stratified_group_folds(pool, k, seed=seed, groups=groups)
     if fold is None:
         raise ValueError(f"{len(pool)} rows cannot make {k} folds: too few patients or no class with {k} members")
     return fold
