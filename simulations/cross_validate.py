@@ -15,6 +15,7 @@ real share every one of the 24 normal Mendeley knees of training and validation 
         --set model.members=1 --set loss.label_smoothing=0.1 --out runs/cv/smooth
     python -m simulations.cross_validate compare runs/cv/base runs/cv/smooth
     python -m simulations.cross_validate no-mirror runs/cv/base --out runs/cv/base-nomirror
+    python -m simulations.cross_validate covariates runs/cv/base --columns age
 
 ``run`` writes ``oof.csv`` (every scored knee with its fold) and ``cv.json`` (AUROC per cohort: all folds'
 out-of-fold scores together with a radiograph-level bootstrap interval, and the mean and spread of the folds'
@@ -205,6 +206,7 @@ def run(
     tracking: bool = True,
     name: str | None = None,
     fold_of: pd.DataFrame | None = None,
+    fold_of_name: str = "--folds-from",
 ) -> pd.DataFrame:
     """Train and score every fold not yet in ``out/oof.csv``; returns all out-of-fold rows. ``fold_of``: another
     run's ``oof.csv`` whose folds to reuse (:func:`folds_from`)."""
@@ -213,7 +215,7 @@ def run(
     mask = pool_mask(manifest)
     pool = manifest[mask].reset_index(drop=True)
     if fold_of is not None:
-        fold = folds_from(fold_of, pool, "--folds-from")
+        fold = folds_from(fold_of, pool, fold_of_name)
         k = int(fold.max()) + 1
     else:
         fold = assign_folds(pool, k, seed=seed, groups=None if groups is None else groups[mask].reset_index(drop=True))
@@ -262,6 +264,31 @@ def rescore_without_mirror(run_dir: Path, cache_dir: Path | None) -> pd.DataFram
     return pd.concat(parts, ignore_index=True)
 
 
+def covariate_oof(oof: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """A logistic regression on clinical columns alone, per source, trained on the other folds' knees of a run:
+    what the same folds give without the image (rows missing a column are left out)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    missing = [c for c in columns if c not in oof.columns]
+    if missing:
+        raise ValueError(f"oof.csv has no column(s) {missing}")
+    x_all = oof[list(columns)].apply(pd.to_numeric, errors="coerce")
+    rows = oof[x_all.notna().all(axis=1)].copy()
+    rows["prob_bone_loss"] = np.nan
+    for _, part in rows.groupby("source"):
+        y = _labels(part)
+        for i in sorted(part["fold"].unique()):
+            train, score = part["fold"] != i, part["fold"] == i
+            if len(np.unique(y[train.to_numpy()])) < 2:
+                continue
+            model = make_pipeline(StandardScaler(), LogisticRegression())
+            model.fit(x_all.loc[train[train].index], y[train.to_numpy()])
+            rows.loc[score[score].index, "prob_bone_loss"] = model.predict_proba(x_all.loc[score[score].index])[:, 1]
+    return rows.dropna(subset=["prob_bone_loss"])
+
+
 def fold_run(fold_dir: Path) -> dict[str, float]:
     """What a fold's run kept (``summary.json``): its epoch and its inner validation AUROC, monitored and bundled."""
     metrics = json.loads((fold_dir / "summary.json").read_text())["metrics"]
@@ -291,7 +318,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     m.add_argument("run_dir")
     m.add_argument("--cache-dir", default=".cache/preprocessed")
     m.add_argument("--out", required=True)
+    v = sub.add_parser("covariates", help="clinical columns alone on a finished run's folds, per source")
+    v.add_argument("run_dir")
+    v.add_argument("--columns", nargs="+", default=["age"])
     args = parser.parse_args(argv)
+    if args.command == "covariates":
+        oof = pd.read_csv(Path(args.run_dir) / "oof.csv", keep_default_na=False)
+        print(json.dumps(strict_json(summarise(covariate_oof(oof, args.columns))), indent=1))
+        return 0
     if args.command == "no-mirror":
         Path(args.out).mkdir(parents=True, exist_ok=True)
         rescore_without_mirror(Path(args.run_dir), Path(args.cache_dir)).to_csv(Path(args.out) / "oof.csv", index=False)
@@ -314,7 +348,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         groups = group_ids(manifest, max_distance=args.max_distance)
     cfg = load_config(args.config, args.set)
     oof = run(
-        cfg, manifest, out, k=args.folds, seed=args.seed, groups=groups, tracking=not args.no_tracking, fold_of=fold_of
+        cfg,
+        manifest,
+        out,
+        k=args.folds,
+        seed=args.seed,
+        groups=groups,
+        tracking=not args.no_tracking,
+        fold_of=fold_of,
+        fold_of_name=str(Path(args.folds_from or "") / "oof.csv"),
     )
     k = int(oof["fold"].max()) + 1
     summary = {

@@ -181,3 +181,24 @@ def test_a_tiny_cross_validation_scores_every_pooled_knee_once_and_resumes(
     monkeypatch.setattr(strnet.centralized, "run_centralized", refuse)
     again = CV.run(cfg, df, tmp_path / "cv", k=2, seed=0, tracking=False)
     pd.testing.assert_frame_equal(again, pd.read_csv(tmp_path / "cv" / "oof.csv", keep_default_na=False))
+
+
+def test_covariates_alone_are_scored_out_of_fold_per_source() -> None:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    oof = _scored(0)
+    rng = np.random.default_rng(1)
+    oof["age"] = 40 + 20 * (oof["label_cls"] != "normal") + rng.normal(0, 10, len(oof))
+    oof.loc[oof.index[:4], "age"] = np.nan  # left out, not guessed
+    got = CV.covariate_oof(oof, ["age"])
+    assert len(got) == len(oof) - 4
+    part = oof[(oof["source"] == "a") & oof["age"].notna()]
+    y = (part["label_cls"] != "normal").to_numpy()
+    score = part["fold"] == 1
+    model = make_pipeline(StandardScaler(), LogisticRegression()).fit(part.loc[~score, ["age"]], y[~score.to_numpy()])
+    expected = model.predict_proba(part.loc[score, ["age"]])[:, 1]
+    assert got.loc[part.index[score.to_numpy()], "prob_bone_loss"].to_numpy() == pytest.approx(expected)
+    with pytest.raises(ValueError, match=r"oof.csv has no column\(s\) \['bmi'\]"):
+        CV.covariate_oof(oof, ["bmi"])
