@@ -38,11 +38,23 @@ def test_params_fingerprint_is_stable_and_sensitive() -> None:
     assert PreprocessParams(size=64, clip_percentiles=[1, 99]).fingerprint() == a.fingerprint()  # type: ignore[arg-type]
     assert PreprocessParams(size=128).fingerprint() != a.fingerprint()
     assert PreprocessParams(size=64, crop_margin=0.05).fingerprint() != a.fingerprint()
+    assert PreprocessParams(size=64, crop="joint").fingerprint() != a.fingerprint()
+
+
+def test_default_fingerprint_is_the_one_caches_and_bundles_were_keyed_by() -> None:
+    # values from before preprocess.crop existed: adding the option must not invalidate existing caches or bundles
+    assert PreprocessParams().fingerprint() == "1c311cb970feca51"
+    assert PreprocessParams(size=224).fingerprint() == "44e7f96b97cde8f1"
 
 
 @pytest.mark.parametrize(
     ("kwargs", "word"),
-    [({"size": 4}, "size"), ({"clip_percentiles": (99.0, 1.0)}, "clip_percentiles"), ({"std": 0.0}, "std")],
+    [
+        ({"size": 4}, "size"),
+        ({"clip_percentiles": (99.0, 1.0)}, "clip_percentiles"),
+        ({"std": 0.0}, "std"),
+        ({"crop": "knee"}, "crop"),
+    ],
 )
 def test_params_reject_nonsense(kwargs: dict, word: str) -> None:
     with pytest.raises(ValueError, match=word):

@@ -22,12 +22,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
 
 from strnet.data.imageio import read_radiograph
+from strnet.data.joint import joint_square
 
 # Longest side of the 8-bit copy Otsu sees; bigger buys nothing for a bounding box and costs time.
 OTSU_MAX_SIDE = 512
@@ -49,6 +50,8 @@ class PreprocessParams:
     clip_percentiles: tuple[float, float] = (1.0, 99.0)
     mean: float = 0.5
     std: float = 0.25
+    # "joint": after the foreground crop, a square centred on the knee joint of a tall crop (strnet.data.joint)
+    crop: Literal["foreground", "joint"] = "foreground"
 
     def __post_init__(self) -> None:
         # Coerce lists from JSON/YAML so equal settings give equal fingerprints and hashable params.
@@ -64,6 +67,8 @@ class PreprocessParams:
             raise ValueError(f"clip_percentiles={self.clip_percentiles} must be two values 0 <= low < high <= 100")
         if not self.std > 0:
             raise ValueError(f"std={self.std} must be > 0")
+        if self.crop not in ("foreground", "joint"):
+            raise ValueError(f"crop={self.crop!r} must be 'foreground' or 'joint'")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -71,8 +76,14 @@ class PreprocessParams:
         return d
 
     def fingerprint(self) -> str:
-        """Stable across processes and Python versions (sorted JSON, not ``hash()``)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """Stable across processes and Python versions (sorted JSON, not ``hash()``).
+
+        The default crop is left out, so caches and bundles made before the option existed keep their keys.
+        """
+        d = self.to_dict()
+        if d["crop"] == "foreground":
+            del d["crop"]
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -285,6 +296,9 @@ def preprocess(img: np.ndarray, params: PreprocessParams) -> np.ndarray:
     work = _working_image(img)
     y0, y1, x0, x1 = foreground_box(work, params)
     crop = work[y0:y1, x0:x1]
+    if params.crop == "joint":
+        j0, j1, i0, i1 = joint_square(crop)
+        crop = crop[j0:j1, i0:i1]
     p_lo, p_hi = histogram_percentiles(crop, params.clip_percentiles)
     if not p_hi > p_lo:
         return np.zeros((size, size), np.float32)

@@ -1,0 +1,80 @@
+"""Centre a square on the knee joint of a tall knee crop, so resizing to a square does not squash the bone.
+
+A knee half of a full-resolution bilateral film is about twice as tall as it is wide (the Mendeley films: 1024 px
+tall, 410-570 wide, femur to mid-tibia). Resized whole to 224², the joint region is squashed 2:1 vertically and
+shrunk 4-5x, which is where trabecular texture lives. ``preprocess.crop: joint`` keeps a width x width square
+around the joint instead; the 224 set's knees, already square crops, are left as they are.
+
+The joint is found from the bone's width, row by row: bone is the brightest of three intensity classes (two Otsu
+thresholds: background | soft tissue | bone), and a row's width is its *longest unbroken* run of bone. The femoral
+condyles are the widest single bone of an AP view; the tibia and fibula side by side are wide too, but the gap
+between them breaks the run, which is why the longest run and not the count of bone pixels is used (the count
+picked the lower leg in about one crop in eight). The square's centre sits 0.15 of its side below the widest row,
+since the condyles' widest row lies above the joint space. On 120 Mendeley knee crops of the training and
+validation splits (three random draws of 40, checked by eye on contact sheets) the square missed or only grazed the
+joint space in about one in ten, mostly where the widest row fell on the femoral metaphysis of a long film; random
+translation in training absorbs smaller offsets.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+# The profile is computed on a copy this wide: bone widths need no more, and it keeps this well under 1 ms.
+PROFILE_WIDTH = 128
+# Only crops taller than this many widths are cut: a square or near-square crop is already a joint crop.
+MIN_ASPECT = 1.2
+# The widest row is searched in this band of the height (film edges hold collimator strips and markers).
+SEARCH_BAND = (0.1, 0.9)
+# Vertical smoothing of the width profile, in profile rows.
+SMOOTH_ROWS = 5
+# How far below the widest bone row the square is centred, as a fraction of its side.
+BELOW_WIDEST = 0.15
+
+
+def _longest_runs(mask: np.ndarray) -> np.ndarray:
+    """Per row, the length of the longest run of True (vectorised: run ends minus run starts)."""
+    h, w = mask.shape
+    padded = np.zeros((h, w + 2), np.int8)
+    padded[:, 1:-1] = mask
+    step = np.diff(padded, axis=1)
+    rows_s, cols_s = np.nonzero(step == 1)
+    _, cols_e = np.nonzero(step == -1)  # same row order, one end per start
+    out = np.zeros(h, np.float64)
+    np.maximum.at(out, rows_s, (cols_e - cols_s).astype(np.float64))
+    return out
+
+
+def _bone_mask(img: np.ndarray) -> np.ndarray:
+    """Bone = above the second of two Otsu thresholds (background, then soft tissue vs bone among the rest)."""
+    img8 = cv2.normalize(img.astype(np.float32, copy=False), None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    t_fg, _ = cv2.threshold(img8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    foreground = img8[img8 > t_fg]
+    if foreground.size < 2:
+        return img8 > t_fg
+    t_bone, _ = cv2.threshold(foreground.reshape(-1, 1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return img8 > t_bone
+
+
+def joint_square(img: np.ndarray) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1), end-exclusive: a width x width square centred on the joint, or the whole crop.
+
+    The whole crop comes back when it is not taller than ``MIN_ASPECT`` widths or holds no contrast.
+    """
+    if img.ndim != 2:
+        raise ValueError(f"expected a 2-D image, got shape {img.shape}")
+    h, w = img.shape
+    if h <= MIN_ASPECT * w or w < 2:
+        return 0, h, 0, w
+    lo, hi = float(img.min()), float(img.max())
+    if not hi > lo:
+        return 0, h, 0, w
+    n = max(8, round(PROFILE_WIDTH * h / w))
+    small = cv2.resize(img.astype(np.float32, copy=False), (PROFILE_WIDTH, n), interpolation=cv2.INTER_AREA)
+    width = np.convolve(_longest_runs(_bone_mask(small)), np.ones(SMOOTH_ROWS) / SMOOTH_ROWS, mode="same")
+    start, stop = int(SEARCH_BAND[0] * n), max(int(SEARCH_BAND[1] * n), int(SEARCH_BAND[0] * n) + 1)
+    row = start + int(np.argmax(width[start:stop]))
+    centre = (row + 0.5) * h / n + BELOW_WIDEST * w
+    top = int(np.clip(round(centre - w / 2), 0, h - w))
+    return top, top + w, 0, w
