@@ -3,10 +3,10 @@
 A model trained on pooled sources can score well by telling the sources apart. This probe asks, inside one
 source and on the training and validation splits only, how well each candidate input separates bone loss from
 normal: frozen ImageNet features of the knee crop (as the pipeline cuts it), of a square crop centred on the
-joint, and of the whole film, at several sizes, each under a logistic regression with cross-validation grouped
-by film — beside the same regression on the clinical covariates alone. Frozen features are a floor, not what
-fine-tuning reaches, but an input whose frozen features carry nothing within a source at this sample size is
-not one to spend CPU hours on.
+joint (``preprocess.crop: joint``), and of the whole film, at several sizes, each under a logistic regression with
+cross-validation grouped by film — beside the same regression on the clinical covariates alone. Frozen features
+are a floor, not what fine-tuning reaches, but an input whose frozen features carry nothing within a source at
+this sample size is not one to spend CPU hours on.
 
     python -m simulations.source_probe --manifest runs/real/split.csv --source mendeley
 """
@@ -18,7 +18,6 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -31,34 +30,11 @@ from sklearn.preprocessing import StandardScaler
 from strnet.data.bilateral import load_knee
 from strnet.data.dataset import encode_tabular
 from strnet.data.imageio import read_radiograph
-from strnet.data.preprocess import PreprocessParams, foreground_box, preprocess
+from strnet.data.preprocess import PreprocessParams, preprocess
 from strnet.model import build_backbone
 
 VARIANTS = ("knee224", "joint224", "joint448", "film224")
 COVARIATES = {"age": ("age",), "age, sex, BMI": ("age", "sex", "bmi")}
-
-
-def joint_crop(img: np.ndarray) -> np.ndarray:
-    """A square as wide as the leg, centred on the row where the bright (bone) band is widest.
-
-    The condyles and tibial plateau are the widest bone of an AP knee view, so this centres the joint space in
-    most films; in the share it misplaces about one crop in eight (a long film where a femoral shaft is wider).
-    A diagnostic heuristic, not a product preprocessing step.
-    """
-    a = img.astype(np.float32)
-    y0, y1, x0, x1 = foreground_box(a, PreprocessParams())
-    a = a[y0:y1, x0:x1]
-    h, w = a.shape
-    small = cv2.resize(a, (128, max(8, round(128 * h / w))), interpolation=cv2.INTER_AREA)
-    lo, hi = np.percentile(small, (5, 99.5))
-    s = np.clip((small - lo) / (hi - lo + 1e-6), 0, 1)
-    width = np.convolve((s > np.percentile(s, 70)).sum(1).astype(float), np.ones(7) / 7, mode="same")
-    band = slice(int(0.25 * len(width)), max(int(0.75 * len(width)), int(0.25 * len(width)) + 1))
-    centre = (band.start + int(np.argmax(width[band])) + 0.5) * h / len(width)
-    side = min(h, w)
-    top = int(np.clip(centre - side / 2, 0, h - side))
-    left = (w - side) // 2
-    return a[top : top + side, left : left + side]
 
 
 def variant_image(row: pd.Series, variant: str) -> np.ndarray:
@@ -69,9 +45,7 @@ def variant_image(row: pd.Series, variant: str) -> np.ndarray:
     kind, size = match.group(1), int(match.group(2))
     side = row["side"] if isinstance(row["side"], str) else ""
     img = read_radiograph(row["path"]) if kind == "film" else load_knee(row["path"], side)
-    if kind == "joint":
-        img = joint_crop(img)
-    return preprocess(img, PreprocessParams(size=size))
+    return preprocess(img, PreprocessParams(size=size, crop="joint" if kind == "joint" else "foreground"))
 
 
 def grouped_cv_auroc(x: np.ndarray, y: np.ndarray, groups: np.ndarray, repeats: int) -> tuple[float, float]:

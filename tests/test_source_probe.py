@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from simulations.source_probe import grouped_cv_auroc, joint_crop, main, probe
+from simulations.source_probe import grouped_cv_auroc, main, probe
 
 
 def knee_manifest(tmp_path: Path, n: int = 24) -> pd.DataFrame:
@@ -57,17 +57,6 @@ def test_grouped_cv_keeps_the_knees_of_a_film_together() -> None:
     groups = np.repeat(np.arange(20), 2)
     mean, _ = grouped_cv_auroc(x, y, groups, repeats=3)
     assert mean < 0.8
-
-
-def test_joint_crop_is_square_and_inside_the_image() -> None:
-    img = np.zeros((300, 100), np.float32)
-    img[:, 15:85] = 0.3  # soft tissue
-    img[:, 35:65] = 0.8  # shaft
-    img[200:220, 22:78] = 0.9  # the widest bone band: the "joint", off the image centre
-    crop = joint_crop(img)
-    assert crop.shape[0] == crop.shape[1] and crop.size > 0
-    widest = int(np.argmax((crop > 0.85).sum(axis=1)))
-    assert crop.shape[0] / 3 <= widest <= 2 * crop.shape[0] / 3  # the joint sits in the middle third
 
 
 def test_the_probe_refuses_the_test_split(tmp_path: Path) -> None:
