@@ -19,7 +19,7 @@ from strnet.data.preprocess import PreprocessParams
 from strnet.engine import TrainParams
 from strnet.errors import ConfigError
 from strnet.losses import LossWeights
-from strnet.model import STRNet, build_strnet
+from strnet.model import STRNet, build_strnet, freeze_early_stages
 from strnet.privacy import DPParams
 from strnet.released import StatisticsPrivacy
 
@@ -51,6 +51,8 @@ class ModelConfig:
     # (strnet.ensemble). A federation trains one (its recipe says so): three federated seeds' ensemble did not
     # beat one federated run on validation (README, "Three seeds").
     members: int = 1
+    # Train only the backbone's last N stages (strnet.model.freeze_early_stages); null trains all of it.
+    trainable_stages: int | None = None
 
 
 @dataclass(frozen=True)
@@ -237,13 +239,17 @@ def build_model(cfg: Config, *, weights: str | None = None) -> STRNet:
     A centralized run with ``model.members`` > 1 builds one per member (:mod:`strnet.ensemble`)."""
     m = cfg.model
     norm = m.norm if m.norm != "auto" else ("group" if cfg.privacy.dp.enabled else "batch")
-    return build_strnet(
+    model = build_strnet(
         backbone=m.backbone,
         weights=m.weights if weights is None else weights,
         neck_dim=m.neck_dim,
         dropout=m.dropout,
         norm=norm,
     )
+    try:
+        return freeze_early_stages(model, m.trainable_stages)
+    except ValueError as exc:
+        raise ConfigError(f"model.{exc}") from exc
 
 
 def _check(cfg: Config) -> None:

@@ -79,6 +79,16 @@ def test_bad_values_name_the_key(override: str, message: str) -> None:
         load_config("demo", [override])
 
 
+def test_trainable_stages_reach_the_built_model_and_bad_counts_name_the_key() -> None:
+    from configs.schema import build_model
+
+    cfg = load_config("demo", ["model.backbone=tiny", "model.weights=none", "model.trainable_stages=2"])
+    frozen = [n for n, p in build_model(cfg).named_parameters() if not p.requires_grad]
+    assert frozen and all(n.startswith(("backbone.blocks.0.", "backbone.blocks.1.")) for n in frozen)
+    with pytest.raises(ConfigError, match=r"model\.trainable_stages=9 is outside 0\.\.4"):
+        build_model(load_config("demo", ["model.backbone=tiny", "model.weights=none", "model.trainable_stages=9"]))
+
+
 def test_a_round_is_steps_or_epochs_not_both() -> None:
     with pytest.raises(ConfigError, match="local_steps=2 with local_epochs=3: a round is either"):
         load_config("demo", ["federation.local_steps=2", "federation.local_epochs=3"])

@@ -18,6 +18,7 @@ from strnet.model import (
     build_strnet,
     count_params,
     efficientnet_lite0_checkpoint,
+    freeze_early_stages,
     model_info,
     register_backbone,
 )
@@ -177,6 +178,50 @@ def test_tiny_backbone_forward_backward() -> None:
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     assert model.gradcam_layer is model.backbone.blocks[-1]
+
+
+@pytest.mark.parametrize(("backbone", "n_stages"), [("tiny", 4), ("resnet18", 5), ("efficientnet_lite0", 9)])
+def test_stages_cover_every_backbone_parameter_once(backbone: str, n_stages: int) -> None:
+    trunk, _ = build_backbone(backbone)
+    stages = trunk.stages()
+    assert len(stages) == n_stages
+    in_stages = [id(p) for stage in stages for module in stage for p in module.parameters()]
+    assert sorted(in_stages) == sorted(id(p) for p in trunk.parameters())
+
+
+def test_frozen_stages_keep_their_weights_and_the_rest_learns() -> None:
+    torch.manual_seed(0)
+    model = freeze_early_stages(build_strnet(backbone="tiny"), 1)
+    stages = model.backbone.stages()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {f"backbone.blocks.{i}.{k}" for i in range(3) for k in ("0.weight", "1.weight", "1.bias")}
+    assert count_params(model)["trainable_params"] == count_params(build_strnet(backbone="tiny"))[
+        "trainable_params"
+    ] - sum(p.numel() for stage in stages[:3] for m in stage for p in m.parameters())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    image, tab = _inputs(4, 48)
+    batch = {
+        "y_screen": torch.tensor([1.0, 0.0, 1.0, 0.0]),
+        "y_severity": torch.tensor([1.0, float("nan"), 0.0, float("nan")]),
+        "t_score": torch.tensor([-2.8, -0.2, -1.5, 0.5]),
+    }
+    MultiTaskLoss(pos_weight=1.0, weights=LossWeights())(model(image, tab), batch, epoch=5)[0].backward()
+    optimizer.step()
+    for name, p in model.named_parameters():
+        assert torch.equal(before[name], p.detach()) == (name in frozen), name
+    # the frozen stages' BatchNorm still tracks the batch statistics (only weights are frozen)
+    assert model.backbone.blocks[0][1].num_batches_tracked.item() == 1
+
+
+def test_trainable_stages_are_checked() -> None:
+    assert freeze_early_stages(build_strnet(backbone="tiny"), None) is not None
+    assert count_params(freeze_early_stages(build_strnet(backbone="tiny"), 4)) == count_params(
+        build_strnet(backbone="tiny")
+    )
+    for bad in (-1, 5, True, 1.5):
+        with pytest.raises(ValueError, match="trainable_stages"):
+            freeze_early_stages(build_strnet(backbone="tiny"), bad)  # type: ignore[arg-type]
 
 
 def test_t_score_path_sends_no_gradient_into_shared_layers() -> None:

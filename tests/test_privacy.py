@@ -23,7 +23,7 @@ from simulations.scenario import build_synthetic_scenario
 from strnet.centralized import run_centralized
 from strnet.errors import ConfigError
 from strnet.losses import LossWeights, MultiTaskLoss
-from strnet.model import batchnorm_keys, build_strnet, per_case_form
+from strnet.model import batchnorm_keys, build_strnet, freeze_early_stages, per_case_form
 from strnet.privacy import DPParams, PrivateTraining, noise_multiplier, sample_rate
 from tests.test_federation import ServerStopped, StoppingGrid, _overrides
 from tests.test_training import tiny_config
@@ -88,25 +88,30 @@ def test_per_case_loss_is_the_mean_of_each_cases_own_terms() -> None:
     assert float(total) == pytest.approx(expected / 5, rel=1e-6)
 
 
-@pytest.mark.parametrize("norm", ["group", "frozen"])
-def test_per_case_gradients_equal_one_backward_per_case(norm: str) -> None:
+@pytest.mark.parametrize(("norm", "trainable_stages"), [("group", None), ("frozen", None), ("group", 2)])
+def test_per_case_gradients_equal_one_backward_per_case(norm: str, trainable_stages: int | None) -> None:
     """Opacus's per-case gradients of the DP model and loss equal a backward pass through each case alone:
-    no case's gradient depends on another case of the batch (what clipping one case at a time needs)."""
+    no case's gradient depends on another case of the batch (what clipping one case at a time needs). With
+    early stages frozen, only what trains gets per-case gradients."""
     images, tabular, batch = _batch()
     torch.manual_seed(1)
-    model = build_strnet(backbone="tiny", norm=norm, dropout=0.0)
+    model = freeze_early_stages(build_strnet(backbone="tiny", norm=norm, dropout=0.0), trainable_stages)
     loss_fn = MultiTaskLoss(pos_weight=1.5, weights=LossWeights(warmup_epochs=0), per_case=True)
     wrapped = GradSampleModule(model)
     total, _ = loss_fn(wrapped(images, tabular), batch, epoch=1)
     total.backward()
-    per_case = {n: p.grad_sample.clone() for n, p in model.named_parameters()}
+    per_case = {n: p.grad_sample.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert all(getattr(p, "grad_sample", None) is None for p in model.parameters() if not p.requires_grad)
+    if trainable_stages is not None:
+        assert len(per_case) < len(list(model.parameters()))
     wrapped._close()
     for i in range(5):
         model.zero_grad()
         alone, _ = loss_fn(model(images[i : i + 1], tabular[i : i + 1]), {k: v[i : i + 1] for k, v in batch.items()}, 1)
         alone.backward()
         for name, p in model.named_parameters():
-            torch.testing.assert_close(per_case[name][i], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+            if p.requires_grad:
+                torch.testing.assert_close(per_case[name][i], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_target_epsilon_calibrates_the_noise_for_the_planned_steps() -> None:
