@@ -96,6 +96,9 @@ class TScoreConfig:
     patience: int = 20
     lr: float = 1e-3
     weight_decay: float = 1e-4
+    # The branch's image adapter: on (the paper), off (age, sex and BMI alone), or auto (both fitted, the lower
+    # validation MSE kept; strnet.tscore.refit)
+    image: Literal["on", "off", "auto"] = "on"
 
 
 @dataclass(frozen=True)

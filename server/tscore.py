@@ -80,7 +80,13 @@ def pooled_tscore_refit(sites: TrainingSites, arrays: ArrayRecord) -> tuple[Arra
 
     try:
         info = refit(
-            model, step, validation, rounds=ts.rounds, steps_per_round=ts.steps_per_round, patience=ts.patience
+            model,
+            step,
+            validation,
+            rounds=ts.rounds,
+            steps_per_round=ts.steps_per_round,
+            patience=ts.patience,
+            image=ts.image,
         )
     except QuorumError as exc:
         problem(f"T-score branch not refitted: {exc}")

@@ -289,6 +289,7 @@ def _train_member(
             patience=ts.patience,
             lr=ts.lr,
             weight_decay=ts.weight_decay,
+            image=ts.image,
         )
         if ts.rounds and not cfg.privacy.dp.enabled
         else {"status": DP_OFF if ts.rounds else "off"}

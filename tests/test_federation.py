@@ -538,6 +538,30 @@ def test_a_federation_trains_one_network_whatever_model_members_says(scenario, t
     assert isinstance(load_bundle(result.bundle_dir).model, STRNet)
 
 
+def test_federated_tscore_refit_fits_with_and_without_the_image_and_keeps_the_lower_pooled_error(
+    scenario, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    overrides = [
+        *_overrides(scenario, tmp_path),
+        "federation.rounds=1",
+        "tracking.enabled=false",
+        "tscore.image=auto",
+        "tscore.rounds=3",
+        "tscore.patience=0",
+    ]
+    grid = InProcessGrid(3)
+    result = run_federated(grid, load_config("demo", overrides))  # type: ignore[arg-type]
+    refit = json.loads((result.bundle_dir / "metadata.json").read_text())["training"]["tscore_refit"]
+    assert refit["status"] == "refitted" and refit["image_path_chosen_by"] == "validation MSE"
+    on, off = refit["val_mse_image_on"], refit["val_mse_image_off"]
+    assert refit["val_mse"] == min(on, off) and refit["image_path"] == ("on" if on <= off else "off")
+    adapter = load_bundle(result.bundle_dir).model.t_image  # type: ignore[union-attr]
+    assert any(torch.count_nonzero(p) for p in adapter.parameters()) == (refit["image_path"] == "on")
+    # two refits, each one exchange per round plus one to validate its last branch
+    kinds = [kind for _, kind, _, _ in grid.parts() if kind.startswith("query.tscore")]
+    assert kinds.count("query.tscore_train") == 2 * 2 * 3 and kinds.count("query.tscore_val") == 2 * 2
+
+
 @pytest.mark.parametrize("transport", ["fp16", "fp32"])
 def test_weights_travel_at_the_configured_precision(scenario, tmp_path: Path, transport: str) -> None:
     """``federation.transport``: every round's weight matrices go both ways at that precision (integer counters

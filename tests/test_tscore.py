@@ -106,3 +106,55 @@ def test_fused_rounds_give_the_history_of_separate_validation_and_training() -> 
         history.append(branch_sums(model, val))
     mse = [float(h[1] / h[0]) for h in history]
     assert info["val_mse_history"] == mse and info["kept_round"] == mse.index(min(mse))
+
+
+def _leaky(seed: int, n: int, dim: int, *, image_carries_target: bool) -> BranchData:
+    """Covariates carry the T-score; the image features carry it too only where ``image_carries_target``
+    (training knees whose features the backbone memorised), else they are noise."""
+    data = _data(seed, n, dim)
+    if image_carries_target:
+        g = torch.Generator().manual_seed(seed + 100)
+        data.routed[:, :4] = torch.relu(-data.target[:, None] + 0.05 * torch.randn(n, 4, generator=g))
+    return data
+
+
+def _fit(image: str, train: BranchData, val: BranchData) -> tuple[dict, torch.nn.Module]:  # type: ignore[type-arg]
+    torch.manual_seed(0)
+    model = build_strnet(backbone="tiny", neck_dim=32)
+    info = refit(
+        model,
+        lambda m, steps: validate_then_train(m, train, val, steps, 1e-2, 1e-4),
+        lambda m: branch_sums(m, val),
+        rounds=15,
+        steps_per_round=10,
+        image=image,
+    )
+    return info, model
+
+
+def test_image_path_off_stays_off_and_ignores_the_image() -> None:
+    train, val = _data(1, 60, 32), _data(2, 30, 32)
+    info, model = _fit("off", train, val)
+    assert info["image_path"] == "off"
+    assert all(torch.count_nonzero(p) == 0 for p in model.t_image.parameters())
+    noise = BranchData(torch.rand_like(val.routed) * 5, val.tabular, val.target)
+    torch.testing.assert_close(branch_sums(model, noise), branch_sums(model, val), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("memorised", "expected"), [(True, "off"), (False, "on")])
+def test_auto_keeps_the_fit_with_the_lower_validation_error(memorised: bool, expected: str) -> None:
+    """Features that fit the training knees only lose on validation; features that carry the T-score on new
+    knees too win."""
+    train = _leaky(1, 60, 32, image_carries_target=True)
+    val = _leaky(2, 40, 32, image_carries_target=not memorised)
+    on, _ = _fit("on", train, val)
+    off, _ = _fit("off", train, val)
+    auto, model = _fit("auto", train, val)
+    assert auto["val_mse_image_on"] == on["val_mse"] and auto["val_mse_image_off"] == off["val_mse"]
+    assert auto["image_path"] == ("on" if on["val_mse"] <= off["val_mse"] else "off") == expected
+    assert branch_sums(model, val)[1] / branch_sums(model, val)[0] == pytest.approx(auto["val_mse"])
+
+
+def test_unknown_image_setting_is_refused() -> None:
+    with pytest.raises(ValueError, match="image="):
+        _fit("maybe", _data(1, 10, 32), _data(2, 10, 32))
