@@ -16,6 +16,7 @@ real share every one of the 24 normal Mendeley knees of training and validation 
     python -m simulations.cross_validate compare runs/cv/base runs/cv/smooth
     python -m simulations.cross_validate no-mirror runs/cv/base --out runs/cv/base-nomirror
     python -m simulations.cross_validate covariates runs/cv/base --columns age
+    python -m simulations.cross_validate tscore runs/cv/base --out runs/cv/tscore
 
 ``run`` writes ``oof.csv`` (every scored knee with its fold) and ``cv.json`` (AUROC per cohort: all folds'
 out-of-fold scores together with a radiograph-level bootstrap interval, and the mean and spread of the folds'
@@ -38,6 +39,7 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from configs import Config, load_config
+from configs.schema import TScoreConfig
 from simulations.paired_difference import paired_auroc_difference
 from strnet import metrics as M
 from strnet.data.manifest import read_manifest, write_manifest
@@ -289,6 +291,96 @@ def covariate_oof(oof: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
     return rows.dropna(subset=["prob_bone_loss"])
 
 
+TSCORE_IMAGES = ("on", "off", "auto")
+
+
+def refit_tscore(run_dir: Path, cache_dir: Path | None, tscore: TScoreConfig) -> pd.DataFrame:
+    """Every fold's network refits its T-score branch on its own training and validation knees with the image
+    adapter on, off and auto (:func:`strnet.tscore.refit`), then estimates its out-of-fold knees' T-scores.
+
+    One row per out-of-fold knee with a reference T-score: ``t_score_bundle`` (the branch as the fold's run left
+    it) and ``t_score_<image>`` for each setting, with the path each fit kept (``image_path_<image>``), beside
+    ``t_score_covariates_linear``, a least-squares line on the branch's own age, sex and BMI encoding fitted on the
+    fold's training knees (a reference without the image). No mirror averaging, so the columns differ only in the
+    branch. The refits start from the bundle's branch, which its
+    run already refitted with the image on.
+    """
+    import copy
+
+    import torch
+    from sklearn.linear_model import LinearRegression
+
+    from strnet.bundle import load_bundle
+    from strnet.data.cache import PreprocessCache
+    from strnet.tscore import BranchData, predict_branch, refit_centralized
+
+    cache = PreprocessCache(cache_dir) if cache_dir else None
+    cpu = torch.device("cpu")
+    parts = []
+    for fold_dir in sorted(run_dir.glob("fold-*"), key=lambda d: int(d.name.split("-")[1])):
+        manifest = read_manifest(fold_dir / "manifest.csv")
+        with_t = manifest[pd.to_numeric(manifest["t_score"], errors="coerce").notna()]
+        rows = with_t[with_t["split"] == "test"].reset_index(drop=True)
+        if rows.empty:
+            continue
+        bundle = load_bundle(fold_dir / "bundle")
+        held_out = BranchData.of(bundle.model, rows, bundle.preprocess, cache, cpu)
+        part = rows[["path", "side", "source", "t_score"]].assign(fold=int(fold_dir.name[5:]))
+        part["t_score"] = held_out.target.numpy()
+        part["t_score_bundle"] = predict_branch(bundle.model, held_out).detach().numpy()
+        train = BranchData.of(bundle.model, with_t[with_t["split"] == "train"], bundle.preprocess, cache, cpu)
+        linear = LinearRegression().fit(train.tabular.numpy(), train.target.numpy())
+        part["t_score_covariates_linear"] = linear.predict(held_out.tabular.numpy())
+        for image in TSCORE_IMAGES:
+            model = copy.deepcopy(bundle.model)
+            info = refit_centralized(
+                model,
+                with_t[with_t["split"] == "train"],
+                with_t[with_t["split"] == "val"],
+                bundle.preprocess,
+                cache,
+                cpu,
+                rounds=tscore.rounds,
+                steps_per_round=tscore.steps_per_round,
+                patience=tscore.patience,
+                lr=tscore.lr,
+                weight_decay=tscore.weight_decay,
+                image=image,
+            )
+            part[f"t_score_{image}"] = predict_branch(model, held_out).detach().numpy()
+            part[f"image_path_{image}"] = info.get("image_path", info["status"])
+        parts.append(part)
+    if not parts:
+        raise ValueError(f"{run_dir}: no fold-* folder with held-out T-scores (not a cross_validate run?)")
+    return pd.concat(parts, ignore_index=True)
+
+
+def tscore_agreement(rows: pd.DataFrame, *, reference: str = "t_score_bundle", n_boot: int = 2000) -> dict:
+    """Pearson r and MAE of every ``t_score_*`` column against the reference T-scores, and each column's r minus
+    ``reference``'s with a paired bootstrap interval over whole radiographs (a film's knees share a patient)."""
+    from scipy.stats import pearsonr
+
+    truth = rows["t_score"].to_numpy(float)
+    columns = [c for c in rows.columns if c.startswith("t_score_")]
+    films = rows["path"].to_numpy()
+    index = {f: np.flatnonzero(films == f) for f in pd.unique(films)}
+    keys = list(index)
+    rng = np.random.default_rng(0)
+    draws = [np.concatenate([index[keys[j]] for j in rng.integers(0, len(keys), len(keys))]) for _ in range(n_boot)]
+    out: dict[str, dict[str, float]] = {}
+    for c in columns:
+        est = rows[c].to_numpy(float)
+        r = float(pearsonr(truth, est)[0])
+        row = {"r": r, "mae": float(np.mean(np.abs(est - truth))), "n": len(truth), "films": len(keys)}
+        if c != reference:
+            ref = rows[reference].to_numpy(float)
+            d = [pearsonr(truth[i], est[i])[0] - pearsonr(truth[i], ref[i])[0] for i in draws]
+            lo, hi = np.nanpercentile(d, [2.5, 97.5])
+            row |= {"r_minus_reference": r - float(pearsonr(truth, ref)[0]), "ci_lo": float(lo), "ci_hi": float(hi)}
+        out[c.removeprefix("t_score_")] = row
+    return out
+
+
 def fold_run(fold_dir: Path) -> dict[str, float]:
     """What a fold's run kept (``summary.json``): its epoch and its inner validation AUROC, monitored and bundled."""
     metrics = json.loads((fold_dir / "summary.json").read_text())["metrics"]
@@ -321,7 +413,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     v = sub.add_parser("covariates", help="clinical columns alone on a finished run's folds, per source")
     v.add_argument("run_dir")
     v.add_argument("--columns", nargs="+", default=["age"])
+    t = sub.add_parser("tscore", help="a finished run's fold networks refit the T-score branch, image on/off/auto")
+    t.add_argument("run_dir")
+    t.add_argument("--config", default="cpu", help="the tscore: settings of the refit")
+    t.add_argument("--cache-dir", default=".cache/preprocessed")
+    t.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    if args.command == "tscore":
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        rows = refit_tscore(Path(args.run_dir), Path(args.cache_dir), load_config(args.config).tscore)
+        rows.to_csv(Path(args.out) / "tscore.csv", index=False)
+        agreement = tscore_agreement(rows)
+        (Path(args.out) / "tscore.json").write_text(json.dumps(strict_json(agreement), indent=1))
+        print(json.dumps(strict_json(agreement), indent=1))
+        return 0
     if args.command == "covariates":
         oof = pd.read_csv(Path(args.run_dir) / "oof.csv", keep_default_na=False)
         print(json.dumps(strict_json(summarise(covariate_oof(oof, args.columns))), indent=1))

@@ -78,7 +78,8 @@ class BranchData:
         return len(self.target)
 
 
-def _predict(model: nn.Module, data: BranchData) -> torch.Tensor:
+def predict_branch(model: nn.Module, data: BranchData) -> torch.Tensor:
+    """The branch's T-score estimates for cached inputs (what the refit trains and validates)."""
     t_in = torch.cat([model.t_image(data.routed), model.t_tabular(data.tabular)], 1)
     return model.t_fusion(t_in).squeeze(-1)
 
@@ -92,7 +93,7 @@ def local_steps(model: nn.Module, data: BranchData, steps: int, lr: float, weigh
     model.eval()  # the branch has no dropout or BatchNorm; eval keeps everything else deterministic
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
-        F.smooth_l1_loss(_predict(model, data), data.target).backward()
+        F.smooth_l1_loss(predict_branch(model, data), data.target).backward()
         optimizer.step()
 
 
@@ -101,7 +102,7 @@ def branch_sums(model: nn.Module, data: BranchData) -> np.ndarray:
     """(n, Σ err², Σ |err|): additive, so a federation pools its validation error without any estimate."""
     if not len(data):
         return np.zeros(len(SUM_KEYS))
-    err = (_predict(model, data) - data.target).double()
+    err = (predict_branch(model, data) - data.target).double()
     return np.array([len(data), float((err**2).sum()), float(err.abs().sum())])
 
 

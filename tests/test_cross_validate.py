@@ -3,11 +3,13 @@ scikit-learn, the paired comparison, and a whole tiny run that scores every pool
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.stats import pearsonr
 from sklearn.metrics import roc_auc_score
 
 import strnet.centralized
@@ -174,6 +176,17 @@ def test_a_tiny_cross_validation_scores_every_pooled_knee_once_and_resumes(
     with pytest.raises(ValueError, match="not a cross_validate run"):
         CV.rescore_without_mirror(tmp_path / "cache", None)
 
+    # each fold's network refits its T-score branch with the image adapter on, off and auto: auto is one of the two
+    ts = CV.refit_tscore(tmp_path / "cv", tmp_path / "cache", replace(cfg.tscore, rounds=3, patience=0))
+    with_t = oof[pd.to_numeric(oof["t_score"], errors="coerce").notna()]
+    assert sorted(zip(ts["path"], ts["side"], strict=True)) == sorted(zip(with_t["path"], with_t["side"], strict=True))
+    assert (ts["image_path_on"] == "on").all() and (ts["image_path_off"] == "off").all()
+    for _, part in ts.groupby("fold"):
+        pick = part["image_path_auto"].iloc[0]
+        np.testing.assert_allclose(part["t_score_auto"], part[f"t_score_{pick}"], rtol=0, atol=1e-6)
+    assert not np.allclose(ts["t_score_on"], ts["t_score_off"])
+    assert ts["t_score_covariates_linear"].notna().all()
+
     # a finished run resumes without training
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("trained again")
@@ -202,3 +215,26 @@ def test_covariates_alone_are_scored_out_of_fold_per_source() -> None:
     assert got.loc[part.index[score.to_numpy()], "prob_bone_loss"].to_numpy() == pytest.approx(expected)
     with pytest.raises(ValueError, match=r"oof.csv has no column\(s\) \['bmi'\]"):
         CV.covariate_oof(oof, ["bmi"])
+
+
+def test_tscore_agreement_matches_scipy_and_pairs_whole_films() -> None:
+    rng = np.random.default_rng(0)
+    films = np.repeat([f"f{i}.png" for i in range(30)], 2)  # two knees per film
+    truth = np.repeat(rng.normal(-1.5, 1.0, 30), 2) + rng.normal(0, 0.1, 60)
+    rows = pd.DataFrame(
+        {
+            "path": films,
+            "t_score": truth,
+            "t_score_bundle": truth + rng.normal(0, 1.0, 60),
+            "t_score_off": truth + rng.normal(0, 0.3, 60),
+        }
+    )
+    got = CV.tscore_agreement(rows, n_boot=200)
+    for name in ("bundle", "off"):
+        assert got[name]["r"] == pytest.approx(pearsonr(truth, rows[f"t_score_{name}"])[0])
+        assert got[name]["mae"] == pytest.approx(np.mean(np.abs(rows[f"t_score_{name}"] - truth)))
+        assert (got[name]["n"], got[name]["films"]) == (60, 30)
+    assert "ci_lo" not in got["bundle"]
+    diff = got["off"]["r_minus_reference"]
+    assert diff == pytest.approx(got["off"]["r"] - got["bundle"]["r"])
+    assert 0 < got["off"]["ci_lo"] < diff < got["off"]["ci_hi"]  # the closer estimate wins clearly here
