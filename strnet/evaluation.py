@@ -27,6 +27,7 @@ from strnet.report import QUALITY_NAMES, write_report
 from strnet.scoring import COUNT_METRICS, TASKS, evaluation_metrics
 from strnet.subgroups import level_codes, subgroup_metrics
 from strnet.sufficient import SIDE_CODES, EvaluationCounts, Predictions
+from strnet.tscore import image_path_note
 
 
 @dataclass
@@ -170,6 +171,8 @@ def evaluate_bundle(
         notes.append("The manifest carries no labels: predictions only, no metrics.")
     if (pred["source"].str.contains("mendeley", case=False)).any():
         notes.append("Mendeley T-scores are calcaneal QUS, not DXA: T-score agreement there is indicative only.")
+    if note := image_path_note(bundle.metadata.get("training", {})):
+        notes.append(note)
     summary = {
         "cases": len(pred),
         "labelled": n_labelled,

@@ -33,6 +33,7 @@ from strnet.model import count_params
 from strnet.report import QUALITY_NAMES, write_report
 from strnet.scoring import prefixed
 from strnet.sufficient import EvaluationCounts
+from strnet.tscore import image_path_note
 
 Mode = Literal["centralized", "federated"]
 # How far the bundle's pooled validation AUROC may fall below the one the schedule chose its step by before the run
@@ -332,7 +333,7 @@ class Run:
         artifacts = dict(artifacts or {})
         if self.mode == "federated":
             artifacts["test_report"] = self._pooled_report(
-                test, threshold, first_line, figures, subgroups or [], subgroups_note
+                test, threshold, first_line, figures, subgroups or [], subgroups_note, image_path_note(training)
             )
         summary = {
             "mode": self.mode,
@@ -405,6 +406,7 @@ class Run:
         figures: dict[str, Path],
         subgroups: list[dict[str, Any]],
         subgroups_note: str,
+        tscore_note: str,
     ) -> Path:
         """``test_report/report.{md,html}`` of a federation's pooled test split: the same one-page report a
         centralized evaluation writes, from the pooled metrics (the server holds no prediction to draw from)."""
@@ -421,7 +423,7 @@ class Run:
             severity=sections.get("severity") if test.get("severity_n") else None,
             regression=sections.get("t_score") if test.get("t_score_n", 0) >= 2 else None,
             dataset_summary={"labelled knees (pooled test splits)": int(test.get("screening_n", 0))},
-            notes=[],
+            notes=[tscore_note] if tscore_note else [],
             headline=first_line,
             quality={k: test[k] for k in QUALITY_NAMES if k in test} if labelled else None,
             subgroups=subgroups,

@@ -121,6 +121,24 @@ def image_path_off(model: nn.Module) -> None:
             p.zero_()
 
 
+def image_path_note(training: dict[str, Any]) -> str:
+    """A report line when the T-score estimate does not read the image, in all networks or some ('' otherwise).
+
+    ``training`` is a bundle's training record: its ``tscore_refit``, or each member's in ``members``.
+    """
+    fits = [m.get("tscore_refit", {}) for m in training.get("members", [])] or [training.get("tscore_refit", {})]
+    off = sum(f.get("image_path") == "off" for f in fits)
+    if not off:
+        return ""
+    why = "with its image adapter the branch had the higher validation error (tscore.image)"
+    if off == len(fits):
+        return f"The T-score estimate reads age, sex and BMI only: {why}."
+    return (
+        f"The T-score estimate is the mean of {len(fits)} networks' estimates; {off} of them read age, sex and BMI "
+        f"only: {why}."
+    )
+
+
 def refit(
     model: nn.Module,
     step: Callable[[nn.Module, int], np.ndarray],

@@ -557,6 +557,8 @@ def test_federated_tscore_refit_fits_with_and_without_the_image_and_keeps_the_lo
     assert refit["val_mse"] == min(on, off) and refit["image_path"] == ("on" if on <= off else "off")
     adapter = load_bundle(result.bundle_dir).model.t_image  # type: ignore[union-attr]
     assert any(torch.count_nonzero(p) for p in adapter.parameters()) == (refit["image_path"] == "on")
+    report = (result.bundle_dir.parent / "test_report" / "report.md").read_text()
+    assert ("reads age, sex and BMI only" in report) == (refit["image_path"] == "off")
     # two refits, each one exchange per round plus one to validate its last branch
     kinds = [kind for _, kind, _, _ in grid.parts() if kind.startswith("query.tscore")]
     assert kinds.count("query.tscore_train") == 2 * 2 * 3 and kinds.count("query.tscore_val") == 2 * 2

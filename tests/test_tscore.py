@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from strnet.model import build_strnet
-from strnet.tscore import BranchData, branch_keys, branch_sums, local_steps, refit, validate_then_train
+from strnet.tscore import (
+    BranchData,
+    branch_keys,
+    branch_sums,
+    image_path_note,
+    local_steps,
+    refit,
+    validate_then_train,
+)
 
 
 def _data(seed: int, n: int, dim: int) -> BranchData:
@@ -158,3 +166,13 @@ def test_auto_keeps_the_fit_with_the_lower_validation_error(memorised: bool, exp
 def test_unknown_image_setting_is_refused() -> None:
     with pytest.raises(ValueError, match="image="):
         _fit("maybe", _data(1, 10, 32), _data(2, 10, 32))
+
+
+def test_reports_say_when_the_t_score_estimate_does_not_read_the_image() -> None:
+    def fit(path: str) -> dict:  # type: ignore[type-arg]
+        return {"tscore_refit": {"status": "refitted", "image_path": path}}
+
+    assert image_path_note(fit("on")) == "" and image_path_note({}) == ""
+    assert image_path_note(fit("off")).startswith("The T-score estimate reads age, sex and BMI only")
+    mixed = fit("on") | {"members": [fit("on"), fit("off"), fit("on")]}  # the run's own record is member 1's
+    assert "mean of 3 networks' estimates; 1 of them read age, sex and BMI only" in image_path_note(mixed)
