@@ -100,6 +100,15 @@ class TScoreConfig:
     # validation MSE kept; strnet.tscore.refit)
     image: Literal["on", "off", "auto"] = "on"
 
+    def schedule(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`strnet.tscore.refit` (and of ``refit_centralized``, beside lr and decay)."""
+        return {
+            "rounds": self.rounds,
+            "steps_per_round": self.steps_per_round,
+            "patience": self.patience,
+            "image": self.image,
+        }
+
 
 @dataclass(frozen=True)
 class EvalConfig:

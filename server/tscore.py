@@ -79,15 +79,7 @@ def pooled_tscore_refit(sites: TrainingSites, arrays: ArrayRecord) -> tuple[Arra
         return sums
 
     try:
-        info = refit(
-            model,
-            step,
-            validation,
-            rounds=ts.rounds,
-            steps_per_round=ts.steps_per_round,
-            patience=ts.patience,
-            image=ts.image,
-        )
+        info = refit(model, step, validation, **ts.schedule())
     except QuorumError as exc:
         problem(f"T-score branch not refitted: {exc}")
         return arrays, {"status": f"failed: {exc}"}

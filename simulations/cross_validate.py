@@ -333,19 +333,18 @@ def refit_tscore(run_dir: Path, cache_dir: Path | None, tscore: TScoreConfig) ->
         part["t_score_covariates_linear"] = linear.predict(held_out.tabular.numpy())
         for image in TSCORE_IMAGES:
             model = copy.deepcopy(bundle.model)
+            train_rows, val_rows = (with_t[with_t["split"] == k] for k in ("train", "val"))
+            schedule = dataclasses.replace(tscore, image=image).schedule()
             info = refit_centralized(
                 model,
-                with_t[with_t["split"] == "train"],
-                with_t[with_t["split"] == "val"],
+                train_rows,
+                val_rows,
                 bundle.preprocess,
                 cache,
                 cpu,
-                rounds=tscore.rounds,
-                steps_per_round=tscore.steps_per_round,
-                patience=tscore.patience,
                 lr=tscore.lr,
                 weight_decay=tscore.weight_decay,
-                image=image,
+                **schedule,
             )
             part[f"t_score_{image}"] = predict_branch(model, held_out).detach().numpy()
             part[f"image_path_{image}"] = info.get("image_path", info["status"])

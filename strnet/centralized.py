@@ -284,12 +284,9 @@ def _train_member(
             cfg.preprocess,
             cache,
             device,
-            rounds=ts.rounds,
-            steps_per_round=ts.steps_per_round,
-            patience=ts.patience,
             lr=ts.lr,
             weight_decay=ts.weight_decay,
-            image=ts.image,
+            **ts.schedule(),
         )
         if ts.rounds and not cfg.privacy.dp.enabled
         else {"status": DP_OFF if ts.rounds else "off"}
