@@ -82,11 +82,12 @@ CV_RUN := $(BIN)/python -m simulations.cross_validate run --config cpu --manifes
 # name:argument,argument (cross_validate run's own arguments); a whole-film variant (--films) reuses the preset's
 # folds film by film and is compared per radiograph only (its rows are films, not knees)
 CV_VARIANTS := smooth:--set=loss.label_smoothing=0.1 nobalance:--set=train.balance=none \
-	film:--films,--folds-from=$(CV)/base
+	film:--films,--folds-from=$(CV)/base joint:--set=preprocess.crop=joint train3:--set=model.trainable_stages=3
 real-data-cv: real-data-prepare
 	$(CV_RUN) --out $(CV)/base
 	$(BIN)/python -m simulations.cross_validate no-mirror $(CV)/base --out $(CV)/nomirror
 	$(BIN)/python -m simulations.cross_validate compare $(CV)/base $(CV)/nomirror > $(CV)/nomirror/knees.json
+	$(BIN)/python -m simulations.cross_validate tscore $(CV)/base --out $(CV)/tscore
 	for v in $(CV_VARIANTS); do name=$${v%%:*}; args=$$(echo $${v#*:} | tr ',' ' '); \
 	  $(CV_RUN) --out $(CV)/$$name $$args || exit 1; \
 	  $(BIN)/python -m simulations.cross_validate compare --films $(CV)/base $(CV)/$$name > $(CV)/$$name/films.json || exit 1; \
