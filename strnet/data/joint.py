@@ -10,9 +10,9 @@ thresholds: background | soft tissue | bone), and a row's width is its *longest 
 condyles are the widest single bone of an AP view; the tibia and fibula side by side are wide too, but the gap
 between them breaks the run, which is why the longest run and not the count of bone pixels is used (the count
 picked the lower leg in about one crop in eight). The square's centre sits 0.15 of its side below the widest row,
-since the condyles' widest row lies above the joint space. On 120 Mendeley knee crops of the training and
-validation splits (three random draws of 40, checked by eye on contact sheets) the square missed or only grazed the
-joint space in about one in ten, mostly where the widest row fell on the femoral metaphysis of a long film; random
+since the condyles' widest row lies above the joint space. On 80 Mendeley knee crops of the training and validation
+splits (two random draws of 40, checked by eye on contact sheets) the square missed or only grazed the joint space
+in about one in eight, mostly where the widest row fell on the femoral metaphysis of a long film; random
 translation in training absorbs smaller offsets.
 """
 
