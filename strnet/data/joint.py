@@ -8,12 +8,12 @@ around the joint instead; the 224 set's knees, already square crops, are left as
 The joint is found from the bone's width, row by row: bone is the brightest of three intensity classes (two Otsu
 thresholds: background | soft tissue | bone), and a row's width is its *longest unbroken* run of bone. The femoral
 condyles are the widest single bone of an AP view; the tibia and fibula side by side are wide too, but the gap
-between them breaks the run, which is why the longest run and not the count of bone pixels is used (the count
-picked the lower leg in about one crop in eight). The square's centre sits 0.15 of its side below the widest row,
-since the condyles' widest row lies above the joint space. On 80 Mendeley knee crops of the training and validation
-splits (two random draws of 40, checked by eye on contact sheets) the square missed or only grazed the joint space
-in about one in eight, mostly where the widest row fell on the femoral metaphysis of a long film; random
-translation in training absorbs smaller offsets.
+between them breaks the run, which is why the longest run and not the count of bone pixels is used (on one
+contact sheet of 40 crops, the count missed the joint in 6-8 of them). The square's centre sits 0.15 of its side
+below the widest row, since the condyles' widest row lies above the joint space. On 80 Mendeley knee crops of the
+training and validation splits (two random draws of 40, checked by eye on contact sheets) the square missed or
+only grazed the joint space in about one in eight, mostly where the widest row fell on the femoral metaphysis of a
+long film; random translation in training absorbs smaller offsets.
 """
 
 from __future__ import annotations
