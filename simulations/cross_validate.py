@@ -40,7 +40,7 @@ from sklearn.metrics import roc_auc_score
 
 from configs import Config, load_config
 from configs.schema import TScoreConfig
-from simulations.paired_difference import paired_auroc_difference
+from simulations.paired_difference import paired_auroc_difference, source_pairs
 from strnet import metrics as M
 from strnet.data.manifest import read_manifest, write_manifest
 from strnet.data.split import stratified_group_folds
@@ -172,8 +172,10 @@ def compare(
     a: pd.DataFrame, b: pd.DataFrame, *, n_boot: int = 2000, films: bool = False
 ) -> dict[str, dict[str, float]]:
     """B − A per cohort on the knees both scored (``films``: on radiographs, each the mean of its rows), paired
-    over whole radiographs. The two runs must have cut the same folds (same manifest, ``--folds`` and ``--seed``,
-    or ``--folds-from``), or a knee's two scores come from different splits."""
+    over whole radiographs; the pooled row also splits each run's AUROC into its (bone-loss, normal) pairs within
+    one source and across sources (:func:`simulations.paired_difference.source_pairs`). The two runs must have
+    cut the same folds (same manifest, ``--folds`` and ``--seed``, or ``--folds-from``), or a knee's two scores
+    come from different splits."""
     if films:
         a, b = per_film(a), per_film(b)
     joined = a.merge(b, on=["path", "side"], suffixes=("_a", "_b"), validate="one_to_one")
@@ -194,6 +196,11 @@ def compare(
             _films(frame),
             n_boot=n_boot,
         )
+    if "pooled" in out:  # how much of each run's pooled AUROC is telling the sources apart
+        y, source = _labels(joined), joined["source"].to_numpy()
+        for run in ("a", "b"):
+            parts = source_pairs(y, joined[f"prob_bone_loss_{run}"].to_numpy(float), source)
+            out["pooled"] |= {f"{k}_{run}": parts[k] for k in ("within_source", "across_sources")}
     return out
 
 

@@ -99,6 +99,16 @@ def test_compare_pairs_the_same_knees_and_refuses_other_folds() -> None:
         expected = roc_auc_score(y, frame_b["prob_bone_loss"]) - roc_auc_score(y, frame_a["prob_bone_loss"])
         assert diff[name]["difference"] == pytest.approx(expected)
         assert diff[name]["ci_lo"] <= diff[name]["difference"] <= diff[name]["ci_hi"]
+    # the pooled row's within- and across-source parts, counted pair by pair
+    for run, frame in (("a", a), ("b", b)):
+        pos, neg = frame[frame["label_cls"] != "normal"], frame[frame["label_cls"] == "normal"]
+        won: dict[bool, list[float]] = {True: [], False: []}
+        for _, p in pos.iterrows():
+            for _, n in neg.iterrows():
+                d = p["prob_bone_loss"] - n["prob_bone_loss"]
+                won[p["source"] == n["source"]].append(1.0 if d > 0 else 0.5 if d == 0 else 0.0)
+        assert diff["pooled"][f"within_source_{run}"] == pytest.approx(np.mean(won[True]))
+        assert diff["pooled"][f"across_sources_{run}"] == pytest.approx(np.mean(won[False]))
     with pytest.raises(ValueError, match="different folds"):
         CV.compare(a, b.assign(fold=(b["fold"] + 1) % 3))
     with pytest.raises(ValueError, match="different knees"):
