@@ -31,8 +31,15 @@ class SyntheticScenario:
     audit: dict
 
 
-# The smallest model and inputs that still run every step of the pipeline (end-to-end tests of the federation).
-TINY_RUN = ("model.backbone=tiny", "preprocess.size=32", "train.batch_size=8", "train.precision=fp32")
+# The smallest model and inputs that still run every step of the pipeline (end-to-end tests of the federation);
+# no figures, which would take as long as such a run trains
+TINY_RUN = (
+    "model.backbone=tiny",
+    "preprocess.size=32",
+    "train.batch_size=8",
+    "train.precision=fp32",
+    "evaluate.figures=false",
+)
 
 
 def build_synthetic_scenario(

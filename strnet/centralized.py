@@ -328,4 +328,5 @@ def _evaluate(bundle: Bundle, df: pd.DataFrame, out: Path, title: str, cfg: Conf
         seed=cfg.seed,
         n_bins=cfg.threshold.histogram_bins,
         precision=cfg.train.precision,
+        figures=cfg.evaluate.figures,
     )

@@ -155,8 +155,10 @@ def evaluate_bundle(
     seed: int,
     n_bins: int,
     precision: str = "auto",
+    figures: bool = True,
 ) -> EvaluationResult:
-    """Predict, score at the bundle's τ*, draw figures and write predictions.csv, metrics.json and the report."""
+    """Predict, score at the bundle's τ*, draw figures (unless ``figures`` is false: ``evaluate.figures``) and
+    write predictions.csv, metrics.json and the report."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pred = predict_frame(bundle, df, cache=cache, precision=precision, with_mirror=True)
@@ -165,7 +167,7 @@ def evaluate_bundle(
     metrics, counts = frame_metrics(pred, threshold, n_bins=n_bins, n_boot=n_boot, seed=seed)
     n_labelled = int((pred["label_cls"] != "").sum())
     subgroups = subgroup_metrics(pred, threshold, n_boot=n_boot, seed=seed)
-    figures = make_figures(pred, threshold, out / "figures")
+    drawn = make_figures(pred, threshold, out / "figures") if figures else {}
     notes = []
     if n_labelled == 0:
         notes.append("The manifest carries no labels: predictions only, no metrics.")
@@ -187,7 +189,7 @@ def evaluate_bundle(
         metrics=sections.get("screening", {}),
         cis=sections.get("cis", {}),
         threshold_info=bundle.metadata.get("threshold", {"value": threshold}),
-        figures=figures,
+        figures=drawn,
         severity=sections.get("severity") if metrics["severity_n"] else None,
         regression=sections.get("t_score") if metrics["t_score_n"] >= 2 else None,
         dataset_summary=summary,
@@ -204,7 +206,7 @@ def evaluate_bundle(
         n_labelled=n_labelled,
         predictions=pred,
         out_dir=out,
-        figures=figures,
+        figures=drawn,
         report=report,
         subgroups=subgroups,
     )

@@ -323,12 +323,16 @@ class Run:
         }
         table = evaluation_table(sites, test)
         table.to_csv(self.out_dir / "evaluation.csv", index=False)
-        figures = plots.run_figures(
-            self.out_dir / "figures",
-            self.history,
-            table,
-            {"val": val_counts, "test": test_counts},
-            float(threshold["value"]),
+        figures = (
+            plots.run_figures(
+                self.out_dir / "figures",
+                self.history,
+                table,
+                {"val": val_counts, "test": test_counts},
+                float(threshold["value"]),
+            )
+            if self.cfg.evaluate.figures
+            else {}
         )
         artifacts = dict(artifacts or {})
         if self.mode == "federated":

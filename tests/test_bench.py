@@ -61,7 +61,7 @@ def test_transport_figure_pairs_fp16_and_fp32_runs_by_seed(tmp_path: Path) -> No
 
     small = ("model.backbone=tiny", "preprocess.size=32", "train.precision=fp32", "federation.rounds=1")
     small += ("tscore.rounds=0", "ood.enabled=false", "train.batch_size=8", "train.channels_last=false")
-    small += ("evaluate.bootstrap=50",)
+    small += ("evaluate.bootstrap=50", "evaluate.figures=false")
     small += (f"data.cache_dir={tmp_path / 'cache'}",)
     args = argparse.Namespace(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     row = bench.bench_transport(args, tmp_path, seeds=2, overrides=small, patients=20, draw_patients=15)

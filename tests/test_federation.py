@@ -225,6 +225,7 @@ def _overrides(scenario, out: Path) -> list[str]:
         "train.precision=fp32",
         "train.channels_last=false",
         "evaluate.bootstrap=50",
+        "evaluate.figures=false",
         "federation.rounds=2",
         "federation.local_epochs=1",
         "federation.quorum=2",
@@ -253,7 +254,7 @@ def _same_subgroups(federated: list[dict], central: list[dict], labelled: pd.Dat
 
 
 def test_federated_run_in_process(scenario, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    overrides = _overrides(scenario, tmp_path)
+    overrides = [*_overrides(scenario, tmp_path), "evaluate.figures=true"]
     cfg = config_from_run_config({"config": "demo", "overrides": " ".join(f"'{o}'" for o in overrides)})
     assert cfg == load_config("demo", overrides)
     sent_to_the_server: list = []  # what the frozen evaluation decoded from the sites' replies
@@ -417,6 +418,8 @@ def test_federated_run_in_process(scenario, tmp_path: Path, monkeypatch: pytest.
     best = max(history, key=lambda m: (m.value, -m.step))  # the kept model: best pooled val AUPRC, earliest on ties
     assert bundle.metadata["training"]["best_step"] == best.step
     assert (Path(cfg.output_dir) / "figures" / "learning_curve.png").is_file()
+    logged_figures = {a.path for a in MlflowClient().list_artifacts(result.run_id, "figures")}
+    assert {"figures/learning_curve.png", "figures/test_roc.png"} <= logged_figures
 
 
 def test_federated_run_survives_one_failed_site_and_names_it(scenario, tmp_path: Path) -> None:

@@ -38,6 +38,7 @@ def tiny_config(root: Path, manifest: Path, **extra: str):  # type: ignore[no-un
         "train.lr=0.001",
         "loss.warmup_epochs=1",
         "evaluate.bootstrap=50",
+        "evaluate.figures=false",
         "train.precision=fp32",
         *[f"{k}={v}" for k, v in extra.items()],
     ]
@@ -74,13 +75,23 @@ def test_training_writes_bundle_with_frozen_threshold(trained) -> None:  # type:
 
 
 def test_same_seed_gives_same_metrics(scenario, trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    _, _, first, _ = trained
-    cfg = tiny_config(tmp_path, scenario.manifest)
+    """The same seed again, this time drawing the figures (``evaluate.figures``), which change nothing else."""
+    root, _, first, _ = trained
+    cfg = tiny_config(tmp_path, scenario.manifest, **{"evaluate.figures": "true"})
     again = run_centralized(cfg, tracker=None, progress=False)
     a = [h["train_loss_total"] for h in first.history]
     b = [h["train_loss_total"] for h in again.history]
     assert a == pytest.approx(b, rel=1e-6)
     assert again.threshold["value"] == first.threshold["value"]
+    assert not list((root / "run").rglob("*.png"))
+    drawn = {p.relative_to(tmp_path / "run").as_posix() for p in (tmp_path / "run").rglob("*.png")}
+    assert {"figures/learning_curve.png", "figures/test_roc.png", "test_report/figures/roc.png"} <= drawn, drawn
+    summaries = [json.loads((d / "summary.json").read_text())["metrics"] for d in (root / "run", tmp_path / "run")]
+    assert [{k: v for k, v in m.items() if "seconds" not in k and "per_s" not in k} for m in summaries] == [
+        {k: v for k, v in summaries[0].items() if "seconds" not in k and "per_s" not in k}
+    ] * 2
+    reports = [(d / "test_report" / "report.md").read_text() for d in (root / "run", tmp_path / "run")]
+    assert "roc.png" in reports[1] and "roc.png" not in reports[0]
 
 
 class _Payload:
