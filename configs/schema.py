@@ -113,9 +113,9 @@ class TScoreConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     """``figures: false`` skips the PNG figures of a run and of its frozen evaluations; the numbers, the reports
-    and what MLflow records are the same. For runs nobody looks at figure by figure (cross-validation folds, seed
-    studies, the test suite): a centralized run draws 15 figures at ~0.2 s each on 2 cores, about as long as a
-    tiny run trains."""
+    and what MLflow records are the same. For runs nobody looks at figure by figure (the test suite, or
+    ``--set evaluate.figures=false`` on cross-validation folds): a centralized run draws 15 figures at ~0.2 s each
+    on 2 cores, about as long as a tiny run trains."""
 
     bootstrap: int = 2000
     figures: bool = True
