@@ -263,6 +263,7 @@ def build_model(cfg: Config, *, weights: str | None = None) -> STRNet:
         neck_dim=m.neck_dim,
         dropout=m.dropout,
         norm=norm,
+        image_tscore=cfg.loss.t_score_image > 0,
     )
     try:
         return freeze_early_stages(model, m.trainable_stages)

@@ -23,7 +23,7 @@ from strnet.data.preprocess import PreprocessParams
 from strnet.ensemble import STRNetEnsemble
 from strnet.ensemble import build as build_model
 from strnet.errors import DataError
-from strnet.model import STRNet
+from strnet.model import STRNet, served_state
 
 WEIGHTS_NAME = "model.pt"
 METADATA_NAME = "metadata.json"
@@ -102,7 +102,7 @@ def save_bundle(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights = out / WEIGHTS_NAME
-    torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, weights)
+    torch.save({k: v.detach().cpu() for k, v in served_state(state_dict).items()}, weights)
     metadata = {
         "format_version": FORMAT_VERSION,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),

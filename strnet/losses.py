@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 OUTPUT_KEYS = {"screen": "y_screen", "severity": "y_severity", "t_score": "t_score"}
+IMAGE_T_KEY = "t_score_image"  # the optional image-only T-score output (LossWeights.t_score_image)
 
 
 @dataclass(frozen=True)
@@ -32,9 +33,15 @@ class LossWeights:
     # ε: the two BCE targets become ε/2 and 1 − ε/2 (0 = the paper's hard labels). A candidate against
     # overconfident fits of ~300 knees (README, "Real public data"); Platt calibration maps the scores back.
     label_smoothing: float = 0.0
+    # Weight of an image-only T-score regression on the *screening* route, not detached, from the first epoch
+    # (0 = the paper: no such head). Why: a site's T-scores order all its knees, where the screening label of a
+    # mostly bone-loss source gives a handful of normal ones; this lets that ordering reach the backbone, which
+    # the paper's detached branch never does (README, "An image-only T-score target"). Training only: the head is
+    # not served and not written to a bundle (strnet.model.TRAINING_ONLY).
+    t_score_image: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("severity", "t_score"):
+        for name in ("severity", "t_score", "t_score_image"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"LossWeights.{name} must be a finite number >= 0, got {value!r}")
@@ -85,6 +92,8 @@ class MultiTaskLoss(nn.Module):
                     f"{out_key!r} output shape {tuple(outputs[out_key].shape)} != "
                     f"{y_key!r} target shape {tuple(batch[y_key].shape)}"
                 )
+        if self.weights.t_score_image and IMAGE_T_KEY not in outputs:
+            raise KeyError(f"loss.t_score_image > 0 needs the model's {IMAGE_T_KEY!r} output (have {sorted(outputs)})")
         if self.per_case:
             return self._per_case(outputs, batch, epoch)
         terms: dict[str, torch.Tensor] = {}
@@ -100,6 +109,10 @@ class MultiTaskLoss(nn.Module):
             else:
                 terms[out_key] = F.smooth_l1_loss(p, y)
         total = terms["screen"] + self.weights.severity * terms["severity"]
+        if self.weights.t_score_image:
+            p, y = _masked(outputs[IMAGE_T_KEY].float(), batch["t_score"].to(outputs[IMAGE_T_KEY].device).float())
+            terms[IMAGE_T_KEY] = F.smooth_l1_loss(p, y) if p.numel() else _zero_like_graph(outputs[IMAGE_T_KEY])
+            total = total + self.weights.t_score_image * terms[IMAGE_T_KEY]
         if epoch >= self.weights.warmup_epochs:
             total = total + self.weights.t_score * terms["t_score"]
         parts = {k: float(v.detach()) for k, v in terms.items()}
@@ -129,8 +142,15 @@ class MultiTaskLoss(nn.Module):
             else:
                 loss = F.smooth_l1_loss(pred, y, reduction="none")
             per_case[out_key] = torch.where(known, loss, torch.zeros_like(loss))
+        image_t = torch.zeros_like(per_case["screen"])
+        if self.weights.t_score_image:
+            target = batch["t_score"].to(device=image_t.device, dtype=torch.float32)
+            loss = F.smooth_l1_loss(outputs[IMAGE_T_KEY].float(), torch.nan_to_num(target), reduction="none")
+            per_case[IMAGE_T_KEY] = torch.where(~torch.isnan(target), loss, torch.zeros_like(loss))
+            image_t = self.weights.t_score_image * per_case[IMAGE_T_KEY]
         t_weight = self.weights.t_score if epoch >= self.weights.warmup_epochs else 0.0
         case = per_case["screen"] + self.weights.severity * per_case["severity"] + t_weight * per_case["t_score"]
+        case = case + image_t
         n = max(int(case.shape[0]), 1)  # an empty Poisson batch: loss 0, and Opacus adds the noise alone
         total = case.sum() / n
         parts = {k: float(v.detach().sum()) / n for k, v in per_case.items()}

@@ -37,9 +37,18 @@ from torch import nn
 from torchvision.ops import stochastic_depth
 
 from strnet.errors import DataError
+from strnet.losses import IMAGE_T_KEY
 
 TASKS_ROUTED = ("screen", "severity")
 TABULAR_DIM = 3  # age, sex, BMI (see strnet.data.dataset.encode_tabular)
+# Modules that exist only to train the model (STRNet.image_tscore_head): a bundle leaves them out.
+TRAINING_ONLY = ("image_tscore_head",)
+
+
+def served_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without the training-only modules' tensors (at any depth, so ensembles' members too)."""
+    return {k: v for k, v in state.items() if not set(k.split(".")) & set(TRAINING_ONLY)}
+
 
 BackboneBuilder = Callable[[str], tuple[nn.Module, int]]
 _BACKBONES: dict[str, BackboneBuilder] = {}
@@ -360,7 +369,13 @@ class STRNet(nn.Module):
     """forward(image [B,1,H,W], tabular [B,3]) -> {"screen": [B] logits, "severity": [B] logits, "t_score": [B]}."""
 
     def __init__(
-        self, backbone: nn.Module, feat_dim: int, backbone_name: str, neck_dim: int = 128, dropout: float = 0.3
+        self,
+        backbone: nn.Module,
+        feat_dim: int,
+        backbone_name: str,
+        neck_dim: int = 128,
+        dropout: float = 0.3,
+        image_tscore: bool = False,
     ):
         super().__init__()
         self.backbone_name = backbone_name
@@ -375,6 +390,9 @@ class STRNet(nn.Module):
             nn.Linear(TABULAR_DIM, 32), nn.ReLU(inplace=True), nn.Linear(32, 32), nn.ReLU(inplace=True)
         )
         self.t_fusion = nn.Sequential(nn.Linear(64 + 32, 64), nn.ReLU(inplace=True), nn.Linear(64, 1))
+        # A training device, not in the paper (loss.t_score_image): the T-score read from the screening route
+        # alone, with its gradient, so the T-scores shape the representation. Never served nor bundled.
+        self.image_tscore_head = nn.Linear(neck_dim, 1) if image_tscore else None
 
     @property
     def gradcam_layer(self) -> nn.Module:
@@ -400,6 +418,8 @@ class STRNet(nn.Module):
             "severity": self.severity_head(routed["severity"]).squeeze(-1),
             "t_score": self.t_fusion(t_in).squeeze(-1),
         }
+        if self.image_tscore_head is not None:
+            out[IMAGE_T_KEY] = self.image_tscore_head(routed["screen"]).squeeze(-1)
         return out | {"neck": pre} if with_features else out
 
     def neck_features(self, image: torch.Tensor) -> torch.Tensor:
@@ -428,6 +448,7 @@ def build_strnet(
     neck_dim: int = 128,
     dropout: float = 0.3,
     norm: str = "batch",
+    image_tscore: bool = False,
 ) -> STRNet:
     """``norm="group"`` and ``norm="frozen"`` are the DP-SGD forms (:func:`per_case_form`): the same network
     with GroupNorm, or with BatchNorm frozen at its (pretrained) statistics, so every case's gradient is its own.
@@ -439,7 +460,7 @@ def build_strnet(
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     trunk, feat_dim = build_backbone(backbone, weights)
-    model = STRNet(trunk, feat_dim, backbone, neck_dim=neck_dim, dropout=float(dropout))
+    model = STRNet(trunk, feat_dim, backbone, neck_dim=neck_dim, dropout=float(dropout), image_tscore=image_tscore)
     return per_case_form(model, norm) if norm != "batch" else model
 
 

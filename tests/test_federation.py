@@ -532,13 +532,19 @@ def test_optimizer_state_can_restart_every_round(scenario, tmp_path: Path) -> No
 
 def test_a_federation_trains_one_network_whatever_model_members_says(scenario, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """``model.members`` is the centralized ensemble: a federation with the same preset serves one network, and its
-    bundle and recipe say so (a bundle that claimed three members would not load its one network's weights)."""
+    bundle and recipe say so (a bundle that claimed three members would not load its one network's weights).
+    The sites train the training-only image T-score head (``loss.t_score_image``) too; the bundle leaves it out."""
     overrides = [*_overrides(scenario, tmp_path), "model.members=3", "federation.rounds=1", "tracking.enabled=false"]
-    result = run_federated(InProcessGrid(3), load_config("demo", overrides))  # type: ignore[arg-type]
+    result = run_federated(InProcessGrid(3), load_config("demo", [*overrides, "loss.t_score_image=0.3"]))  # type: ignore[arg-type]
     meta = json.loads((result.bundle_dir / "metadata.json").read_text())
     assert meta["model"]["members"] == 1
     assert meta["training"]["recipe"]["members"] == "1 network (model.members=3 applies to centralized runs)"
-    assert isinstance(load_bundle(result.bundle_dir).model, STRNet)
+    model = load_bundle(result.bundle_dir).model
+    assert isinstance(model, STRNet) and model.image_tscore_head is None
+    logged = {k: v for row in result.history for k, v in row.items() if k.endswith("train_loss_t_score_image")}
+    # the hospital's knees carry T-scores and train the head; stage1's carry none (its term is an exact 0)
+    assert logged["site.hospital.train_loss_t_score_image"] > 0 and logged["train_loss_t_score_image"] > 0, logged
+    assert logged["site.stage1.train_loss_t_score_image"] == 0, logged
 
 
 def test_federated_tscore_refit_fits_with_and_without_the_image_and_keeps_the_lower_pooled_error(

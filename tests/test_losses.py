@@ -156,3 +156,31 @@ def test_bad_arguments_raise_clear_errors() -> None:
         loss_fn(outputs, {k: v for k, v in batch.items() if k != "y_severity"}, epoch=0)
     with pytest.raises(ValueError, match="shape"):
         loss_fn(outputs, {**batch, "t_score": torch.zeros(5)}, epoch=0)
+
+
+@pytest.mark.parametrize("per_case", [False, True])
+def test_image_t_score_term_is_its_weighted_masked_smooth_l1_from_the_first_epoch(per_case: bool) -> None:
+    """loss.t_score_image adds w·SmoothL1(image-only T-score) over the rows with a T-score, before the warm-up too;
+    per case it is averaged over the whole batch like the other terms."""
+    outputs, batch = _case()
+    outputs["t_score_image"] = torch.randn(6, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    plain, _ = MultiTaskLoss(pos_weight=1.0, per_case=per_case)(outputs, batch, epoch=0)
+    weighted = MultiTaskLoss(pos_weight=1.0, weights=LossWeights(t_score_image=0.3), per_case=per_case)
+    total, parts = weighted(outputs, batch, epoch=0)
+
+    ts = [0, 2, 3]
+    term = F.smooth_l1_loss(outputs["t_score_image"][ts], batch["t_score"][ts], reduction="sum")
+    expected = term / (6 if per_case else len(ts))
+    assert parts["t_score_image"] == pytest.approx(expected.item(), rel=1e-6)
+    torch.testing.assert_close(total, plain + 0.3 * expected)
+    total.backward()
+    grad = outputs["t_score_image"].grad
+    assert grad is not None and torch.all(grad[[1, 4, 5]] == 0) and torch.all(grad[ts] != 0)
+
+
+def test_image_t_score_weight_without_the_output_is_a_clear_error() -> None:
+    outputs, batch = _case()
+    with pytest.raises(KeyError, match="t_score_image"):
+        MultiTaskLoss(pos_weight=1.0, weights=LossWeights(t_score_image=0.3))(outputs, batch, epoch=0)
+    with pytest.raises(ValueError, match="t_score_image"):
+        LossWeights(t_score_image=-0.1)

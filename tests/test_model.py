@@ -21,6 +21,7 @@ from strnet.model import (
     freeze_early_stages,
     model_info,
     register_backbone,
+    served_state,
 )
 
 PAPER_PARAMS = 23.95e6
@@ -234,6 +235,25 @@ def test_t_score_path_sends_no_gradient_into_shared_layers() -> None:
             assert p.grad is None or torch.count_nonzero(p.grad) == 0, name
         else:  # t_image, t_tabular, t_fusion
             assert p.grad is not None and torch.count_nonzero(p.grad) > 0, name
+
+
+def test_image_t_score_head_trains_the_shared_layers_and_is_left_out_of_served_state() -> None:
+    """The training-only head (loss.t_score_image) reads the screening route with its gradient, unlike the
+    paper's detached branch; a bundle's state leaves it out, so a served model is the paper's network."""
+    model = build_strnet(backbone="tiny", image_tscore=True)
+    image, tab = _inputs(3, 48)
+    model(image, tab)["t_score_image"].sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    for name in ("backbone.", "neck.", "tarr.routes.screen.", "image_tscore_head."):
+        assert any(g is not None and torch.count_nonzero(g) > 0 for n, g in grads.items() if n.startswith(name)), name
+    for name in ("tarr.routes.severity.", "screen_head.", "severity_head.", "t_"):
+        assert all(g is None or torch.count_nonzero(g) == 0 for n, g in grads.items() if n.startswith(name)), name
+
+    served = served_state(model.state_dict())
+    assert set(model.state_dict()) - set(served) == {"image_tscore_head.weight", "image_tscore_head.bias"}
+    paper = build_strnet(backbone="tiny")
+    paper.load_state_dict(served)  # strict: exactly the paper's tensors
+    assert "t_score_image" not in paper(image, tab)
 
 
 def test_channels_last_and_bfloat16_autocast_on_cpu() -> None:

@@ -22,7 +22,7 @@ from strnet.bundle import load_bundle
 from strnet.centralized import run_centralized
 from strnet.cli import main as cli_main
 from strnet.errors import DataError
-from strnet.evaluation import evaluate_bundle
+from strnet.evaluation import evaluate_bundle, predict_frame
 from strnet.predict import predict_files
 
 
@@ -154,7 +154,6 @@ def test_each_site_reports_how_the_model_fits_its_own_training_split(trained) ->
     """The standing fit metric: the frozen model on each site's un-augmented training knees, against sklearn, in
     the summary and in MLflow under the one name both modes use."""
     from strnet.data.manifest import read_manifest
-    from strnet.evaluation import predict_frame
 
     _, cfg, result, tracker = trained
     train = read_manifest(cfg.data.manifests[0])
@@ -443,3 +442,19 @@ def test_a_bundle_validating_below_its_kept_step_is_a_problem() -> None:
     assert shipped_problem(float("nan"), real | {"screening_auroc": 0.5}, 2) is None  # no kept row
     # 6 x 2 validation cases: 0.083 is one swapped pair of 12, not a different model
     assert shipped_problem(0.583, {"screening_n_pos": 6.0, "screening_n_neg": 2.0, "screening_auroc": 0.5}, 1) is None
+
+
+def test_an_image_t_score_target_trains_and_the_bundle_serves_the_paper_network(scenario, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """With loss.t_score_image the run logs the term and ships a bundle without the training-only head, which
+    predicts like the model it validated."""
+    cfg = tiny_config(tmp_path, scenario.manifest, **{"loss.t_score_image": "0.3"})
+    tracker = Tracker(uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="test")
+    result = run_centralized(cfg, tracker=tracker, progress=False)
+    state = torch.load(result.bundle_dir / "model.pt", weights_only=True)
+    assert state and not any("image_tscore_head" in k for k in state)
+    bundle = load_bundle(result.bundle_dir)
+    assert bundle.model.image_tscore_head is None
+    assert all(np.isfinite(h["train_loss_t_score_image"]) for h in result.history)
+    test = pd.read_csv(scenario.manifest).query("split == 'test'")
+    pred = predict_frame(bundle, test, cache=None, precision="fp32", progress=False)
+    assert pred["prob_bone_loss"].between(0, 1).all() and pred["t_score_estimate"].notna().all()
