@@ -42,6 +42,19 @@ def test_overrides_are_typed_and_nested() -> None:
     assert cfg.data.manifests == ("a.csv", "b.csv")
 
 
+def test_an_unquoted_on_or_off_in_yaml_is_the_choice_it_spells(tmp_path: Path) -> None:
+    """YAML 1.1 reads ``image: off`` as false; where the choices are on/off that is what the writer meant, and
+    elsewhere a boolean is still refused."""
+    preset = tmp_path / "p.yaml"
+    preset.write_text("name: p\ntscore: {image: off}\n")
+    assert load_config(preset).tscore.image == "off"
+    preset.write_text("name: p\ntscore: {image: on}\n")
+    assert load_config(preset).tscore.image == "on"
+    assert load_config("cpu").tscore.image == "off"
+    with pytest.raises(ConfigError, match=r"train\.precision: True is not one of"):
+        load_config("demo", ["train.precision=true"])
+
+
 def test_unknown_key_is_rejected_with_its_full_name(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"train: unknown key\(s\) epoch"):
         load_config("demo", ["train.epoch=3"])
