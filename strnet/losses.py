@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 OUTPUT_KEYS = {"screen": "y_screen", "severity": "y_severity", "t_score": "t_score"}
-IMAGE_T_KEY = "t_score_image"  # the optional image-only T-score output (LossWeights.t_score_image)
+IMAGE_T_OUTPUT = "t_score_image"  # the optional image-only T-score output (LossWeights.t_score_image)
 
 
 @dataclass(frozen=True)
@@ -92,8 +92,9 @@ class MultiTaskLoss(nn.Module):
                     f"{out_key!r} output shape {tuple(outputs[out_key].shape)} != "
                     f"{y_key!r} target shape {tuple(batch[y_key].shape)}"
                 )
-        if self.weights.t_score_image and IMAGE_T_KEY not in outputs:
-            raise KeyError(f"loss.t_score_image > 0 needs the model's {IMAGE_T_KEY!r} output (have {sorted(outputs)})")
+        if self.weights.t_score_image and IMAGE_T_OUTPUT not in outputs:
+            have = sorted(outputs)
+            raise KeyError(f"loss.t_score_image > 0 needs the model's {IMAGE_T_OUTPUT!r} output (have {have})")
         if self.per_case:
             return self._per_case(outputs, batch, epoch)
         terms: dict[str, torch.Tensor] = {}
@@ -110,9 +111,9 @@ class MultiTaskLoss(nn.Module):
                 terms[out_key] = F.smooth_l1_loss(p, y)
         total = terms["screen"] + self.weights.severity * terms["severity"]
         if self.weights.t_score_image:
-            p, y = _masked(outputs[IMAGE_T_KEY].float(), batch["t_score"].to(outputs[IMAGE_T_KEY].device).float())
-            terms[IMAGE_T_KEY] = F.smooth_l1_loss(p, y) if p.numel() else _zero_like_graph(outputs[IMAGE_T_KEY])
-            total = total + self.weights.t_score_image * terms[IMAGE_T_KEY]
+            p, y = _masked(outputs[IMAGE_T_OUTPUT].float(), batch["t_score"].to(outputs[IMAGE_T_OUTPUT].device).float())
+            terms[IMAGE_T_OUTPUT] = F.smooth_l1_loss(p, y) if p.numel() else _zero_like_graph(outputs[IMAGE_T_OUTPUT])
+            total = total + self.weights.t_score_image * terms[IMAGE_T_OUTPUT]
         if epoch >= self.weights.warmup_epochs:
             total = total + self.weights.t_score * terms["t_score"]
         parts = {k: float(v.detach()) for k, v in terms.items()}
@@ -145,9 +146,9 @@ class MultiTaskLoss(nn.Module):
         image_t = torch.zeros_like(per_case["screen"])
         if self.weights.t_score_image:
             target = batch["t_score"].to(device=image_t.device, dtype=torch.float32)
-            loss = F.smooth_l1_loss(outputs[IMAGE_T_KEY].float(), torch.nan_to_num(target), reduction="none")
-            per_case[IMAGE_T_KEY] = torch.where(~torch.isnan(target), loss, torch.zeros_like(loss))
-            image_t = self.weights.t_score_image * per_case[IMAGE_T_KEY]
+            loss = F.smooth_l1_loss(outputs[IMAGE_T_OUTPUT].float(), torch.nan_to_num(target), reduction="none")
+            per_case[IMAGE_T_OUTPUT] = torch.where(~torch.isnan(target), loss, torch.zeros_like(loss))
+            image_t = self.weights.t_score_image * per_case[IMAGE_T_OUTPUT]
         t_weight = self.weights.t_score if epoch >= self.weights.warmup_epochs else 0.0
         case = per_case["screen"] + self.weights.severity * per_case["severity"] + t_weight * per_case["t_score"]
         case = case + image_t

@@ -37,7 +37,7 @@ from torch import nn
 from torchvision.ops import stochastic_depth
 
 from strnet.errors import DataError
-from strnet.losses import IMAGE_T_KEY
+from strnet.losses import IMAGE_T_OUTPUT
 
 TASKS_ROUTED = ("screen", "severity")
 TABULAR_DIM = 3  # age, sex, BMI (see strnet.data.dataset.encode_tabular)
@@ -419,7 +419,7 @@ class STRNet(nn.Module):
             "t_score": self.t_fusion(t_in).squeeze(-1),
         }
         if self.image_tscore_head is not None:
-            out[IMAGE_T_KEY] = self.image_tscore_head(routed["screen"]).squeeze(-1)
+            out[IMAGE_T_OUTPUT] = self.image_tscore_head(routed["screen"]).squeeze(-1)
         return out | {"neck": pre} if with_features else out
 
     def neck_features(self, image: torch.Tensor) -> torch.Tensor:
