@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -56,29 +54,6 @@ class Sizes:
         return cls(
             train_steps=2, paper_steps=1, predict_files=48, gradcam_files=8, preprocess_images=40, transport_seeds=1
         )
-
-
-def hardware() -> dict[str, Any]:
-    """What the ratios were measured on."""
-    import torch
-
-    info: dict[str, Any] = {
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -628,7 +603,9 @@ def run(args: argparse.Namespace, error: Callable[[str], Any]) -> int:
     out = Path(args.out)
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"hardware": hardware(), "quick": args.quick, "targets": TARGETS}
+    from strnet.engine import numeric_environment
+
+    result: dict[str, Any] = {"hardware": numeric_environment(), "quick": args.quick, "targets": TARGETS}
     start = time.perf_counter()
     if "preprocess" in parts:
         print("preprocessing ...", flush=True)

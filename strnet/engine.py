@@ -8,7 +8,9 @@ knowing either exists.
 from __future__ import annotations
 
 import contextlib
+import os
 import pickle
+import platform
 import random
 import time
 from collections.abc import Callable
@@ -113,6 +115,45 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "bf16" or cpu_has_native_bf16():
         return torch.bfloat16
     return None
+
+
+def precision_words(precision: str, device: torch.device) -> str:
+    """What ``train.precision`` trains at on ``device``, in the words a run's recipe records.
+
+    Why it is recorded: ``auto`` is bf16 on CPUs with native bf16 and fp32 elsewhere, and bf16 and fp32 runs of
+    one recipe and seed part after a few epochs (different kept epochs, a different network). A run is repeated
+    to the last digit only at the same precision on the same kind of CPU (README, "Why two runs differ")."""
+    resolved = "bf16 autocast" if autocast_dtype(precision, device) is torch.bfloat16 else "fp32"
+    if precision != "auto":
+        return resolved
+    if device.type == "cuda":
+        return f"{resolved} (auto, on CUDA)"
+    return f"{resolved} (auto: {'native' if cpu_has_native_bf16() else 'no native'} bf16 on this CPU)"
+
+
+def numeric_environment() -> dict[str, Any]:
+    """The hardware and software a run's numbers were computed on: the CPU model, whether it has native bf16,
+    threads, torch. Runs on different kinds of CPU round differently, so two runs compare to the last digit only
+    when these agree."""
+    info: dict[str, Any] = {
+        "cpu": "unknown",
+        "native_bf16": cpu_has_native_bf16(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

@@ -28,6 +28,7 @@ from strnet import metrics as M
 from strnet import plots
 from strnet.bundle import save_bundle
 from strnet.cases import data_fingerprint
+from strnet.engine import numeric_environment, precision_words, resolve_device
 from strnet.evaluation import report_sections, strict_json
 from strnet.model import count_params
 from strnet.report import QUALITY_NAMES, write_report
@@ -287,6 +288,7 @@ class Run:
         ``privacy`` (DP-SGD runs, :func:`strnet.privacy.run_privacy`): ε per site goes into the bundle, the
         summary, the headline every report opens with, and MLflow."""
         first_line = headline(threshold, calibration, privacy)
+        environment = numeric_environment()
         monitored = monitored_auroc(self.history, best_step)
         if (text := shipped_problem(monitored, val, best_step)) is not None:
             self.problem(text)
@@ -300,6 +302,7 @@ class Run:
                 "mode": self.mode,
                 "recipe": recipe,
                 "best_step": best_step,
+                "environment": environment,
                 **training,
                 "config": self.cfg.to_dict(),
                 "problems": self.problems,
@@ -352,6 +355,7 @@ class Run:
                 for name, s in sorted(sites.items())
             },
             "timings": timings,
+            "environment": environment,
             "problems": self.problems,
             "subgroups": {
                 "cohort": "pooled test split of the training sites",
@@ -363,6 +367,7 @@ class Run:
         summary_path.write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False))
         if self.tracker is not None:
             self.tracker.set_tags({f"recipe.{k}": v for k, v in recipe.items()})
+            self.tracker.set_tags({f"env.{k}": v for k, v in environment.items()})
             # the parts both modes time (a federation's exchange counts stay in summary.json: one vocabulary)
             parts = {f"timing.{k}": v for k, v in timings.items() if k.endswith("_seconds") and k != "wall_seconds"}
             parts.pop("timing.exchange_seconds", None)
@@ -520,6 +525,9 @@ def recipe(cfg: Config, mode: Mode) -> dict[str, Any]:
         "warmup_epochs": cfg.loss.warmup_epochs,
         "members": _members_words(cfg, mode),
     }
+    # as resolved on this host: where a centralized run or a simulation's sites train (a deployed site resolves
+    # `auto` on its own CPU; summary.json's environment says which host this was)
+    out["precision"] = precision_words(t.precision, resolve_device())
     if mode == "centralized":
         return out | {
             "step": "epoch",

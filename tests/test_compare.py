@@ -10,9 +10,10 @@ from server.tracking import Tracker
 from strnet.cli import main as cli_main
 
 
-def log_run(uri: str, mode: str, metrics: dict[str, float], step: str = "epoch") -> str:
+def log_run(uri: str, mode: str, metrics: dict[str, float], step: str = "epoch", native_bf16: str = "False") -> str:
     tracker = Tracker(uri=uri, experiment="cmp")
-    tags = {"mode": mode, "recipe.step": step, "recipe.optimizer": "AdamW"}
+    tags = {"mode": mode, "recipe.step": step, "recipe.optimizer": "AdamW", "env.torch": "2.14.1"}
+    tags["env.native_bf16"] = native_bf16
     run_id = tracker.start(f"{mode}-run", tags=tags, params={"train.epochs": 1})
     tracker.log_metrics({**metrics, "not_a_number": float("nan")})
     tracker.end()
@@ -31,14 +32,15 @@ def test_compare_puts_newest_runs_of_each_mode_side_by_side(tmp_path: Path) -> N
         "federated",
         {"test_screening_auroc": 0.89, "tau_star": 0.42, "site.a.test_screening_auroc": 0.88},
         step="round of 1 local epoch(s)",
+        native_bf16="True",
     )
     table, recipes, figure = compare(uri, "cmp", tmp_path / "out")
     assert list(table.columns) == [f"federated ({fed[:8]})", f"centralized ({cen[:8]})"]
     assert table.loc["test_screening_auroc"].tolist() == pytest.approx([0.89, 0.91])
     assert table.loc["site.a.test_screening_auroc"].tolist() == pytest.approx([0.88, 0.9])
     assert "not_a_number" not in table.index
-    # only the recipe entries that differ between the runs are listed, and written beside the table
-    assert recipes.index.tolist() == ["recipe.step"]
+    # only the recipe and host entries that differ between the runs are listed, and written beside the table
+    assert recipes.index.tolist() == ["env.native_bf16", "recipe.step"]
     assert "round of 1 local epoch(s)" in (tmp_path / "out" / "comparison.txt").read_text()
     assert figure.stat().st_size > 0 and (tmp_path / "out" / "comparison.csv").is_file()
 

@@ -176,6 +176,38 @@ def test_each_site_reports_how_the_model_fits_its_own_training_split(trained) ->
         assert logged[f"metrics.site.{site}.train_screening_auroc"] == pytest.approx(fit["screening_auroc"])
 
 
+def test_a_run_records_the_precision_and_hardware_it_ran_at(trained) -> None:  # type: ignore[no-untyped-def]
+    """bf16 and fp32 runs of one recipe and seed are different networks, and kinds of CPU round differently:
+    the summary, the bundle and MLflow say which precision and host a run had, so two runs can be told apart."""
+    from strnet.engine import cpu_has_native_bf16, precision_words
+
+    _, cfg, result, tracker = trained
+    summary = json.loads((result.bundle_dir.parent / "summary.json").read_text())
+    env = summary["environment"]
+    assert env["torch"] == torch.__version__ and env["torch_threads"] == torch.get_num_threads()
+    assert env["native_bf16"] == cpu_has_native_bf16() and env["cpu"]
+    assert summary["recipe"]["precision"] == "fp32" == precision_words(cfg.train.precision, torch.device("cpu"))
+    meta = json.loads((result.bundle_dir / "metadata.json").read_text())
+    assert meta["training"]["environment"] == env
+    logged = search_runs(tracker.uri, "test").set_index("run_id").loc[result.run_id]
+    assert logged["tags.recipe.precision"] == "fp32" and logged["tags.env.cpu"] == env["cpu"]
+    assert logged["tags.env.native_bf16"] == str(env["native_bf16"])
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_words_say_what_auto_resolved_to(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    from strnet import engine
+
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    words = engine.precision_words("auto", cpu)
+    assert words == (
+        "bf16 autocast (auto: native bf16 on this CPU)" if native else "fp32 (auto: no native bf16 on this CPU)"
+    )
+    assert (engine.autocast_dtype("auto", cpu) is torch.bfloat16) == native
+    assert engine.precision_words("fp32", cpu) == "fp32" and engine.precision_words("bf16", cpu) == "bf16 autocast"
+
+
 def test_tampered_bundle_is_refused(trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     _, _, result, _ = trained
     copy = tmp_path / "bundle"
