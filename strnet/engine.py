@@ -107,8 +107,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     ``auto`` picks bf16 on CUDA (fp32 on GPUs without bf16) and on CPUs with native bf16 instructions,
     where we measured channels-last + bf16 training at 1.4x (EfficientNet-Lite0, 224²), 1.9x (ResNet-18) and
     2.8x (ResNet-50) the fp32 throughput on 2 AMD EPYC cores; elsewhere bf16 is emulated and slower, so fp32.
-    Not a rule for every model: on an Intel Xeon with AMX, ResNet-50 at 512² trains 2.6x faster in bf16 but
-    EfficientNet-Lite0 at 224² at 0.6-0.8x (which is one reason the ``cpu`` preset pins fp32).
+    Not a rule for every CPU: on an Intel Xeon with AMX the ``cpu`` preset's epochs (EfficientNet-Lite0, 224²)
+    ran at 10-13 img/s in bf16 against 14-19 in fp32 (which is one reason that preset pins fp32).
     """
     if precision == "fp32":
         return None
