@@ -277,7 +277,7 @@ def run_federated(
                 for s, c in frozen.items()
             },
             training=training,
-            recipe=recipe(cfg, "federated"),
+            recipe=recipe(cfg, "federated", site_table),
             calibration=calibration,
             ood=ood,
             val_counts=val_counts,

@@ -194,11 +194,15 @@ REGISTRY: tuple[Statistic, ...] = (
         MessageKind.SITE_INFO,
         "site_info",
         "site-info counts",
-        "rows, labelled rows, train/val/test rows and unreadable images of the site's manifest",
-        {n: COUNTS for n in ("n_rows", "n_labelled", "n_train", "n_val", "n_test", "n_skipped_images")},
+        "rows, labelled rows, train/val/test rows and unreadable images of the site's manifest; whether the site "
+        "trains in bf16 autocast and whether its CPU has native bf16 (0 or 1: `train.precision: auto` resolves "
+        "there, and the run's recipe records it)",
+        {n: COUNTS for n in ("n_rows", "n_labelled", "n_train", "n_val", "n_test", "n_skipped_images")}
+        | {n: SCALARS for n in ("bf16_autocast", "native_bf16")},
         "the whole manifest",
         record=Key.METRICS,
-        protection="sent exactly: the server maps nodes to sites and plans the quorum with them (sizes, not outcomes)",
+        protection="sent exactly: the server maps nodes to sites and plans the quorum with them (sizes, not "
+        "outcomes); the two flags describe the site's hardware, not its cases",
     ),
     Statistic(
         MessageKind.TRAIN,

@@ -15,6 +15,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -514,8 +515,31 @@ def history_name(key: str) -> str:
     return f"history/{key}"
 
 
-def recipe(cfg: Config, mode: Mode) -> dict[str, Any]:
-    """The training recipe as run, in words both modes share; ``strnet compare`` prints where they differ."""
+def sites_precision_words(precision: str, sites: Mapping[str, Mapping[str, Any]]) -> str:
+    """What a federation's training sites trained at, from their own site-info reports.
+
+    A deployed site resolves ``train.precision: auto`` on its own CPU, which the server's host cannot answer for;
+    one word when every training site agrees, else each site's (a site that did not report says so)."""
+
+    def words(info: Mapping[str, Any]) -> str:
+        if "bf16_autocast" not in info:
+            return "not reported"
+        resolved = "bf16 autocast" if info["bf16_autocast"] else "fp32"
+        if precision != "auto":
+            return resolved
+        return f"{resolved} (auto: {'native' if info.get('native_bf16') else 'no native'} bf16 on the site's CPU)"
+
+    by_site = {site: words(info) for site, info in sorted(sites.items()) if info.get("role") == "train"}
+    if not by_site:
+        raise ValueError("no training site in the site table")
+    if len(set(by_site.values())) == 1:
+        return f"{next(iter(by_site.values()))} at every training site"
+    return "; ".join(f"{site}: {w}" for site, w in by_site.items())
+
+
+def recipe(cfg: Config, mode: Mode, sites: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """The training recipe as run, in words both modes share; ``strnet compare`` prints where they differ.
+    ``sites``: a federation's site table (site-info reports), whose training sites say what they trained at."""
     t, fed = (cfg.train if mode == "centralized" else cfg.federated_train()), cfg.federation
     out: dict[str, Any] = {
         "optimizer": f"AdamW lr {t.lr:g}, weight decay {t.weight_decay:g}, clip {t.grad_clip:g}, batch {t.batch_size}",
@@ -525,9 +549,13 @@ def recipe(cfg: Config, mode: Mode) -> dict[str, Any]:
         "warmup_epochs": cfg.loss.warmup_epochs,
         "members": _members_words(cfg, mode),
     }
-    # as resolved on this host: where a centralized run or a simulation's sites train (a deployed site resolves
-    # `auto` on its own CPU; summary.json's environment says which host this was)
-    out["precision"] = precision_words(t.precision, resolve_device())
+    # as resolved where the training ran: this host for a centralized run, each training site's own report for
+    # a federation (a deployed site resolves `auto` on its own CPU); summary.json's environment names this host
+    out["precision"] = (
+        sites_precision_words(t.precision, sites)
+        if mode == "federated" and sites is not None
+        else precision_words(t.precision, resolve_device())
+    )
     if mode == "centralized":
         return out | {
             "step": "epoch",

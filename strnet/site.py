@@ -36,6 +36,7 @@ from strnet.engine import (
     autocast_dtype,
     build_optimizer,
     class_weight,
+    cpu_has_native_bf16,
     make_loader,
     predict_loader,
     resolve_device,
@@ -121,7 +122,10 @@ class SiteRunner:
         return self._model
 
     def info(self) -> dict[str, int]:
-        """Counts only (the server's node -> site map and the data summary)."""
+        """Counts (the server's node -> site map and the data summary) and the arithmetic this site trains at:
+        ``train.precision: auto`` resolves on the site's own CPU, and bf16 and fp32 training of one recipe part
+        from the first epochs, so the run's recipe names what each site did
+        (:func:`strnet.run.sites_precision_words`)."""
         return {
             "n_rows": len(self.df),
             "n_labelled": int((self.df["label_cls"] != "").sum()),
@@ -129,6 +133,8 @@ class SiteRunner:
             "n_val": len(self.splits["val"]),
             "n_test": len(self.splits["test"]),
             "n_skipped_images": len(self.problems),
+            "bf16_autocast": int(self.amp_dtype is torch.bfloat16),
+            "native_bf16": int(cpu_has_native_bf16()),
         }
 
     def evaluation_frame(self) -> pd.DataFrame:

@@ -83,6 +83,14 @@ def test_both_modes_write_the_same_metric_names(scenario, tmp_path: Path) -> Non
     assert set(summaries[0]["sites"]) == set(summaries[1]["sites"]) == {"stage1", "stage2", "hospital"}
     assert set(summaries[0]["sites"]["hospital"]) == set(summaries[1]["sites"]["hospital"])
     assert [s["mode"] for s in summaries] == ["centralized", "federated"]
+    # the precision each mode trained at: this host's for the pooled run, the sites' own reports for a federation
+    assert summaries[0]["recipe"]["precision"] == "fp32"
+    assert summaries[1]["recipe"]["precision"] == "fp32 at every training site"
+    meta = json.loads((fed.bundle_dir / "metadata.json").read_text())
+    reported = meta["training"]["sites"]
+    assert {s: reported[s]["bf16_autocast"] for s in ("stage1", "stage2", "hospital")} == dict.fromkeys(
+        ("stage1", "stage2", "hospital"), 0
+    )
 
 
 def test_a_run_that_raises_is_marked_failed_in_both_modes(scenario, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -490,3 +490,25 @@ def test_an_image_t_score_target_trains_and_the_bundle_serves_the_paper_network(
     test = pd.read_csv(scenario.manifest).query("split == 'test'")
     pred = predict_frame(bundle, test, cache=None, precision="fp32", progress=False)
     assert pred["prob_bone_loss"].between(0, 1).all() and pred["t_score_estimate"].notna().all()
+
+
+def test_a_federation_records_what_each_training_site_trained_at() -> None:
+    """A deployed site resolves ``auto`` on its own CPU: the recipe takes each training site's report, not the
+    coordinator's host, and names the sites when they differ."""
+    from strnet.run import sites_precision_words
+
+    def site(role: str, bf16: int | None, native: int = 0) -> dict:
+        return {"role": role, "n_rows": 5} | ({} if bf16 is None else {"bf16_autocast": bf16, "native_bf16": native})
+
+    same = {"a": site("train", 0), "b": site("train", 0), "ext": site("external", 1, 1)}
+    assert sites_precision_words("fp32", same) == "fp32 at every training site"
+    mixed = {"a": site("train", 1, 1), "b": site("train", 0, 0), "ext": site("external", 0)}
+    assert sites_precision_words("auto", mixed) == (
+        "a: bf16 autocast (auto: native bf16 on the site's CPU); b: fp32 (auto: no native bf16 on the site's CPU)"
+    )
+    # a site on an older release that does not report its precision is named, not guessed
+    assert sites_precision_words("auto", {"a": site("train", 1, 1), "b": site("train", None)}).endswith(
+        "b: not reported"
+    )
+    with pytest.raises(ValueError, match="no training site"):
+        sites_precision_words("fp32", {"ext": site("external", 0)})
