@@ -297,6 +297,11 @@ def _check(cfg: Config) -> None:
         raise ConfigError(
             f"model.members={members} with privacy.dp: every member would spend the privacy budget again; set 1"
         )
+    if cfg.loss.bilateral and cfg.privacy.dp.enabled:
+        raise ConfigError(
+            f"loss.bilateral={cfg.loss.bilateral} with privacy.dp: the consistency term ties two cases in one loss, "
+            "where DP-SGD bounds each case's own gradient; set 0"
+        )
     fed = cfg.federation
     names = [site.name for site in fed.sites]
     if len(set(names)) != len(names):

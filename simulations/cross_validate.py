@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 from configs import Config, load_config
@@ -157,6 +158,29 @@ def cohort_auroc(frame: pd.DataFrame, *, n_boot: int = 2000, seed: int = 42) -> 
 
 def summarise(oof: pd.DataFrame, *, n_boot: int = 2000) -> dict[str, dict]:
     return {name: cohort_auroc(frame, n_boot=n_boot) for name, frame in cohorts(oof).items()}
+
+
+def bilateral_agreement(oof: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Left–right agreement of the out-of-fold scores, per cohort, over every film scored with one right and one
+    left knee (a film's knees sit in one fold, so one network scored both): films, the share whose two flags
+    differ (each at its fold's τ*), mean |P(R) − P(L)| and Spearman's ρ of P(R) against P(L)."""
+    out = {}
+    for name, frame in cohorts(oof).items():
+        side = frame["side"].astype(str).str.upper()
+        knees = frame.assign(film=_films(frame), side=side)[side.isin(["R", "L"])]
+        sides = knees.groupby("film")["side"].agg(lambda s: "".join(sorted(s)))
+        pairs = knees[knees["film"].isin(sides.index[sides == "LR"])]
+        wide = pairs.pivot(index="film", columns="side", values=["prob_bone_loss", "flag_bone_loss"])
+        p_r, p_l = wide[("prob_bone_loss", "R")].to_numpy(float), wide[("prob_bone_loss", "L")].to_numpy(float)
+        differ = wide[("flag_bone_loss", "R")].to_numpy(float) != wide[("flag_bone_loss", "L")].to_numpy(float)
+        n = len(wide)
+        out[name] = {
+            "films": n,
+            "flags_differ": float(differ.mean()) if n else float("nan"),
+            "mean_abs_dp": float(np.abs(p_r - p_l).mean()) if n else float("nan"),
+            "spearman": float(stats.spearmanr(p_r, p_l).statistic) if n >= 3 else float("nan"),
+        }
+    return out
 
 
 def per_film(oof: pd.DataFrame) -> pd.DataFrame:
@@ -408,6 +432,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--films", action="store_true", help="bilateral films as one whole-film row (bilateral_as_films)")
     r.add_argument("--no-tracking", action="store_true")
     r.add_argument("--out", required=True)
+    b = sub.add_parser("bilateral", help="left–right agreement of finished runs' out-of-fold scores, per source")
+    b.add_argument("run_dirs", nargs="+")
     c = sub.add_parser("compare", help="B − A per cohort, paired over radiographs")
     c.add_argument("a")
     c.add_argument("b")
@@ -440,6 +466,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "no-mirror":
         Path(args.out).mkdir(parents=True, exist_ok=True)
         rescore_without_mirror(Path(args.run_dir), Path(args.cache_dir)).to_csv(Path(args.out) / "oof.csv", index=False)
+        return 0
+    if args.command == "bilateral":
+        rows = {d: bilateral_agreement(pd.read_csv(Path(d) / "oof.csv", keep_default_na=False)) for d in args.run_dirs}
+        print(json.dumps(strict_json(rows), indent=1))
         return 0
     if args.command == "compare":
         read = [pd.read_csv(Path(d) / "oof.csv", keep_default_na=False) for d in (args.a, args.b)]

@@ -31,7 +31,7 @@ from strnet.data.cache import PreprocessCache
 from strnet.data.dataset import KneeDataset, screening_pos_weight
 from strnet.data.preprocess import PreprocessParams
 from strnet.errors import DataError
-from strnet.losses import LossWeights, MultiTaskLoss
+from strnet.losses import PARTNER_OUTPUT, LossWeights, MultiTaskLoss
 from strnet.memory import retain_freed_memory
 from strnet.privacy import DPParams, PrivateTraining, steps_per_epoch
 from strnet.schedule import RecipeSchedule, set_learning_rate
@@ -175,11 +175,13 @@ def make_loader(
     seed: int,
     num_workers: int = 0,
     balance: str = "none",
+    partners: bool = False,
 ) -> DataLoader:
     """A loader over ``df``; ``balance="source_label"`` replaces the shuffle by a seeded weighted draw (with
-    replacement, one epoch = len(df) knees) in which every (source, screening label) cell weighs the same."""
+    replacement, one epoch = len(df) knees) in which every (source, screening label) cell weighs the same.
+    ``partners``: each item also carries the other knee of its film (``loss.bilateral``)."""
     df = df.reset_index(drop=True)
-    dataset = KneeDataset(df, params, cache, augment=augment, seed=seed)
+    dataset = KneeDataset(df, params, cache, augment=augment, seed=seed, partners=partners)
     generator = torch.Generator().manual_seed(seed)
     sampler = None
     if shuffle and balance == "source_label":
@@ -283,9 +285,7 @@ def train_one_epoch(
         if params.max_steps_per_epoch is not None and step >= params.max_steps_per_epoch:
             break
         batch = _to_device(batch, device, params.channels_last)
-        with _autocast(device, amp_dtype):
-            outputs = model(batch["image"], batch["tabular"])
-        outputs = {k: v.float() for k, v in outputs.items()}
+        outputs = _forward(model, batch, device, amp_dtype, channels_last=params.channels_last)
         loss, parts = loss_fn(outputs, batch, epoch)
         if proximal is not None and proximal.mu > 0:
             term = proximal.term(model)
@@ -308,6 +308,36 @@ def train_one_epoch(
     result = {f"loss_{k}": v / max(n_seen, 1) for k, v in sums.items()}
     result.update(num_examples=float(n_seen), images_per_s=n_seen / max(elapsed, 1e-9), seconds=elapsed)
     return result
+
+
+def _forward(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    *,
+    channels_last: bool,
+) -> dict[str, torch.Tensor]:
+    """The model's outputs for the batch; with film partners (``loss.bilateral``) the partners of the knees that
+    have one run in the same forward pass (one set of BatchNorm batch statistics) and come back as
+    :data:`strnet.losses.PARTNER_OUTPUT`, the screening logits the consistency term compares."""
+    image, tabular = batch["image"], batch["tabular"]
+    has = batch.get("has_partner")
+    n = int(image.shape[0])
+    if has is not None and bool(has.any()):
+        image = torch.cat([image, batch["partner_image"][has].to(image.device)])
+        if channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        tabular = torch.cat([tabular, tabular[has]])  # the same patient: the same age, sex and BMI
+    with _autocast(device, amp_dtype):
+        outputs = model(image, tabular)
+    outputs = {k: v.float() for k, v in outputs.items()}
+    if int(image.shape[0]) == n:
+        if has is not None:
+            outputs[PARTNER_OUTPUT] = outputs["screen"][:0]
+        return outputs
+    partner = outputs["screen"][n:]
+    return {k: v[:n] for k, v in outputs.items()} | {PARTNER_OUTPUT: partner}
 
 
 def _is_private(optimizer: torch.optim.Optimizer) -> bool:
@@ -510,6 +540,7 @@ def fit(
         augment=augment,
         shuffle=True,
         balance=t.balance,
+        partners=loss_weights.bilateral > 0,
         **loader_args,
     )
     val_loader = make_loader(

@@ -23,6 +23,8 @@ from torch import nn
 
 OUTPUT_KEYS = {"screen": "y_screen", "severity": "y_severity", "t_score": "t_score"}
 IMAGE_T_OUTPUT = "t_score_image"  # the optional image-only T-score output (LossWeights.t_score_image)
+# the screening logits of the knees' film partners, one per knee with ``has_partner`` (LossWeights.bilateral)
+PARTNER_OUTPUT = "screen_partner"
 
 
 @dataclass(frozen=True)
@@ -39,9 +41,15 @@ class LossWeights:
     # the paper's detached branch never does (README, "An image-only T-score target"). Training only: the head is
     # not served and not written to a bundle (strnet.model.TRAINING_ONLY).
     t_score_image: float = 0.0
+    # Weight of a left–right consistency term: the mean squared difference between the screening logits of a
+    # training knee and the other knee of its film, drawn into the same step (0 = the paper: no such term). Why:
+    # bone loss is systemic, the two knees of a film share their label, and the served model's flags differed
+    # between the knees of one film in up to a third of bilateral films (issue 8); a network pushed to score
+    # both knees alike has less use for what differs between them (side markers, position, exposure).
+    bilateral: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("severity", "t_score", "t_score_image"):
+        for name in ("severity", "t_score", "t_score_image", "bilateral"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"LossWeights.{name} must be a finite number >= 0, got {value!r}")
@@ -114,11 +122,26 @@ class MultiTaskLoss(nn.Module):
             p, y = _masked(outputs[IMAGE_T_OUTPUT].float(), batch["t_score"].to(outputs[IMAGE_T_OUTPUT].device).float())
             terms[IMAGE_T_OUTPUT] = F.smooth_l1_loss(p, y) if p.numel() else _zero_like_graph(outputs[IMAGE_T_OUTPUT])
             total = total + self.weights.t_score_image * terms[IMAGE_T_OUTPUT]
+        if self.weights.bilateral:
+            terms[PARTNER_OUTPUT] = self._bilateral(outputs, batch)
+            total = total + self.weights.bilateral * terms[PARTNER_OUTPUT]
         if epoch >= self.weights.warmup_epochs:
             total = total + self.weights.t_score * terms["t_score"]
         parts = {k: float(v.detach()) for k, v in terms.items()}
         parts["total"] = float(total.detach())
         return total, parts
+
+    @staticmethod
+    def _bilateral(outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """mean over the batch's knees whose film partner was drawn with them of (z_knee − z_partner)²."""
+        if PARTNER_OUTPUT not in outputs or "has_partner" not in batch:
+            have = sorted(outputs)
+            raise KeyError(f"loss.bilateral > 0 needs each knee's partner scored ({PARTNER_OUTPUT!r}; have {have})")
+        screen = outputs["screen"].float()
+        has = batch["has_partner"].to(screen.device).bool()
+        if not has.any():
+            return _zero_like_graph(screen)
+        return ((screen[has] - outputs[PARTNER_OUTPUT].float()) ** 2).mean()
 
     def _smooth(self, y: torch.Tensor) -> torch.Tensor:
         eps = self.weights.label_smoothing

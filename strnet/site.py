@@ -217,6 +217,7 @@ class SiteRunner:
             seed=self.cfg.seed,
             num_workers=self.cfg.data.num_workers,
             balance=t.balance,
+            partners=self.cfg.loss.bilateral > 0,
         )
         stats: dict[str, float] = {}
         proximal = Proximal.of(self.model, proximal_mu) if proximal_mu > 0 else None

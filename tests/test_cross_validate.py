@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from scipy.stats import pearsonr
+from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import roc_auc_score
 
 import strnet.centralized
@@ -113,6 +113,28 @@ def test_compare_pairs_the_same_knees_and_refuses_other_folds() -> None:
         CV.compare(a, b.assign(fold=(b["fold"] + 1) % 3))
     with pytest.raises(ValueError, match="different knees"):
         CV.compare(a, b.iloc[:-2])
+
+
+def test_bilateral_agreement_reads_each_film_with_one_right_and_one_left_knee() -> None:
+    oof = _scored(0)
+    oof["flag_bone_loss"] = (oof["prob_bone_loss"] >= 0.6).astype(float)
+    oof = oof.drop(index=oof.index[oof["path"] == oof["path"].iloc[0]][1:])  # the first film keeps one knee
+    out = CV.bilateral_agreement(oof)
+    assert set(out) == {"pooled", "a", "b"} and out["pooled"]["films"] == oof["path"].nunique() - 1
+    for name, frame in (("pooled", oof), ("a", oof[oof["source"] == "a"])):
+        right, left = [], []
+        for _, film in frame.groupby("path"):
+            if sorted(film["side"]) == ["L", "R"]:
+                right.append(film[film["side"] == "R"].iloc[0])
+                left.append(film[film["side"] == "L"].iloc[0])
+        p_r = np.array([r["prob_bone_loss"] for r in right])
+        p_l = np.array([r["prob_bone_loss"] for r in left])
+        f_r = np.array([r["flag_bone_loss"] for r in right])
+        f_l = np.array([r["flag_bone_loss"] for r in left])
+        assert out[name]["films"] == len(right) > 0
+        assert out[name]["flags_differ"] == pytest.approx(np.mean(f_r != f_l))
+        assert out[name]["mean_abs_dp"] == pytest.approx(np.mean(np.abs(p_r - p_l)))
+        assert out[name]["spearman"] == pytest.approx(spearmanr(p_r, p_l).statistic)
 
 
 def test_whole_films_replace_both_knee_rows_and_keep_a_lone_knee() -> None:

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from strnet.data.augment import AugmentParams
 from strnet.data.cache import PreprocessCache
-from strnet.data.dataset import KneeDataset, encode_tabular, screening_pos_weight
+from strnet.data.dataset import KneeDataset, encode_tabular, partner_indices, screening_pos_weight
 from strnet.data.imageio import read_radiograph
 from strnet.data.manifest import normalize
 from strnet.data.preprocess import PreprocessParams, preprocess
@@ -146,3 +146,28 @@ def test_dataset_with_cache_pickles_for_spawned_workers(manifest: pd.DataFrame, 
     clone = pickle.loads(pickle.dumps(ds))
     assert torch.equal(clone[1]["image"], ds[1]["image"])
     assert clone.cache is not None and clone.cache._hashes == cache._hashes
+
+
+def test_a_knee_carries_its_film_partner_as_that_knee_is_drawn_on_its_own(manifest: pd.DataFrame) -> None:
+    """loss.bilateral: the other knee of a bilateral film, augmented with its own seed for the epoch."""
+    film = manifest.iloc[[0, 0]].assign(side=["R", "L"])
+    rows = normalize(pd.concat([film, manifest.iloc[1:]], ignore_index=True))
+    np.testing.assert_array_equal(partner_indices(rows), [1, 0, -1, -1, -1])
+    ds = KneeDataset(rows, PARAMS, None, augment=AugmentParams(border_mask_p=1.0), seed=3, partners=True)
+    ds.set_epoch(2)
+    first, second, single = ds[0], ds[1], ds[2]
+    assert torch.equal(first["partner_image"], second["image"]) and torch.equal(second["partner_image"], first["image"])
+    assert bool(first["has_partner"]) and not bool(single["has_partner"])
+    assert torch.count_nonzero(single["partner_image"]) == 0
+    assert "partner_image" not in KneeDataset(rows, PARAMS, None)[0]
+
+
+def test_only_one_right_and_one_left_knee_of_one_file_are_partners() -> None:
+    rows = pd.DataFrame(
+        {
+            "path": ["a.png", "A.PNG", "b.png", "b.png", "c.png", "c.png", "c.png", "d.png"],
+            "side": ["R", "l", "R", "R", "R", "L", "L", "R"],
+        }
+    )
+    # a and A: one film (case-folded, as the bilateral metrics read it); b: two right knees; c: three rows
+    np.testing.assert_array_equal(partner_indices(rows), [1, 0, -1, -1, -1, -1, -1, -1])

@@ -184,3 +184,27 @@ def test_image_t_score_weight_without_the_output_is_a_clear_error() -> None:
         MultiTaskLoss(pos_weight=1.0, weights=LossWeights(t_score_image=0.3))(outputs, batch, epoch=0)
     with pytest.raises(ValueError, match="t_score_image"):
         LossWeights(t_score_image=-0.1)
+
+
+def test_the_bilateral_term_is_the_mean_squared_logit_gap_of_the_knees_drawn_with_their_partner() -> None:
+    """loss.bilateral: λ · mean over knees with a partner of (z_knee − z_partner)², gradients into both."""
+    outputs, batch = _case()
+    has = torch.tensor([True, False, True, False, False, True])
+    partner = torch.tensor([0.5, -1.0, 2.0], requires_grad=True)
+    plain, _ = MultiTaskLoss(2.5, LossWeights())(outputs, batch, epoch=5)
+    loss_fn = MultiTaskLoss(2.5, LossWeights(bilateral=0.2))
+    total, parts = loss_fn(outputs | {"screen_partner": partner}, batch | {"has_partner": has}, epoch=5)
+    z = outputs["screen"].detach().numpy()[[0, 2, 5]]
+    gap = (z - np.array([0.5, -1.0, 2.0])) ** 2
+    assert parts["screen_partner"] == pytest.approx(gap.mean(), rel=1e-6)
+    assert float(total) == pytest.approx(float(plain) + 0.2 * gap.mean(), rel=1e-6)
+    total.backward()
+    np.testing.assert_allclose(partner.grad.numpy(), -2 * 0.2 * (z - [0.5, -1.0, 2.0]) / 3, rtol=1e-5)
+    # a batch in which no knee has its partner: the term is an exact 0, still in the graph
+    none = torch.zeros(6, dtype=torch.bool)
+    total, parts = loss_fn(outputs | {"screen_partner": partner[:0]}, batch | {"has_partner": none}, epoch=5)
+    assert parts["screen_partner"] == 0.0 and float(total) == pytest.approx(float(plain), rel=1e-6)
+    with pytest.raises(KeyError, match="partner"):
+        loss_fn(outputs, batch, epoch=5)
+    with pytest.raises(ValueError, match="bilateral"):
+        LossWeights(bilateral=-0.1)

@@ -512,3 +512,34 @@ def test_a_federation_records_what_each_training_site_trained_at() -> None:
     )
     with pytest.raises(ValueError, match="no training site"):
         sites_precision_words("fp32", {"ext": site("external", 0)})
+
+
+def test_a_bilateral_consistency_term_scores_each_knees_partner_in_the_same_pass(scenario, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """loss.bilateral: the training step runs the drawn knees' film partners with them, and the partners' logits
+    are what the network gives those images (checked in eval mode, where BatchNorm reads no batch statistics)."""
+    from strnet.data.dataset import partner_indices
+    from strnet.engine import _forward, make_loader
+    from strnet.errors import ConfigError
+    from strnet.model import build_strnet
+
+    rows = pd.read_csv(scenario.manifest).query("split == 'train'").reset_index(drop=True)
+    assert (partner_indices(rows) >= 0).sum() >= 4, "the scenario should hold bilateral training films"
+    cfg = tiny_config(tmp_path, scenario.manifest)
+    loader = make_loader(rows, cfg.preprocess, None, batch_size=16, augment=None, shuffle=False, seed=0, partners=True)
+    batch = next(iter(loader))
+    model = build_strnet(backbone="tiny", weights="none").eval()
+    with torch.no_grad():
+        out = _forward(model, batch, torch.device("cpu"), None, channels_last=False)
+        alone = model(batch["image"], batch["tabular"])["screen"]
+        has = batch["has_partner"]
+        partner = model(batch["partner_image"][has], batch["tabular"][has])["screen"]
+    torch.testing.assert_close(out["screen"], alone)
+    torch.testing.assert_close(out["screen_partner"], partner)
+    assert int(has.sum()) == len(partner) > 0
+    # a whole run with the term logs it and trains
+    cfg = tiny_config(tmp_path / "run", scenario.manifest, **{"loss.bilateral": "0.5"})
+    result = run_centralized(cfg, tracker=None, progress=False)
+    assert all(np.isfinite(h["train_loss_screen_partner"]) for h in result.history)
+    assert any(h["train_loss_screen_partner"] > 0 for h in result.history)
+    with pytest.raises(ConfigError, match=r"loss\.bilateral"):
+        load_config("demo", ["loss.bilateral=0.1", "privacy.dp.enabled=true"])

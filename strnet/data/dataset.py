@@ -76,6 +76,7 @@ class KneeDataset(Dataset):
         cache: PreprocessCache | None,
         augment: AugmentParams | None = None,
         seed: int = 42,
+        partners: bool = False,
     ) -> None:
         self.df = normalize(df.reset_index(drop=True))
         self.params = params
@@ -98,6 +99,8 @@ class KneeDataset(Dataset):
         self._y_screen = np.array([screening_target(c) for c in self.df["label_cls"]], np.float32)
         self._y_severity = np.array([severity_target(c) for c in self.df["label_cls"]], np.float32)
         self._t_score = self.df["t_score"].to_numpy(np.float32)
+        # each knee's film partner (the other knee of its bilateral film, when both rows are here), else -1
+        self._partner = partner_indices(self.df) if partners else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -115,6 +118,24 @@ class KneeDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} cases")
+        item = {
+            "image": self.image(index),
+            "tabular": torch.from_numpy(self._tabular[index].copy()),
+            "y_screen": torch.tensor(self._y_screen[index]),
+            "y_severity": torch.tensor(self._y_severity[index]),
+            "t_score": torch.tensor(self._t_score[index]),
+            "index": torch.tensor(index, dtype=torch.int64),
+        }
+        if self._partner is not None:
+            # the partner as it is drawn as its own item this epoch (its own augmentation seed); a knee without
+            # one carries zeros, which the training step leaves out
+            partner = int(self._partner[index])
+            item["has_partner"] = torch.tensor(partner >= 0)
+            item["partner_image"] = self.image(partner) if partner >= 0 else torch.zeros_like(item["image"])
+        return item
+
+    def image(self, index: int) -> torch.Tensor:
+        """The normalised [1,S,S] input of row ``index``, augmented when the dataset augments."""
         pixels = np.asarray(self.load(index), dtype=np.float32)
         if self.augmenter is not None:
             generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
@@ -126,11 +147,19 @@ class KneeDataset(Dataset):
             normalized = np.subtract(pixels, self.params.mean, dtype=np.float32)
             np.divide(normalized, self.params.std, out=normalized)
             image = torch.from_numpy(normalized).unsqueeze(0)
-        return {
-            "image": image,
-            "tabular": torch.from_numpy(self._tabular[index].copy()),
-            "y_screen": torch.tensor(self._y_screen[index]),
-            "y_severity": torch.tensor(self._y_severity[index]),
-            "t_score": torch.tensor(self._t_score[index]),
-            "index": torch.tensor(index, dtype=torch.int64),
-        }
+        return image
+
+
+def partner_indices(df: pd.DataFrame) -> np.ndarray:
+    """For each row, the row of the other knee of its film (same file, one right and one left knee), else -1.
+
+    A film is its path, case-folded as the bilateral metrics read it; a file with one knee row, or with rows
+    that are not one R and one L, has no partner."""
+    out = np.full(len(df), -1, np.int64)
+    film = df["path"].astype(str).str.lower().to_numpy()
+    side = df["side"].fillna("").astype(str).str.upper().to_numpy()
+    for rows in pd.Series(np.arange(len(df))).groupby(film).groups.values():
+        rows = np.asarray(list(rows))
+        if len(rows) == 2 and sorted(side[rows]) == ["L", "R"]:
+            out[rows[0]], out[rows[1]] = rows[1], rows[0]
+    return out
