@@ -84,7 +84,7 @@ CV_RUN := $(BIN)/python -m simulations.cross_validate run --config cpu --manifes
 CV_VARIANTS := smooth:--set=loss.label_smoothing=0.1 nobalance:--set=train.balance=none \
 	film:--films,--folds-from=$(CV)/base joint:--set=preprocess.crop=joint train3:--set=model.trainable_stages=3 \
 	imaget:--set=loss.t_score_image=0.3 imaget01:--set=loss.t_score_image=0.1 bilateral:--set=loss.bilateral=0.1 \
-	bilateral1:--set=loss.bilateral=1
+	bilateral1:--set=loss.bilateral=1 epochs24:--set=train.epochs=24
 real-data-cv: real-data-prepare
 	$(CV_RUN) --out $(CV)/base
 	$(BIN)/python -m simulations.cross_validate no-mirror $(CV)/base --out $(CV)/nomirror
