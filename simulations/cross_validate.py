@@ -15,6 +15,7 @@ real share every one of the 24 normal Mendeley knees of training and validation 
         --set model.members=1 --set loss.label_smoothing=0.1 --out runs/cv/smooth
     python -m simulations.cross_validate compare runs/cv/base runs/cv/smooth
     python -m simulations.cross_validate no-mirror runs/cv/base --out runs/cv/base-nomirror
+    python -m simulations.cross_validate markers runs/cv/base --out runs/cv/base-markers
     python -m simulations.cross_validate covariates runs/cv/base --columns age
     python -m simulations.cross_validate tscore runs/cv/base --out runs/cv/tscore
 
@@ -276,10 +277,12 @@ def run(
     return done
 
 
-def rescore_without_mirror(run_dir: Path, cache_dir: Path | None) -> pd.DataFrame:
-    """Every fold's network scores its own out-of-fold knees again without test-time mirror averaging: the
-    inference-time half of a recipe tested on the same networks (its Platt fit was made with averaging, which
-    leaves each fold's ranking as the network's own)."""
+def rescore(run_dir: Path, cache_dir: Path | None, *, mirror: bool = True, mask_markers: bool = False) -> pd.DataFrame:
+    """Every fold's network scores its own out-of-fold knees again, changed at inference only: without test-time
+    mirror averaging (``mirror=False``), or with side markers painted out of the images (``mask_markers``,
+    :mod:`strnet.data.markers`). The same networks on the same knees, so a difference is what the change does at
+    inference; its Platt fit was made on the unchanged inputs, which leaves each fold's ranking as the network's
+    own."""
     from strnet.bundle import load_bundle
     from strnet.data.cache import PreprocessCache
     from strnet.evaluation import predict_frame
@@ -290,7 +293,10 @@ def rescore_without_mirror(run_dir: Path, cache_dir: Path | None) -> pd.DataFram
         manifest = read_manifest(fold_dir / "manifest.csv")
         rows = manifest[manifest["split"] == "test"].reset_index(drop=True)
         bundle = load_bundle(fold_dir / "bundle")
-        bundle.metadata["model"]["test_time_mirror"] = False
+        if not mirror:
+            bundle.metadata["model"]["test_time_mirror"] = False
+        if mask_markers:
+            bundle.metadata["preprocess"]["mask_markers"] = True
         parts.append(predict_frame(bundle, rows, cache=cache, progress=False).assign(fold=int(fold_dir.name[5:])))
     if not parts:
         raise ValueError(f"{run_dir}: no fold-* folders (not a cross_validate run)")
@@ -442,6 +448,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     m.add_argument("run_dir")
     m.add_argument("--cache-dir", default=".cache/preprocessed")
     m.add_argument("--out", required=True)
+    k = sub.add_parser("markers", help="a finished run's fold networks re-scored with side markers painted out")
+    k.add_argument("run_dir")
+    k.add_argument("--cache-dir", default=".cache/preprocessed")
+    k.add_argument("--out", required=True)
     v = sub.add_parser("covariates", help="clinical columns alone on a finished run's folds, per source")
     v.add_argument("run_dir")
     v.add_argument("--columns", nargs="+", default=["age"])
@@ -463,9 +473,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         oof = pd.read_csv(Path(args.run_dir) / "oof.csv", keep_default_na=False)
         print(json.dumps(strict_json(summarise(covariate_oof(oof, args.columns))), indent=1))
         return 0
-    if args.command == "no-mirror":
+    if args.command in ("no-mirror", "markers"):
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        rescore_without_mirror(Path(args.run_dir), Path(args.cache_dir)).to_csv(Path(args.out) / "oof.csv", index=False)
+        change = {"mirror": False} if args.command == "no-mirror" else {"mask_markers": True}
+        oof = rescore(Path(args.run_dir), Path(args.cache_dir), **change)
+        oof.to_csv(Path(args.out) / "oof.csv", index=False)
         return 0
     if args.command == "bilateral":
         rows = {d: bilateral_agreement(pd.read_csv(Path(d) / "oof.csv", keep_default_na=False)) for d in args.run_dirs}

@@ -202,11 +202,11 @@ def test_a_tiny_cross_validation_scores_every_pooled_knee_once_and_resumes(
     assert oof["prob_bone_loss"].between(0, 1).all()
 
     # the same networks on the same knees without mirror averaging: every knee in its fold, other scores
-    plain = CV.rescore_without_mirror(tmp_path / "cv", tmp_path / "cache")
+    plain = CV.rescore(tmp_path / "cv", tmp_path / "cache", mirror=False)
     pd.testing.assert_frame_equal(plain[["path", "side", "fold"]], oof[["path", "side", "fold"]])
     assert not np.allclose(plain["prob_bone_loss"], oof["prob_bone_loss"])
     with pytest.raises(ValueError, match="not a cross_validate run"):
-        CV.rescore_without_mirror(tmp_path / "cache", None)
+        CV.rescore(tmp_path / "cache", None)
 
     # each fold's network refits its T-score branch with the image adapter on, off and auto: auto is one of the two
     ts = CV.refit_tscore(tmp_path / "cv", tmp_path / "cache", replace(cfg.tscore, rounds=3, patience=0))

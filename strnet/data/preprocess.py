@@ -29,6 +29,7 @@ import numpy as np
 
 from strnet.data.imageio import read_radiograph
 from strnet.data.joint import joint_square
+from strnet.data.markers import mask_markers
 
 # Longest side of the 8-bit copy Otsu sees; bigger buys nothing for a bounding box and costs time.
 OTSU_MAX_SIDE = 512
@@ -52,6 +53,8 @@ class PreprocessParams:
     std: float = 0.25
     # "joint": after the foreground crop, a square centred on the knee joint of a tall crop (strnet.data.joint)
     crop: Literal["foreground", "joint"] = "foreground"
+    # paint out lead side markers and similar labels before the crop (strnet.data.markers)
+    mask_markers: bool = False
 
     def __post_init__(self) -> None:
         # Coerce lists from JSON/YAML so equal settings give equal fingerprints and hashable params.
@@ -67,6 +70,8 @@ class PreprocessParams:
             raise ValueError(f"clip_percentiles={self.clip_percentiles} must be two values 0 <= low < high <= 100")
         if not self.std > 0:
             raise ValueError(f"std={self.std} must be > 0")
+        if not isinstance(self.mask_markers, bool):
+            raise ValueError(f"mask_markers={self.mask_markers!r} must be true or false")
         if self.crop not in ("foreground", "joint"):
             raise ValueError(f"crop={self.crop!r} must be 'foreground' or 'joint'")
 
@@ -78,11 +83,14 @@ class PreprocessParams:
     def fingerprint(self) -> str:
         """Stable across processes and Python versions (sorted JSON, not ``hash()``).
 
-        The default crop is left out, so caches and bundles made before the option existed keep their keys.
+        The default crop and marker setting are left out, so caches and bundles made before the options existed
+        keep their keys.
         """
         d = self.to_dict()
         if d["crop"] == "foreground":
             del d["crop"]
+        if not d["mask_markers"]:
+            del d["mask_markers"]
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -294,6 +302,8 @@ def preprocess(img: np.ndarray, params: PreprocessParams) -> np.ndarray:
         raise ValueError(f"expected a 2-D image, got shape {img.shape}")
     size = int(params.size)
     work = _working_image(img)
+    if params.mask_markers:
+        work = mask_markers(work)
     y0, y1, x0, x1 = foreground_box(work, params)
     crop = work[y0:y1, x0:x1]
     if params.crop == "joint":
