@@ -171,6 +171,14 @@ def bilateral_agreement(oof: pd.DataFrame) -> dict[str, dict[str, float]]:
         knees = frame.assign(film=_films(frame), side=side)[side.isin(["R", "L"])]
         sides = knees.groupby("film")["side"].agg(lambda s: "".join(sorted(s)))
         pairs = knees[knees["film"].isin(sides.index[sides == "LR"])]
+        if pairs.empty:  # whole-film rows, or one knee per film
+            out[name] = {
+                "films": 0,
+                "flags_differ": float("nan"),
+                "mean_abs_dp": float("nan"),
+                "spearman": float("nan"),
+            }
+            continue
         wide = pairs.pivot(index="film", columns="side", values=["prob_bone_loss", "flag_bone_loss"])
         p_r, p_l = wide[("prob_bone_loss", "R")].to_numpy(float), wide[("prob_bone_loss", "L")].to_numpy(float)
         differ = wide[("flag_bone_loss", "R")].to_numpy(float) != wide[("flag_bone_loss", "L")].to_numpy(float)

@@ -135,6 +135,8 @@ def test_bilateral_agreement_reads_each_film_with_one_right_and_one_left_knee() 
         assert out[name]["flags_differ"] == pytest.approx(np.mean(f_r != f_l))
         assert out[name]["mean_abs_dp"] == pytest.approx(np.mean(np.abs(p_r - p_l)))
         assert out[name]["spearman"] == pytest.approx(spearmanr(p_r, p_l).statistic)
+    films = CV.bilateral_agreement(CV.bilateral_as_films(oof))  # whole films: no knee pairs left to compare
+    assert films["pooled"]["films"] == 0 and np.isnan(films["pooled"]["spearman"])
 
 
 def test_whole_films_replace_both_knee_rows_and_keep_a_lone_knee() -> None:
