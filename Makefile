@@ -84,12 +84,18 @@ CV_RUN := $(BIN)/python -m simulations.cross_validate run --config cpu --manifes
 CV_VARIANTS := smooth:--set=loss.label_smoothing=0.1 nobalance:--set=train.balance=none \
 	film:--films,--folds-from=$(CV)/base joint:--set=preprocess.crop=joint train3:--set=model.trainable_stages=3 \
 	imaget:--set=loss.t_score_image=0.3 imaget01:--set=loss.t_score_image=0.1 bilateral:--set=loss.bilateral=0.1 \
-	bilateral1:--set=loss.bilateral=1 epochs24:--set=train.epochs=24
+	bilateral1:--set=loss.bilateral=1 epochs24:--set=train.epochs=24 markers:--set=preprocess.mask_markers=true
 real-data-cv: real-data-prepare
 	$(CV_RUN) --out $(CV)/base
 	$(BIN)/python -m simulations.cross_validate no-mirror $(CV)/base --out $(CV)/nomirror
 	$(BIN)/python -m simulations.cross_validate compare $(CV)/base $(CV)/nomirror > $(CV)/nomirror/knees.json
 	$(BIN)/python -m simulations.cross_validate tscore $(CV)/base --out $(CV)/tscore
+	$(BIN)/python -m simulations.cross_validate markers $(CV)/base --out $(CV)/base-markers
+	$(BIN)/python -m simulations.cross_validate compare $(CV)/base $(CV)/base-markers > $(CV)/base-markers/knees.json
+	$(BIN)/python -m simulations.plain_baseline --folds-from $(CV)/base --out $(CV)/plain
+	$(BIN)/python -m simulations.plain_baseline --folds-from $(CV)/base --films --out $(CV)/plain-films
+	$(BIN)/python -m simulations.cross_validate compare $(CV)/base $(CV)/plain > $(CV)/plain/knees.json
+	$(BIN)/python -m simulations.cross_validate compare --films $(CV)/base $(CV)/plain-films > $(CV)/plain-films/films.json
 	for v in $(CV_VARIANTS); do name=$${v%%:*}; args=$$(echo $${v#*:} | tr ',' ' '); \
 	  $(CV_RUN) --out $(CV)/$$name $$args || exit 1; \
 	  $(BIN)/python -m simulations.cross_validate compare --films $(CV)/base $(CV)/$$name > $(CV)/$$name/films.json || exit 1; \
