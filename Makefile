@@ -94,6 +94,7 @@ real-data-cv: real-data-prepare
 	$(BIN)/python -m simulations.cross_validate compare $(CV)/base $(CV)/base-markers > $(CV)/base-markers/knees.json
 	$(BIN)/python -m simulations.plain_baseline --folds-from $(CV)/base --out $(CV)/plain
 	$(BIN)/python -m simulations.plain_baseline --folds-from $(CV)/base --films --out $(CV)/plain-films
+	$(BIN)/python -m simulations.plain_baseline --folds-from $(CV)/base --input pipeline --out $(CV)/plain-pipeline
 	$(BIN)/python -m simulations.cross_validate compare $(CV)/base $(CV)/plain > $(CV)/plain/knees.json
 	$(BIN)/python -m simulations.cross_validate compare --films $(CV)/base $(CV)/plain-films > $(CV)/plain-films/films.json
 	for v in $(CV_VARIANTS); do name=$${v%%:*}; args=$$(echo $${v#*:} | tr ',' ' '); \
