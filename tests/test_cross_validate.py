@@ -14,8 +14,10 @@ from sklearn.metrics import roc_auc_score
 
 import strnet.centralized
 from configs import load_config
+from simulations import bilateral_drivers as BD
 from simulations import cross_validate as CV
 from simulations.scenario import build_synthetic_scenario
+from strnet.bundle import load_bundle
 from strnet.data.manifest import read_manifest
 from tests.tiny import TINY_RUN
 
@@ -209,6 +211,16 @@ def test_a_tiny_cross_validation_scores_every_pooled_knee_once_and_resumes(
     assert not np.allclose(plain["prob_bone_loss"], oof["prob_bone_loss"])
     with pytest.raises(ValueError, match="not a cross_validate run"):
         CV.rescore(tmp_path / "cache", None)
+
+    # the left-right diagnosis re-renders each bilateral film's knees from the pipeline's steps: its "as trained"
+    # rendering must give the run's own out-of-fold scores (interventions raises otherwise)
+    params = load_bundle(tmp_path / "cv" / "fold-0" / "bundle").preprocess
+    pairs = BD.load_films(oof, params)
+    assert len(pairs) >= 3
+    drivers = BD.interventions(tmp_path / "cv", pairs, params).set_index("variant")
+    assert list(drivers.index) == list(BD.VARIANTS)
+    assert drivers.loc["as trained", "knee_moved"] < BD.REPRODUCE_ATOL
+    assert drivers.loc["matched crop", "knee_moved"] > drivers.loc["as trained", "knee_moved"]
 
     # each fold's network refits its T-score branch with the image adapter on, off and auto: auto is one of the two
     ts = CV.refit_tscore(tmp_path / "cv", tmp_path / "cache", replace(cfg.tscore, rounds=3, patience=0))

@@ -90,10 +90,9 @@ class PreprocessCache:
         cached = _load_entry(target, params.size)
         if cached is not None:
             return cached
-        img = _pre.load_preprocessed(path, side, params)
-        q = np.rint(np.clip(img, 0.0, 1.0) * _QMAX).astype(np.uint16)
+        q = quantize(_pre.load_preprocessed(path, side, params))
         _atomic_save(target, q)
-        return q.astype(np.float32) / np.float32(_QMAX)
+        return dequantize(q)
 
     def warm(
         self,
@@ -143,6 +142,15 @@ def _load_entry(target: Path, size: int) -> np.ndarray | None:
         return None
     if q.dtype != np.uint16 or q.shape != (size, size):
         return None
+    return dequantize(q)
+
+
+def quantize(img: np.ndarray) -> np.ndarray:
+    """A preprocessed [0, 1] image as the cache stores it: what training and scoring read back."""
+    return np.rint(np.clip(img, 0.0, 1.0) * _QMAX).astype(np.uint16)
+
+
+def dequantize(q: np.ndarray) -> np.ndarray:
     return q.astype(np.float32) / np.float32(_QMAX)
 
 

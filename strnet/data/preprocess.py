@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -300,16 +300,34 @@ def preprocess(img: np.ndarray, params: PreprocessParams) -> np.ndarray:
     img = np.asarray(img)
     if img.ndim != 2:
         raise ValueError(f"expected a 2-D image, got shape {img.shape}")
-    size = int(params.size)
-    work = _working_image(img)
-    if params.mask_markers:
-        work = mask_markers(work)
-    y0, y1, x0, x1 = foreground_box(work, params)
+    work = working_image(img, params)
+    y0, y1, x0, x1 = crop_box(work, params)
     crop = work[y0:y1, x0:x1]
+    return render(crop, histogram_percentiles(crop, params.clip_percentiles), params.size)
+
+
+def working_image(img: np.ndarray, params: PreprocessParams) -> np.ndarray:
+    """The pixels the crop is cut from: the cheapest exact dtype, side markers painted out when asked."""
+    work = _working_image(img)
+    return mask_markers(work) if params.mask_markers else work
+
+
+def crop_box(work: np.ndarray, params: PreprocessParams) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1), end-exclusive, of the knee crop in ``work``: the foreground box, then the joint square."""
+    y0, y1, x0, x1 = foreground_box(work, params)
     if params.crop == "joint":
-        j0, j1, i0, i1 = joint_square(crop)
-        crop = crop[j0:j1, i0:i1]
-    p_lo, p_hi = histogram_percentiles(crop, params.clip_percentiles)
+        j0, j1, i0, i1 = joint_square(work[y0:y1, x0:x1])
+        y0, y1, x0, x1 = y0 + j0, y0 + j1, x0 + i0, x0 + i1
+    return y0, y1, x0, x1
+
+
+def render(crop: np.ndarray, window: Sequence[float], size: int) -> np.ndarray:
+    """``crop`` clipped to ``window`` (low, high), resized to ``size`` squared and scaled to [0, 1].
+
+    Kept apart from the window's choice so a diagnosis can render one knee with another knee's window
+    (``simulations.bilateral_drivers``); :func:`preprocess` passes the crop's own percentiles."""
+    size = int(size)
+    p_lo, p_hi = float(window[0]), float(window[1])
     if not p_hi > p_lo:
         return np.zeros((size, size), np.float32)
     lo32 = np.float32(p_lo)
