@@ -92,6 +92,7 @@ real-data-cv: real-data-prepare
 	$(BIN)/python -m simulations.cross_validate tscore $(CV)/base --out $(CV)/tscore
 	$(BIN)/python -m simulations.cross_validate markers $(CV)/base --out $(CV)/base-markers
 	$(BIN)/python -m simulations.cross_validate compare $(CV)/base $(CV)/base-markers > $(CV)/base-markers/knees.json
+	$(BIN)/python -m simulations.bilateral_drivers $(CV)/base --out $(CV)/base-drivers
 	$(BIN)/python -m simulations.plain_baseline --folds-from $(CV)/base --out $(CV)/plain
 	$(BIN)/python -m simulations.plain_baseline --folds-from $(CV)/base --films --out $(CV)/plain-films
 	$(BIN)/python -m simulations.plain_baseline --folds-from $(CV)/base --input pipeline --out $(CV)/plain-pipeline
