@@ -75,6 +75,14 @@ class Bundle:
         return bool(self.metadata.get("model", {}).get("test_time_mirror", False))
 
     @property
+    def precision(self) -> str:
+        """The autocast setting the bundle was calibrated and its τ* chosen at (its run's ``train.precision``),
+        which serving uses unless told otherwise: on a CPU with native bf16, ``auto`` serves an fp32 bundle in
+        bf16, which moved the cross-validated knees' probabilities by 0.012 on average (up to 0.16) and changed
+        5 of 333 flags at τ*. Bundles without a recorded run config are served ``auto``."""
+        return str(self.metadata.get("training", {}).get("config", {}).get("train", {}).get("precision", "auto"))
+
+    @property
     def histogram_bins(self) -> int:
         """The score histogram of the run that made the bundle (evaluations report the same binned statistics)."""
         return int(self.metadata.get("training", {}).get("config", {}).get("threshold", {}).get("histogram_bins", 1000))

@@ -48,7 +48,7 @@ def predict_frame(
     *,
     cache: PreprocessCache | None,
     batch_size: int = 32,
-    precision: str = "auto",
+    precision: str | None = None,
     device: torch.device | None = None,
     with_mirror: bool = False,
     with_features: bool = False,
@@ -57,6 +57,7 @@ def predict_frame(
     """One row per manifest row: calibrated and uncalibrated probability, flag at τ*, severity, T-score estimate,
     and the targets; ``with_mirror`` adds the probability served for the mirrored image (mirror stability),
     ``with_features`` a ``neck_features`` column (one array per row: what out-of-distribution scoring reads).
+    ``precision`` None serves at the bundle's own (:attr:`Bundle.precision`), where its τ* was chosen.
 
     Channels-last on every device: on CPU it is what the training step runs (1.2-2x faster convolutions)."""
     device = device or resolve_device()
@@ -66,7 +67,7 @@ def predict_frame(
         model,
         loader,
         device=device,
-        amp_dtype=autocast_dtype(precision, device),
+        amp_dtype=autocast_dtype(precision or bundle.precision, device),
         channels_last=True,
         test_time_mirror=bundle.test_time_mirror,
         with_mirror=with_mirror,
@@ -154,7 +155,7 @@ def evaluate_bundle(
     n_boot: int,
     seed: int,
     n_bins: int,
-    precision: str = "auto",
+    precision: str | None = None,
     figures: bool = True,
 ) -> EvaluationResult:
     """Predict, score at the bundle's τ*, draw figures (unless ``figures`` is false: ``evaluate.figures``) and

@@ -154,7 +154,7 @@ def predict_files(
     *,
     clinical_csv: str | Path | None = None,
     gradcam_dir: str | Path | None = None,
-    precision: str = "auto",
+    precision: str | None = None,
     workers: int = 2,
 ) -> pd.DataFrame:
     """The output table for every input file: chunks of files are decoded on ``workers`` threads (OpenCV releases
@@ -222,7 +222,7 @@ def _predict_chunk(
     problems: list[list[str]],
     decoded: DecodedKnees,
     ood: OODModel | None,
-    precision: str,
+    precision: str | None,
 ) -> list[dict]:
     """One record per knee row of ``df``: the screening outputs, or the reason the knee is not judged."""
     pred = predict_frame(bundle, df, cache=decoded, precision=precision, with_features=ood is not None, progress=False)

@@ -18,7 +18,7 @@ from configs import load_config
 from server.tracking import Tracker, search_runs
 from simulations.scenario import build_synthetic_scenario
 from strnet import metrics as M
-from strnet.bundle import load_bundle
+from strnet.bundle import Bundle, load_bundle
 from strnet.centralized import run_centralized
 from strnet.cli import main as cli_main
 from strnet.errors import DataError
@@ -206,6 +206,27 @@ def test_precision_words_say_what_auto_resolved_to(monkeypatch: pytest.MonkeyPat
     )
     assert (engine.autocast_dtype("auto", cpu) is torch.bfloat16) == native
     assert engine.precision_words("fp32", cpu) == "fp32" and engine.precision_words("bf16", cpu) == "bf16 autocast"
+
+
+def test_a_bundle_is_served_at_the_precision_its_threshold_was_chosen_at(
+    scenario, trained, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """The run pinned fp32 and chose τ* on fp32 probabilities; where ``auto`` means bf16 (a CPU with native bf16),
+    serving must still be fp32 unless asked otherwise, or knees near τ* change flags (5 of 333 real knees did)."""
+    from strnet import engine
+
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
+    _, cfg, result, _ = trained
+    bundle = load_bundle(result.bundle_dir)
+    assert bundle.precision == cfg.train.precision == "fp32"
+    rows = pd.read_csv(scenario.manifest).head(8)
+    served = predict_frame(bundle, rows, cache=None, progress=False)["prob_bone_loss"]
+    fp32 = predict_frame(bundle, rows, cache=None, precision="fp32", progress=False)["prob_bone_loss"]
+    bf16 = predict_frame(bundle, rows, cache=None, precision="auto", progress=False)["prob_bone_loss"]
+    np.testing.assert_array_equal(served, fp32)
+    assert not np.array_equal(served, bf16)  # auto really is bf16 here: the default is what changed
+    legacy = Bundle(bundle.model, {k: v for k, v in bundle.metadata.items() if k != "training"})
+    assert legacy.precision == "auto"  # a bundle that records no run config is served as before
 
 
 def test_tampered_bundle_is_refused(trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
