@@ -17,6 +17,7 @@ real share every one of the 24 normal Mendeley knees of training and validation 
     python -m simulations.cross_validate no-mirror runs/cv/base --out runs/cv/base-nomirror
     python -m simulations.cross_validate markers runs/cv/base --out runs/cv/base-markers
     python -m simulations.cross_validate covariates runs/cv/base --columns age
+    python -m simulations.cross_validate ensemble runs/cv/base runs/cv/seed43 --out runs/cv/ensemble
     python -m simulations.cross_validate tscore runs/cv/base --out runs/cv/tscore
 
 ``run`` writes ``oof.csv`` (every scored knee with its fold) and ``cv.json`` (AUROC per cohort: all folds'
@@ -311,6 +312,38 @@ def rescore(run_dir: Path, cache_dir: Path | None, *, mirror: bool = True, mask_
     return pd.concat(parts, ignore_index=True)
 
 
+def ensemble(run_dirs: Sequence[Path], cache_dir: Path | None) -> pd.DataFrame:
+    """Finished runs on the same folds (other seeds of one recipe) combined fold by fold as ``strnet train``
+    combines ``model.members``: each fold's networks as one :class:`~strnet.ensemble.STRNetEnsemble`, its Platt
+    calibration and τ* fitted on that fold's validation knees (``simulations.seed_ensemble.combine``), then its
+    out-of-fold knees scored. The folds must hold the same knees in every run."""
+    from simulations.seed_ensemble import combine
+    from strnet.bundle import load_bundle
+    from strnet.data.cache import PreprocessCache
+    from strnet.evaluation import predict_frame
+
+    if len(run_dirs) < 2:
+        raise ValueError("an ensemble needs at least two runs")
+    cache = PreprocessCache(cache_dir) if cache_dir else None
+    folds = [sorted(d.glob("fold-*"), key=lambda f: int(f.name.split("-")[1])) for d in run_dirs]
+    names = [[f.name for f in fs] for fs in folds]
+    if not names[0] or any(n != names[0] for n in names):
+        raise ValueError(f"runs {[str(d) for d in run_dirs]} do not hold the same fold-* folders: {names}")
+    parts = []
+    for fold_dirs in zip(*folds, strict=True):
+        manifests = [read_manifest(f / "manifest.csv") for f in fold_dirs]
+        keys = [sorted(zip(m["path"], m["side"], m["split"], strict=True)) for m in manifests]
+        if any(k != keys[0] for k in keys):
+            raise ValueError(f"{[str(f) for f in fold_dirs]}: the runs cut this fold differently")
+        manifest = manifests[0]
+        val = manifest[manifest["split"] == "val"].reset_index(drop=True)
+        rows = manifest[manifest["split"] == "test"].reset_index(drop=True)
+        model = combine([load_bundle(f / "bundle") for f in fold_dirs], val, cache)
+        fold = int(fold_dirs[0].name[5:])
+        parts.append(predict_frame(model, rows, cache=cache, progress=False).assign(fold=fold))
+    return pd.concat(parts, ignore_index=True)
+
+
 def covariate_oof(oof: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
     """A logistic regression on clinical columns alone, per source, trained on the other folds' knees of a run:
     what the same folds give without the image (rows missing a column are left out)."""
@@ -460,6 +493,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     k.add_argument("run_dir")
     k.add_argument("--cache-dir", default=".cache/preprocessed")
     k.add_argument("--out", required=True)
+    e = sub.add_parser("ensemble", help="finished runs on the same folds (other seeds) combined fold by fold")
+    e.add_argument("run_dirs", nargs="+")
+    e.add_argument("--cache-dir", default=".cache/preprocessed")
+    e.add_argument("--out", required=True)
     v = sub.add_parser("covariates", help="clinical columns alone on a finished run's folds, per source")
     v.add_argument("run_dir")
     v.add_argument("--columns", nargs="+", default=["age"])
@@ -486,6 +523,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         change = {"mirror": False} if args.command == "no-mirror" else {"mask_markers": True}
         oof = rescore(Path(args.run_dir), Path(args.cache_dir), **change)
         oof.to_csv(Path(args.out) / "oof.csv", index=False)
+        return 0
+    if args.command == "ensemble":
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        oof = ensemble([Path(d) for d in args.run_dirs], Path(args.cache_dir))
+        oof.to_csv(Path(args.out) / "oof.csv", index=False)
+        print(json.dumps(strict_json({"cohorts": summarise(oof), "bilateral": bilateral_agreement(oof)}), indent=1))
         return 0
     if args.command == "bilateral":
         rows = {d: bilateral_agreement(pd.read_csv(Path(d) / "oof.csv", keep_default_na=False)) for d in args.run_dirs}

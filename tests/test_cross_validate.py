@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.special import logit
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import roc_auc_score
 
@@ -221,6 +222,19 @@ def test_a_tiny_cross_validation_scores_every_pooled_knee_once_and_resumes(
     assert list(drivers.index) == list(BD.VARIANTS)
     assert drivers.loc["as trained", "knee_moved"] < BD.REPRODUCE_ATOL
     assert drivers.loc["matched crop", "knee_moved"] > drivers.loc["as trained", "knee_moved"]
+
+    # a run combined with itself is its own networks: in every fold the ensemble's logit is an affine map of the
+    # run's (its Platt refit on top of theirs); runs cut into other folds are refused
+    twice = CV.ensemble([tmp_path / "cv", tmp_path / "cv"], tmp_path / "cache")
+    pd.testing.assert_frame_equal(twice[["path", "side", "fold"]], oof[["path", "side", "fold"]])
+    for i in (0, 1):
+        fold = (oof["fold"] == i).to_numpy()
+        z_run, z_twice = (logit(f.loc[fold, "prob_bone_loss"].to_numpy(float)) for f in (oof, twice))
+        slope, intercept = np.polyfit(z_run, z_twice, 1)
+        assert slope > 0
+        np.testing.assert_allclose(z_twice, slope * z_run + intercept, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="same fold-"):
+        CV.ensemble([tmp_path / "cv", tmp_path / "cache"], None)
 
     # each fold's network refits its T-score branch with the image adapter on, off and auto: auto is one of the two
     ts = CV.refit_tscore(tmp_path / "cv", tmp_path / "cache", replace(cfg.tscore, rounds=3, patience=0))
