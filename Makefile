@@ -84,7 +84,8 @@ CV_RUN := $(BIN)/python -m simulations.cross_validate run --config cpu --manifes
 CV_VARIANTS := smooth:--set=loss.label_smoothing=0.1 nobalance:--set=train.balance=none \
 	film:--films,--folds-from=$(CV)/base joint:--set=preprocess.crop=joint train3:--set=model.trainable_stages=3 \
 	imaget:--set=loss.t_score_image=0.3 imaget01:--set=loss.t_score_image=0.1 bilateral:--set=loss.bilateral=0.1 \
-	bilateral1:--set=loss.bilateral=1 epochs24:--set=train.epochs=24 markers:--set=preprocess.mask_markers=true
+	bilateral1:--set=loss.bilateral=1 epochs24:--set=train.epochs=24 markers:--set=preprocess.mask_markers=true \
+	seed43:--set=seed=43
 real-data-cv: real-data-prepare
 	$(CV_RUN) --out $(CV)/base
 	$(BIN)/python -m simulations.cross_validate no-mirror $(CV)/base --out $(CV)/nomirror
@@ -104,6 +105,9 @@ real-data-cv: real-data-prepare
 	  $(BIN)/python -m simulations.cross_validate bilateral $(CV)/base $(CV)/$$name > $(CV)/$$name/bilateral.json || exit 1; \
 	  case "$$args" in *--films*) ;; *) $(BIN)/python -m simulations.cross_validate compare $(CV)/base $(CV)/$$name \
 	    > $(CV)/$$name/knees.json || exit 1;; esac; done
+	$(BIN)/python -m simulations.cross_validate ensemble $(CV)/base $(CV)/seed43 --out $(CV)/ensemble2
+	$(BIN)/python -m simulations.cross_validate compare $(CV)/base $(CV)/ensemble2 > $(CV)/ensemble2/knees.json
+	$(BIN)/python -m simulations.cross_validate bilateral $(CV)/base $(CV)/seed43 $(CV)/ensemble2 > $(CV)/ensemble2/bilateral.json
 
 # How far one run of the chosen recipe can be trusted (README, "Three seeds"): the centralized bundle is an
 # ensemble of seeds 42-44, read as its three members; the federation (one network) runs again with seeds 43 and

@@ -193,6 +193,27 @@ def bilateral_agreement(oof: pd.DataFrame) -> dict[str, dict[str, float]]:
     return out
 
 
+def side_differences(oof: pd.DataFrame) -> pd.Series:
+    """P(R) − P(L) of every film scored with one right and one left knee, indexed by film."""
+    side = oof["side"].astype(str).str.upper()
+    knees = oof.assign(film=_films(oof), side=side)[side.isin(["R", "L"])]
+    wide = knees.pivot_table(index="film", columns="side", values="prob_bone_loss", aggfunc="first")
+    if not {"R", "L"} <= set(wide.columns):
+        return pd.Series(dtype=float)
+    wide = wide.dropna(subset=["R", "L"])
+    return wide["R"] - wide["L"]
+
+
+def side_difference_agreement(a: pd.DataFrame, b: pd.DataFrame) -> dict[str, float]:
+    """Spearman's ρ of P(R) − P(L) between two runs over the films both scored: near 1 when the two knees of a
+    film differ the same way in both runs' eyes (something in the knees), near 0 when each run's difference is its
+    own (noise in the networks), which averaging runs would cancel."""
+    da, db = side_differences(a), side_differences(b)
+    films = da.index.intersection(db.index)
+    rho = stats.spearmanr(da[films], db[films]).statistic if len(films) >= 3 else float("nan")
+    return {"films": len(films), "spearman_of_differences": float(rho)}
+
+
 def per_film(oof: pd.DataFrame) -> pd.DataFrame:
     """One row per radiograph: the mean of its knees' probabilities, as ``strnet predict`` answers for a film."""
     film = oof["path"].str.lower()
@@ -531,7 +552,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(strict_json({"cohorts": summarise(oof), "bilateral": bilateral_agreement(oof)}), indent=1))
         return 0
     if args.command == "bilateral":
-        rows = {d: bilateral_agreement(pd.read_csv(Path(d) / "oof.csv", keep_default_na=False)) for d in args.run_dirs}
+        oofs = {d: pd.read_csv(Path(d) / "oof.csv", keep_default_na=False) for d in args.run_dirs}
+        rows: dict[str, dict] = {d: bilateral_agreement(oof) for d, oof in oofs.items()}
+        first, *others = args.run_dirs
+        for d in others:  # do the runs see the same difference between a film's two knees?
+            rows[d]["side_differences_against_" + first] = side_difference_agreement(oofs[first], oofs[d])
         print(json.dumps(strict_json(rows), indent=1))
         return 0
     if args.command == "compare":

@@ -142,6 +142,21 @@ def test_bilateral_agreement_reads_each_film_with_one_right_and_one_left_knee() 
     assert films["pooled"]["films"] == 0 and np.isnan(films["pooled"]["spearman"])
 
 
+def test_side_differences_of_two_runs_are_paired_by_film() -> None:
+    a, b = _scored(0), _scored(1)
+    b = b.iloc[::-1].reset_index(drop=True)  # another row order: films, not rows, are paired
+    got = CV.side_difference_agreement(a, b)
+    diff = {}
+    for name, frame in (("a", a), ("b", b)):
+        wide = frame.pivot(index="path", columns="side", values="prob_bone_loss")
+        diff[name] = wide["R"] - wide["L"]
+    assert got["films"] == a["path"].nunique()
+    want = spearmanr(diff["a"], diff["b"].loc[diff["a"].index]).statistic
+    assert got["spearman_of_differences"] == pytest.approx(want)
+    assert CV.side_difference_agreement(a, a)["spearman_of_differences"] == pytest.approx(1.0)
+    assert CV.side_differences(CV.bilateral_as_films(a)).empty
+
+
 def test_whole_films_replace_both_knee_rows_and_keep_a_lone_knee() -> None:
     df = _manifest(10)
     df.loc[df.index[-1], "side"] = "x"  # marks the last film's left row for removal: one knee left
