@@ -41,6 +41,7 @@ from strnet.calibration import calibrated
 from strnet.data.bilateral import split_bilateral
 from strnet.data.cache import dequantize, quantize
 from strnet.data.imageio import read_radiograph
+from strnet.data.joint import fibula_separation
 from strnet.data.markers import marker_boxes
 from strnet.data.preprocess import PreprocessParams, crop_box, histogram_percentiles, render, working_image
 from strnet.engine import predict_loader
@@ -120,7 +121,8 @@ def load_films(oof: pd.DataFrame, params: PreprocessParams) -> list[tuple[Knee, 
 
 def features(knee: Knee) -> dict[str, float]:
     """Geometry in fractions of the half, mirrored for the left knee so 'inner' is always the cut between the legs;
-    exposure on the film's own 1st–99th percentile scale, so two knees of one film compare directly."""
+    exposure on the film's own 1st–99th percentile scale, so two knees of one film compare directly; and a rough
+    rotation proxy (:func:`strnet.data.joint.fibula_separation`)."""
     h, w = knee.work.shape
     y0, y1, x0, x1 = knee.box
     inner, outer = (w - x1, x0) if knee.side == "R" else (x0, w - x1)
@@ -139,6 +141,7 @@ def features(knee: Knee) -> dict[str, float]:
         "window_width": (knee.window[1] - knee.window[0]) / scale,
         "crop_median": (float(np.median(knee.crop)) - lo) / scale,
         "markers": float(knee.markers),
+        "fibula_separation": fibula_separation(knee.crop),
     }
 
 
@@ -150,12 +153,15 @@ def association(pairs: list[tuple[Knee, Knee]]) -> pd.DataFrame:
     rows = []
     for name in right.columns:
         d = (right[name] - left[name]).to_numpy(float)
-        signed = stats.spearmanr(dp, d) if np.ptp(d) > 0 else None
-        absolute = stats.spearmanr(np.abs(dp), np.abs(d)) if np.ptp(np.abs(d)) > 0 else None
+        known = ~np.isnan(d)  # a proxy that could not be measured on one knee leaves its film out of that row
+        d, dp_known = d[known], dp[known]
+        signed = stats.spearmanr(dp_known, d) if len(d) >= 3 and np.ptp(d) > 0 else None
+        absolute = stats.spearmanr(np.abs(dp_known), np.abs(d)) if len(d) >= 3 and np.ptp(np.abs(d)) > 0 else None
         rows.append(
             {
                 "feature": name,
-                "mean_abs_difference": float(np.abs(d).mean()),
+                "films": len(d),
+                "mean_abs_difference": float(np.abs(d).mean()) if len(d) else float("nan"),
                 "rho_signed": float(signed.statistic) if signed else float("nan"),
                 "p_signed": float(signed.pvalue) if signed else float("nan"),
                 "rho_abs": float(absolute.statistic) if absolute else float("nan"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from strnet.data.joint import joint_square
+from strnet.data.joint import fibula_separation, joint_square
 from strnet.data.preprocess import PreprocessParams, foreground_box, preprocess
 
 JOINT_ROWS = (220, 228)  # the phantom's joint space
@@ -58,3 +58,22 @@ def test_preprocess_with_joint_crop_is_preprocess_of_the_square() -> None:
     # the square's own Otsu box is the whole square (soft tissue fills it), so only the margin differs: none
     np.testing.assert_allclose(got, expected, atol=1e-6)
     assert not np.allclose(got, preprocess(img, PreprocessParams(size=64)), atol=0.05)
+
+
+def _leg(fibula_cols: tuple[int, int]) -> np.ndarray:
+    """A tall AP phantom: soft tissue, wide condyles, the tibia below them and a fibula at ``fibula_cols``."""
+    img = np.full((400, 200), 20.0)  # air on both sides of the leg, as on a film: three classes for Otsu
+    img[:, 50:150] = 100
+    img[150:190, 55:145] = 250  # the condyles: the widest bone
+    img[190:, 70:110] = 250  # the tibia
+    img[200:, fibula_cols[0] : fibula_cols[1]] = 250
+    noise = np.random.default_rng(0).normal(0, 8, img.shape)  # film grain: Otsu needs spread levels, as on a film
+    return np.clip(img + noise, 0, 4095).astype(np.uint16)
+
+
+def test_fibula_separation_tells_a_fibula_clear_of_the_tibia_from_one_behind_it() -> None:
+    assert fibula_separation(_leg((120, 135))) == 1.0  # straight AP: two bones in every row of the band
+    assert fibula_separation(_leg((105, 120))) == 0.0  # rotated: the fibula merges with the tibia
+    assert np.isnan(fibula_separation(np.zeros((400, 200), np.uint16)))  # no contrast, no band
+    with pytest.raises(ValueError, match="2-D"):
+        fibula_separation(np.zeros((4, 4, 3)))

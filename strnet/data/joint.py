@@ -67,14 +67,53 @@ def joint_square(img: np.ndarray) -> tuple[int, int, int, int]:
     h, w = img.shape
     if h <= MIN_ASPECT * w or w < 2:
         return 0, h, 0, w
-    lo, hi = float(img.min()), float(img.max())
-    if not hi > lo:
+    profile = _bone_profile(img)
+    if profile is None:
         return 0, h, 0, w
-    n = max(8, round(PROFILE_WIDTH * h / w))
-    small = cv2.resize(img.astype(np.float32, copy=False), (PROFILE_WIDTH, n), interpolation=cv2.INTER_AREA)
-    width = np.convolve(_longest_runs(_bone_mask(small)), np.ones(SMOOTH_ROWS) / SMOOTH_ROWS, mode="same")
-    start, stop = int(SEARCH_BAND[0] * n), max(int(SEARCH_BAND[1] * n), int(SEARCH_BAND[0] * n) + 1)
-    row = start + int(np.argmax(width[start:stop]))
+    _, row, n = profile
     centre = (row + 0.5) * h / n + BELOW_WIDEST * w
     top = int(np.clip(round(centre - w / 2), 0, h - w))
     return top, top + w, 0, w
+
+
+# The band below the widest bone row where an AP view shows the tibia and the fibula side by side, in widths.
+FIBULA_BAND = (0.3, 0.7)
+# A bone in that band is a run at least this many profile columns wide (thinner runs are cortex edges or noise).
+MIN_BONE_RUN = 4
+
+
+def fibula_separation(img: np.ndarray) -> float:
+    """The share of rows in the band below the knee joint where the fibula stands apart from the tibia (two bone
+    runs), NaN without a band. A rough rotation proxy: in a straight AP view the fibular shaft is clear of the tibia;
+    rotate the knee and it slides behind it (checked by eye on two Mendeley films whose rotated knee scored higher,
+    ``simulations.bilateral_drivers``). Not validated beyond that; only the left-right diagnosis reads it."""
+    if img.ndim != 2:
+        raise ValueError(f"expected a 2-D image, got shape {img.shape}")
+    profile = _bone_profile(img)
+    if profile is None:
+        return float("nan")
+    mask, row, n = profile
+    band = mask[row + int(FIBULA_BAND[0] * PROFILE_WIDTH) : min(row + int(FIBULA_BAND[1] * PROFILE_WIDTH), n)]
+    if len(band) < 3:
+        return float("nan")
+    padded = np.zeros((band.shape[0], band.shape[1] + 2), np.int8)
+    padded[:, 1:-1] = band
+    step = np.diff(padded, axis=1)
+    rows, starts = np.nonzero(step == 1)
+    _, ends = np.nonzero(step == -1)
+    bones = np.bincount(rows[ends - starts >= MIN_BONE_RUN], minlength=band.shape[0])
+    return float((bones >= 2).mean())
+
+
+def _bone_profile(img: np.ndarray) -> tuple[np.ndarray, int, int] | None:
+    """(bone mask of a ``PROFILE_WIDTH``-wide copy, its widest bone row, its height), None without contrast."""
+    h, w = img.shape
+    lo, hi = float(img.min()), float(img.max())
+    if not hi > lo or w < 2:
+        return None
+    n = max(8, round(PROFILE_WIDTH * h / w))
+    small = cv2.resize(img.astype(np.float32, copy=False), (PROFILE_WIDTH, n), interpolation=cv2.INTER_AREA)
+    mask = _bone_mask(small)
+    width = np.convolve(_longest_runs(mask), np.ones(SMOOTH_ROWS) / SMOOTH_ROWS, mode="same")
+    start, stop = int(SEARCH_BAND[0] * n), max(int(SEARCH_BAND[1] * n), int(SEARCH_BAND[0] * n) + 1)
+    return mask, start + int(np.argmax(width[start:stop])), n
