@@ -214,30 +214,31 @@ def _swapped_window(r: Knee, sub: Knee, p: PreprocessParams) -> tuple[np.ndarray
     return render(r.crop, sub.window, p.size), render(sub.crop, r.window, p.size)
 
 
+def _cropped(knee: Knee, box: Box, percentiles: tuple[float, float], size: int) -> np.ndarray:
+    """``knee`` cut at ``box`` and rendered with that crop's own clip percentiles, as the pipeline would."""
+    y0, y1, x0, x1 = box
+    crop = knee.work[y0:y1, x0:x1]
+    return render(crop, histogram_percentiles(crop, percentiles), size)
+
+
 def _matched_crop(r: Knee, sub: Knee, p: PreprocessParams) -> tuple[np.ndarray, np.ndarray]:
-    out = []
-    for knee, (y0, y1, x0, x1) in zip((r, sub), matched_boxes(r, sub), strict=True):
-        crop = knee.work[y0:y1, x0:x1]
-        out.append(render(crop, histogram_percentiles(crop, p.clip_percentiles), p.size))
-    return out[0], out[1]
+    box_r, box_l = matched_boxes(r, sub)
+    return _cropped(r, box_r, p.clip_percentiles, p.size), _cropped(sub, box_l, p.clip_percentiles, p.size)
 
 
 def _shift(dy: float, dx: float) -> Variant:
     def variant(r: Knee, sub: Knee, p: PreprocessParams) -> tuple[np.ndarray, np.ndarray]:
-        out = []
-        for knee in (r, sub):
-            # the nudge is mirrored for the left knee: +dx moves both crops towards the cut between the legs
-            y0, y1, x0, x1 = shifted(knee.box, knee.work.shape, dy, dx if knee.side == "R" else -dx)
-            crop = knee.work[y0:y1, x0:x1]
-            out.append(render(crop, histogram_percentiles(crop, p.clip_percentiles), p.size))
-        return out[0], out[1]
+        # the nudge is mirrored for the left knee: +dx moves both crops towards the cut between the legs
+        box_r = shifted(r.box, r.work.shape, dy, dx)
+        box_l = shifted(sub.box, sub.work.shape, dy, -dx)
+        return _cropped(r, box_r, p.clip_percentiles, p.size), _cropped(sub, box_l, p.clip_percentiles, p.size)
 
     return variant
 
 
 def _percentiles(window: tuple[float, float]) -> Variant:
     def variant(r: Knee, sub: Knee, p: PreprocessParams) -> tuple[np.ndarray, np.ndarray]:
-        return tuple(render(k.crop, histogram_percentiles(k.crop, window), p.size) for k in (r, sub))  # type: ignore[return-value]
+        return _cropped(r, r.box, window, p.size), _cropped(sub, sub.box, window, p.size)
 
     return variant
 
@@ -326,7 +327,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", type=Path, help="a cross_validate run (oof.csv and fold-*/bundle)")
     parser.add_argument("--out", type=Path, help="write drivers.json and features.csv here")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     oof = pd.read_csv(args.run / "oof.csv")
     params = load_bundle(next(args.run.glob("fold-*")) / "bundle").preprocess
     pairs = load_films(oof, params)

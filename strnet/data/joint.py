@@ -33,16 +33,22 @@ SMOOTH_ROWS = 5
 BELOW_WIDEST = 0.15
 
 
-def _longest_runs(mask: np.ndarray) -> np.ndarray:
-    """Per row, the length of the longest run of True (vectorised: run ends minus run starts)."""
+def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every run of True in ``mask``: its row and its length (vectorised: run ends minus run starts)."""
     h, w = mask.shape
     padded = np.zeros((h, w + 2), np.int8)
     padded[:, 1:-1] = mask
     step = np.diff(padded, axis=1)
     rows_s, cols_s = np.nonzero(step == 1)
     _, cols_e = np.nonzero(step == -1)  # same row order, one end per start
-    out = np.zeros(h, np.float64)
-    np.maximum.at(out, rows_s, (cols_e - cols_s).astype(np.float64))
+    return rows_s, cols_e - cols_s
+
+
+def _longest_runs(mask: np.ndarray) -> np.ndarray:
+    """Per row, the length of the longest run of True."""
+    rows, lengths = _runs(mask)
+    out = np.zeros(mask.shape[0], np.float64)
+    np.maximum.at(out, rows, lengths.astype(np.float64))
     return out
 
 
@@ -96,12 +102,8 @@ def fibula_separation(img: np.ndarray) -> float:
     band = mask[row + int(FIBULA_BAND[0] * PROFILE_WIDTH) : min(row + int(FIBULA_BAND[1] * PROFILE_WIDTH), n)]
     if len(band) < 3:
         return float("nan")
-    padded = np.zeros((band.shape[0], band.shape[1] + 2), np.int8)
-    padded[:, 1:-1] = band
-    step = np.diff(padded, axis=1)
-    rows, starts = np.nonzero(step == 1)
-    _, ends = np.nonzero(step == -1)
-    bones = np.bincount(rows[ends - starts >= MIN_BONE_RUN], minlength=band.shape[0])
+    rows, lengths = _runs(band)
+    bones = np.bincount(rows[lengths >= MIN_BONE_RUN], minlength=band.shape[0])
     return float((bones >= 2).mean())
 
 
