@@ -33,6 +33,7 @@ from strnet.calibration import Platt, PlattStats
 from strnet.engine import resolve_device
 from strnet.errors import ConfigError
 from strnet.model import batchnorm_keys
+from strnet.npy import array_numpy, arrays_numpy
 from strnet.ood import FeatureGaussian
 from strnet.protocol import (
     PROTOCOL_VERSION,
@@ -198,7 +199,7 @@ def _weights(
     rounds; :func:`strnet.protocol.from_wire`); under FedBN a message without the BatchNorm tensors is completed
     with this site's own, from the round the instruction names (the round it trained last, if none)."""
     own = {k: v.dtype for k, v in runner.model.state_dict().items()} if runner is not None else None
-    arrays = from_wire({k: v.numpy() for k, v in message.content[Key.ARRAYS].items()}, own)
+    arrays = from_wire(arrays_numpy(message.content[Key.ARRAYS]), own)
     weights = {k: torch.from_numpy(v) for k, v in arrays.items()}
     if context is None or runner is None or runner.cfg.federation.strategy != "fedbn":
         return weights
@@ -215,7 +216,7 @@ def _weights(
     else:
         kept = context.state.get(_bn_key(server_round)) or context.state.get(BN_LATEST)
     if kept is not None:
-        return weights | kept.to_torch_state_dict()
+        return weights | {k: torch.from_numpy(v) for k, v in arrays_numpy(kept).items()}
     # a resumed federation: this run has not trained yet; training continues from the round before
     store = _kept(context, runner)
     on_disk = store.batchnorm(server_round, before=before) if store else None
@@ -406,10 +407,10 @@ def batchnorm(message: Message, context: Context) -> Message:
     kept = context.state.get(_bn_key(server_round))
     store = _kept(context, runner)
     if kept is not None:
-        tensors = {k: v.numpy() for k, v in kept.items()}
+        tensors = arrays_numpy(kept)
     else:  # a resumed federation: the round was trained by the run before
         on_disk = store.batchnorm(server_round) if store is not None else None
-        tensors = {k: v.numpy() for k, v in (on_disk or {}).items()}
+        tensors = arrays_numpy(on_disk or {})
     if not tensors:
         raise ConfigError(f"site {runner.site}: no BatchNorm tensors kept for round {server_round}")
     values = tensors | {WEIGHT: np.array([len(runner.splits["train"])], np.int64)}
@@ -449,7 +450,8 @@ def calibrate(message: Message, context: Context) -> tuple[SiteRunner, Records]:
         context.state[VAL_LOGITS_DIGEST] = ConfigRecord({Field.MODEL_DIGEST: digest})
     record = context.state[VAL_LOGITS]
     targets = (float(instruction[Field.TARGET_NEG]), float(instruction[Field.TARGET_POS]))
-    stats = PlattStats.from_logits(record["logits"].numpy(), record["labels"].numpy(), _platt(message), targets)
+    logits, labels = array_numpy(record["logits"]), array_numpy(record["labels"])
+    stats = PlattStats.from_logits(logits, labels, _platt(message), targets)
     return runner, {Key.STATS: _arrays(encode(stats))}
 
 
@@ -477,8 +479,8 @@ def ood_distances(message: Message, context: Context) -> tuple[SiteRunner, Recor
     runner = runner_for(message, context)
     instruction, sent = message.content[Key.CONFIG], message.content[Key.STATS]
     gaussian = FeatureGaussian(
-        sent["mean"].numpy(),
-        sent["covariance"].numpy(),
+        array_numpy(sent["mean"]),
+        array_numpy(sent["covariance"]),
         float(instruction[Field.SHRINKAGE]),
         int(instruction[Field.N_CASES]),
     )
@@ -507,7 +509,7 @@ def _branch_data(message: Message, context: Context, runner: SiteRunner) -> tupl
     runner.model.load_state_dict(weights, strict=False)
     record = context.state[TSCORE_DATA]
     train, val = (
-        BranchData(*(torch.from_numpy(record[f"{s}.{k}"].numpy()) for k in ("routed", "tabular", "target")))
+        BranchData(*(torch.from_numpy(array_numpy(record[f"{s}.{k}"])) for k in ("routed", "tabular", "target")))
         for s in ("train", "val")
     )
     return train, val

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord
 
+from strnet.npy import arrays_numpy
 from strnet.protocol import Key, MessageKind, part_name, split_part
 from strnet.released import WITHHELD, StatisticsPrivacy, protect
 
@@ -43,7 +44,7 @@ def released_mod(policy_of: Callable[[Context], StatisticsPrivacy | None]) -> Mo
             return reply
         for kind, stats, withheld in released:
             record = reply.content.array_records[stats]
-            release = protect(kind, {k: v.numpy() for k, v in record.items()}, policy)
+            release = protect(kind, arrays_numpy(record), policy)
             reply.content.array_records[stats] = ArrayRecord(
                 {k: Array(np.ascontiguousarray(v)) for k, v in release.arrays.items()}
             )

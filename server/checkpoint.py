@@ -26,6 +26,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from strnet.errors import ConfigError, DataError
+from strnet.npy import arrays_numpy
 
 CHECKPOINT = "federation-checkpoint.pt"
 FORMAT = 2  # 2: the weights of an unfinished checkpoint are not validated yet
@@ -34,7 +35,7 @@ FORMAT = 2  # 2: the weights of an unfinished checkpoint are not validated yet
 def to_plain(value: Any) -> Any:
     """ArrayRecords, numpy arrays and containers of them -> tensors in tagged dicts (weights_only-loadable)."""
     if isinstance(value, ArrayRecord):
-        return {"__arrayrecord__": {k: torch.from_numpy(np.array(v.numpy())) for k, v in value.items()}}
+        return {"__arrayrecord__": {k: torch.from_numpy(np.array(v)) for k, v in arrays_numpy(value).items()}}
     if isinstance(value, np.ndarray):
         return torch.from_numpy(np.array(value))
     if isinstance(value, np.generic):

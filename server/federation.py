@@ -34,6 +34,7 @@ from strnet.calibration import Platt
 from strnet.engine import RecipeSchedule, seed_everything
 from strnet.errors import ConfigError
 from strnet.model import batchnorm_keys
+from strnet.npy import arrays_numpy
 from strnet.privacy import run_privacy, site_reports_from_history
 from strnet.protocol import WEIGHT, Field, MessageKind, config_digest, round_nbytes
 from strnet.released import StatisticsLedger, usable
@@ -83,7 +84,7 @@ def pooled_batchnorm_statistics(sites: TrainingSites, arrays: ArrayRecord) -> Ar
         if set(stats) != expected or "n" not in values:
             problem(f"bn statistics: site {site} sent {len(stats)} arrays, expected the model's {len(expected)}")
             continue
-        shapes = [k for k in expected if tuple(stats[k].shape) != tuple(arrays[k].numpy().shape)]
+        shapes = [k for k in expected if tuple(stats[k].shape) != tuple(arrays[k].shape)]
         negative = [k for k in expected if k.endswith(batchnorm.VAR) and (stats[k] < 0).any()]
         bad = [k for k in expected if not np.isfinite(stats[k]).all()] + negative
         if shapes or bad:
@@ -97,7 +98,7 @@ def pooled_batchnorm_statistics(sites: TrainingSites, arrays: ArrayRecord) -> Ar
         )
         return arrays
     pooled = batchnorm.pool(usable)
-    return ArrayRecord({k: (Array(pooled[k].astype(v.numpy().dtype)) if k in pooled else v) for k, v in arrays.items()})
+    return ArrayRecord({k: Array(pooled[k].astype(v.dtype)) if k in pooled else v for k, v in arrays.items()})
 
 
 def run_federated(
@@ -268,7 +269,7 @@ def run_federated(
         run.measures["exchanges"] = float(exchange.LOG.count - exchanges[0])
         run.measures["exchange_seconds"] = exchange.LOG.seconds - exchanges[1]
         return run.finish(
-            state_dict=kept.to_torch_state_dict(),
+            state_dict={k: torch.from_numpy(v) for k, v in arrays_numpy(kept).items()},
             threshold=threshold,
             val=score(val_counts),
             test=score(test_counts),

@@ -14,6 +14,7 @@ from flwr.serverapp import Grid
 from configs.schema import Config
 from server.exchange import send_and_receive
 from strnet.errors import SiteError
+from strnet.npy import array_numpy, arrays_numpy
 from strnet.protocol import (
     PROTOCOL_VERSION,
     Field,
@@ -41,7 +42,7 @@ def reply_content(msg: Message, site: str) -> RecordDict:
 def stats_arrays(content: RecordDict, site: str) -> dict[str, np.ndarray]:
     if Key.STATS not in content.array_records:
         raise SiteError(site, f"malformed reply: no {Key.STATS!r} arrays")
-    return {k: v.numpy() for k, v in content.array_records[Key.STATS].items()}
+    return arrays_numpy(content.array_records[Key.STATS])
 
 
 def withheld(content: RecordDict, kind: str, site: str) -> dict[str, SiteError]:
@@ -74,7 +75,7 @@ class ModelShipping:
         with self._lock:
             known = self._digests.get(id(model))
             if known is None or known[0] is not model:
-                known = (model, model_digest({k: v.numpy() for k, v in model.items()}))
+                known = (model, model_digest(arrays_numpy(model)))
                 self._digests[id(model)] = known
             return known[1]
 
@@ -90,12 +91,12 @@ class ModelShipping:
         for base_digest, base in held.items():
             if set(base.keys()) != set(model.keys()):
                 continue
-            changed = [k for k in model if not np.array_equal(model[k].numpy(), base[k].numpy())]
-            size = sum(model[k].numpy().nbytes for k in changed)
+            changed = [k for k in model if not np.array_equal(array_numpy(model[k]), array_numpy(base[k]))]
+            size = sum(array_numpy(model[k]).nbytes for k in changed)
             if best is None or size < best[0]:
                 best = (size, base_digest, changed)
         fields: dict[str, Any] = {Field.MODEL_DIGEST: digest, Field.KEEP_MODEL: True}
-        total = sum(v.numpy().nbytes for v in model.values())
+        total = sum(v.nbytes for v in arrays_numpy(model).values())
         if best is not None and best[0] < total / 2:
             return ArrayRecord({k: model[k] for k in best[2]}), fields | {Field.BASE_DIGEST: best[1]}
         return model, fields

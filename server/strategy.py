@@ -42,6 +42,7 @@ from server.pooled import QuorumError, pool, weighted_average
 from server.replies import reply_content, stats_arrays, withheld
 from strnet.engine import RecipeSchedule, history_row, with_site_auroc
 from strnet.errors import SiteError
+from strnet.npy import array_numpy, arrays_numpy, reading_arrays
 from strnet.privacy import PRIVACY_METRICS
 from strnet.protocol import (
     PROTOCOL_VERSION,
@@ -317,8 +318,8 @@ class SiteFedAvg(FedAvg):
         # record's dtypes, before anything is averaged
         dtypes = {k: dtype for k, (_, dtype) in self._reference.items()}
         if self._base is None and self._global is not None:
-            self._base = {k: v.numpy() for k, v in self._global.items() if k in self._reference}
-        received = {k: v.numpy() for k, v in content.array_records[Key.ARRAYS].items()}
+            self._base = {k: v for k, v in arrays_numpy(self._global).items() if k in self._reference}
+        received = arrays_numpy(content.array_records[Key.ARRAYS])
         arrays = update_from_wire(received, self._base or {}, dtypes)
         metrics = dict(content.metric_records[Key.METRICS])
         if self._reference:
@@ -368,16 +369,14 @@ class SiteFedAvg(FedAvg):
         metrics = {k: v for k, v in self._train_row.items() if not k.startswith("site.")}
         self.last_average = averaged
         if self.local_keys and self._global is not None:  # the sites' own BatchNorm tensors are not averaged
-            averaged |= {k: v.numpy() for k, v in self._global.items() if k in self.local_keys}
+            averaged |= {k: v for k, v in arrays_numpy(self._global).items() if k in self.local_keys}
         return ArrayRecord({k: Array(v) for k, v in averaged.items()}), MetricRecord(
             metrics | {"num_sites": len(usable)}
         )
 
     def wire(self, arrays: ArrayRecord) -> ArrayRecord:
         """The global record as it travels in a round: at ``transport`` precision (the server keeps fp32)."""
-        return ArrayRecord(
-            {k: Array(v) for k, v in to_wire({k: v.numpy() for k, v in arrays.items()}, self.transport).items()}
-        )
+        return ArrayRecord({k: Array(v) for k, v in to_wire(arrays_numpy(arrays), self.transport).items()})
 
     def shared(self, arrays: ArrayRecord) -> ArrayRecord:
         """The arrays without the site-local ones (all of them unless FedBN)."""
@@ -471,7 +470,8 @@ class ServerOptimizerStatistics:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        with reading_arrays():  # Flower's FedAvgM and FedAdam read the records with Array.numpy()
+            arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
         if arrays is None:
             return arrays, metrics
         average = self.last_average  # type: ignore[attr-defined]
@@ -480,7 +480,7 @@ class ServerOptimizerStatistics:
         def kept(key: str, value: Array) -> Array:
             if key.endswith(STATISTICS) and key in average:
                 return Array(average[key])
-            array = value.numpy()
+            array = array_numpy(value)
             return value if array.dtype == dtypes.get(key, array.dtype) else Array(array.astype(dtypes[key]))
 
         fixed = ArrayRecord({k: kept(k, v) for k, v in arrays.items()})

@@ -18,6 +18,7 @@ from flwr.app import Array, ArrayRecord
 from configs.schema import build_model
 from server.pooled import QuorumError, weighted_average
 from server.replies import TrainingSites
+from strnet.npy import arrays_numpy
 from strnet.protocol import WEIGHT, Field, MessageKind
 from strnet.tscore import DP_OFF, SUM_KEYS, branch_keys, refit
 
@@ -31,7 +32,7 @@ def pooled_tscore_refit(sites: TrainingSites, arrays: ArrayRecord) -> tuple[Arra
     if cfg.privacy.dp.enabled:
         return arrays, {"status": DP_OFF}
     model = build_model(cfg, weights="none")
-    model.load_state_dict(arrays.to_torch_state_dict())
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in arrays_numpy(arrays).items()})
     keys = branch_keys(model)
     digest = sites.shipping.digest(arrays)
     config = {Field.MODEL_DIGEST: digest}

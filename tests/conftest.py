@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
+from flwr.app import Array
 from flwr.supercore.task_identity import TaskIdentity
 
 from simulations.sites import write_sites
+from strnet import npy
 
-REAL_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "knee"
+ROOT = Path(__file__).resolve().parents[1]
+REAL_DATA_DIR = ROOT.parent / "shared" / "data" / "knee"
+PRODUCT = tuple(f"{ROOT / part}/" for part in ("client", "server", "strnet"))
+TESTS = f"{ROOT / 'tests'}/"
 
 
 @pytest.fixture(scope="session")
@@ -33,3 +39,26 @@ def flower_task_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     yield
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+@pytest.fixture(autouse=True)
+def arrays_are_read_under_the_npy_lock(monkeypatch: pytest.MonkeyPatch):
+    """Every test checks that client, server and strnet code read Flower arrays under :mod:`strnet.npy`'s lock
+    (why: that module). A read outside it, from any thread, fails the test that made it, naming the line. Reads
+    made by the tests themselves are not checked."""
+    original = Array.numpy
+    unguarded: list[str] = []
+
+    def numpy(self: Array):  # type: ignore[no-untyped-def]
+        if not npy._LOCK._is_owned():  # type: ignore[attr-defined]
+            frame = sys._getframe(1)
+            while frame is not None and not frame.f_code.co_filename.startswith(TESTS):
+                if frame.f_code.co_filename.startswith(PRODUCT):
+                    unguarded.append(f"{frame.f_code.co_filename}:{frame.f_lineno}")
+                    break
+                frame = frame.f_back
+        return original(self)
+
+    monkeypatch.setattr(Array, "numpy", numpy)
+    yield
+    assert not unguarded, f"Flower arrays read outside strnet.npy's lock at {sorted(set(unguarded))}"

@@ -27,6 +27,7 @@ import pandas as pd
 from strnet.data import preprocess as _pre
 from strnet.data.preprocess import PreprocessParams
 from strnet.errors import DataError
+from strnet.npy import load_npy
 
 # Bump when preprocessing code changes what it outputs for the same params, to orphan old entries.
 # 3: Otsu box on the exact OTSU_MAX_SIDE scale again (2 had integer factors); exact 8/16-bit percentiles
@@ -135,7 +136,7 @@ class PreprocessCache:
 def _load_entry(target: Path, size: int) -> np.ndarray | None:
     """The cached array, or None when absent or unusable (truncated by a crash, wrong shape): then recompute."""
     try:
-        q = np.load(target, allow_pickle=False)
+        q = load_npy(target)
     except FileNotFoundError:
         return None
     except (OSError, ValueError, EOFError):
