@@ -47,6 +47,8 @@ real-data: real-data-prepare
 	$(BIN)/strnet compare --experiment strnet-real --out $(REAL)/compare
 
 # Every recipe variant and federated strategy behind the README's experiment table (hours on 2 cores; not in CI).
+# Then the round soup (README, "Averaging the federation's rounds"): a federation keeping every round's
+# weights, and averages of its rounds scored on validation.
 # Choices are made on validation data: each run logs every site's own validation AUROC per epoch/round to
 # MLflow, and `simulations.inference_variants` compares inference-time variants on the validation split.
 EXP := runs/exp
@@ -71,6 +73,10 @@ real-data-experiments: real-data-prepare
 	    --set federation.strategy=$$name --set train.balance=none --set $(NO_MIRROR) $$extra || exit 1; done
 	$(BIN)/python -m simulations.experiment_table $(EXP)/* > $(EXP)/table.md
 	cat $(EXP)/table.md
+	$(BIN)/python -m simulations.inprocess --config cpu --set federation.keep_rounds=true --set tracking.enabled=false \
+	  --out $(EXP)/round-soup
+	$(BIN)/python -m simulations.round_soup $(EXP)/round-soup --manifest $(REAL)/split.csv \
+	  --reference $(REAL)/centralized/bundle
 	$(MAKE) real-data-seeds
 
 # Cross-validation over the training patients (README, "Cross-validated recipe choices"): the train and val knees

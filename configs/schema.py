@@ -186,6 +186,9 @@ class FederationConfig:
     # scale and shift still learn): training normalises as evaluation and the bundle do. One more exchange and
     # one forward pass over the training images per round.
     batchnorm: Literal["batch", "pooled"] = "batch"
+    # Every round's global weights kept beside the checkpoint (<output_dir>/federation-rounds/round-<r>.pt, the
+    # model's fp32 size a round), for analyses that read a run's rounds afterwards (simulations.round_soup)
+    keep_rounds: bool = False
     sites: tuple[SiteConfig, ...] = ()
 
 

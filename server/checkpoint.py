@@ -29,6 +29,7 @@ from strnet.errors import ConfigError, DataError
 from strnet.npy import arrays_numpy
 
 CHECKPOINT = "federation-checkpoint.pt"
+ROUNDS = "federation-rounds"  # federation.keep_rounds: every round's global weights, round-<r>.pt
 FORMAT = 2  # 2: the weights of an unfinished checkpoint are not validated yet
 
 
@@ -90,6 +91,16 @@ class RoundCheckpoint:
         tmp.replace(path)
         return path
 
+    def save_round(self, folder: str | Path) -> Path:
+        """This round's global weights alone, under ``<folder>/federation-rounds/`` (``federation.keep_rounds``),
+        for what reads a run's rounds after the fact (``simulations.round_soup``). Plain data, as the checkpoint."""
+        path = Path(folder) / ROUNDS / f"round-{self.server_round}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"format": FORMAT, "server_round": self.server_round, "arrays": to_plain(self.arrays)}, tmp)
+        tmp.replace(path)
+        return path
+
     @classmethod
     def load(cls, folder: str | Path, *, config_digest: str) -> RoundCheckpoint:
         path = Path(folder) / CHECKPOINT
@@ -124,14 +135,20 @@ class CheckpointWriter:
     a time; a failed write surfaces at the next :meth:`submit` or at :meth:`wait`; leaving the ``with`` block
     waits for the last one, also when the run fails, so a stopped run still leaves its last completed round."""
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, *, keep_rounds: bool = False) -> None:
         self.folder = Path(folder)
+        self.keep_rounds = keep_rounds
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self._pending: Future[Path] | None = None
 
     def submit(self, checkpoint: RoundCheckpoint) -> None:
         self.wait()
-        self._pending = self._pool.submit(checkpoint.save, self.folder)
+        self._pending = self._pool.submit(self._write, checkpoint)
+
+    def _write(self, checkpoint: RoundCheckpoint) -> Path:
+        if self.keep_rounds:
+            checkpoint.save_round(self.folder)
+        return checkpoint.save(self.folder)
 
     def wait(self) -> None:
         pending, self._pending = self._pending, None
@@ -146,3 +163,18 @@ class CheckpointWriter:
             self.wait()
         finally:
             self._pool.shutdown()
+
+
+def load_rounds(folder: str | Path) -> dict[int, dict[str, np.ndarray]]:
+    """round -> its global weights, from a run folder written with ``federation.keep_rounds``."""
+    paths = sorted((Path(folder) / ROUNDS).glob("round-*.pt"))
+    if not paths:
+        raise ConfigError(f"{Path(folder) / ROUNDS}: no rounds kept (run the federation with federation.keep_rounds)")
+    rounds: dict[int, dict[str, np.ndarray]] = {}
+    for path in paths:
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise DataError(path, f"not a plain-data round file, refused ({str(exc).splitlines()[0]})") from exc
+        rounds[int(raw["server_round"])] = {k: v.numpy() for k, v in raw["arrays"]["__arrayrecord__"].items()}
+    return dict(sorted(rounds.items()))

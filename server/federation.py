@@ -166,7 +166,7 @@ def run_federated(
 
         run.begin("training")
         if not finished:
-            with CheckpointWriter(cfg.output_dir) as writer:
+            with CheckpointWriter(cfg.output_dir, keep_rounds=fed.keep_rounds) as writer:
 
                 def save(server_round: int, arrays: ArrayRecord, finished: bool) -> None:
                     # the state as of now (the history grows while the file is written); the records are replaced,

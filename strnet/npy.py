@@ -2,7 +2,7 @@
 
 numpy reads an ``.npy`` header with ``ast.literal_eval``. CPython 3.11's AST constructor keeps its recursion
 depth in interpreter-wide state, so two threads parsing at once can fail with ``SystemError: AST constructor
-recursion depth mismatch`` (python/cpython#106905, fixed in 3.12 and later, not in 3.11). It happened in CI:
+recursion depth mismatch`` (python/cpython#106905; tests/test_npy.py reproduces it here). It happened in CI:
 the server's checkpoint thread converted a round's weights while the server thread converted the same weights
 for the next message. Flower's ``Array.numpy()`` and ``ArrayRecord.to_torch_state_dict()`` go through
 ``np.load``, as do Flower's FedAvgM and FedAdam when they aggregate, and the preprocessing cache's reads on
