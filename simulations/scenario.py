@@ -30,6 +30,13 @@ class SyntheticScenario:
     problems: list[str]
     audit: dict
 
+    def federation_sites(self, external: str = "stage2") -> list[dict[str, str]]:
+        """``federation.sites`` for these sites: the two others train (stage1 first), ``external`` is evaluated."""
+        train = [s for s in ("stage1", "hospital", "stage2") if s != external]
+        return [{"name": s, "role": "train", "manifest": str(self.site_manifests[s])} for s in train] + [
+            {"name": external, "role": "external", "manifest": str(self.site_manifests[external])}
+        ]
+
 
 # The smallest model and inputs that still run every step of the pipeline (end-to-end tests of the federation);
 # no figures, which would take as long as such a run trains

@@ -212,12 +212,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _overrides(scenario, out: Path) -> list[str]:
-    m = scenario.site_manifests
-    sites = [
-        {"name": "stage1", "role": "train", "manifest": str(m["stage1"])},
-        {"name": "hospital", "role": "train", "manifest": str(m["hospital"])},
-        {"name": "stage2", "role": "external", "manifest": str(m["stage2"])},
-    ]
+    sites = scenario.federation_sites()
     return [
         "model.backbone=tiny",
         "preprocess.size=32",

@@ -22,12 +22,7 @@ from simulations.scenario import TINY_RUN, build_synthetic_scenario
 @pytest.mark.slow
 def test_flwr_run_end_to_end(tmp_path: Path) -> None:
     scenario = build_synthetic_scenario(tmp_path / "data", seed=42, n_patients=20, image_size=64)
-    m = scenario.site_manifests
-    sites = [
-        {"name": "stage1", "role": "train", "manifest": str(m["stage1"])},
-        {"name": "hospital", "role": "train", "manifest": str(m["hospital"])},
-        {"name": "stage2", "role": "external", "manifest": str(m["stage2"])},
-    ]
+    sites = scenario.federation_sites()
     db = tmp_path / "mlflow.db"
     cfg = load_config(
         "demo",

@@ -21,12 +21,8 @@ pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 def config(root: Path, n_patients: int, *extra: str) -> Config:
-    m = build_synthetic_scenario(root / "data", seed=5, n_patients=n_patients, image_size=48).site_manifests
-    sites = [
-        {"name": "stage1", "role": "train", "manifest": str(m["stage1"])},
-        {"name": "hospital", "role": "train", "manifest": str(m["hospital"])},
-        {"name": "stage2", "role": "external", "manifest": str(m["stage2"])},
-    ]
+    scenario = build_synthetic_scenario(root / "data", seed=5, n_patients=n_patients, image_size=48)
+    sites = scenario.federation_sites()
     return load_config(
         "demo",
         [

@@ -30,12 +30,7 @@ EXPERIMENT = "views"
 def runs(tmp_path_factory: pytest.TempPathFactory, flower_task_identity_module: None) -> dict:
     root = tmp_path_factory.mktemp("views")
     scenario = build_synthetic_scenario(root, seed=5, n_patients=16, image_size=64)
-    m = scenario.site_manifests
-    sites = [
-        {"name": "stage1", "role": "train", "manifest": str(m["stage1"])},
-        {"name": "stage2", "role": "train", "manifest": str(m["stage2"])},
-        {"name": "hospital", "role": "external", "manifest": str(m["hospital"])},
-    ]
+    sites = scenario.federation_sites(external="hospital")
     uri = f"sqlite:///{root / 'mlflow.db'}"
 
     def cfg(mode: str, *extra: str) -> Config:

@@ -45,12 +45,7 @@ def test_candidates_follow_fixed_rules_around_the_kept_round() -> None:
 def kept_run(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("soup")
     scenario = build_synthetic_scenario(root / "data", seed=42, n_patients=20, image_size=64)
-    m = scenario.site_manifests
-    sites = [
-        {"name": "stage1", "role": "train", "manifest": str(m["stage1"])},
-        {"name": "hospital", "role": "train", "manifest": str(m["hospital"])},
-        {"name": "stage2", "role": "external", "manifest": str(m["stage2"])},
-    ]
+    sites = scenario.federation_sites()
     overrides = [
         *TINY_RUN,
         "federation.rounds=3",

@@ -46,12 +46,7 @@ def tiny(out: Path, sites: list[dict[str, str]], *extra: str) -> Config:
 
 
 def three_sites(scenario) -> list[dict[str, str]]:  # type: ignore[no-untyped-def]
-    m = scenario.site_manifests
-    return [
-        {"name": "stage1", "role": "train", "manifest": str(m["stage1"])},
-        {"name": "stage2", "role": "train", "manifest": str(m["stage2"])},
-        {"name": "hospital", "role": "external", "manifest": str(m["hospital"])},
-    ]
+    return scenario.federation_sites(external="hospital")
 
 
 def logged_names(cfg: Config, result: RunResult) -> set[str]:
