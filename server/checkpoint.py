@@ -176,5 +176,10 @@ def load_rounds(folder: str | Path) -> dict[int, dict[str, np.ndarray]]:
             raw = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             raise DataError(path, f"not a plain-data round file, refused ({str(exc).splitlines()[0]})") from exc
-        rounds[int(raw["server_round"])] = {k: v.numpy() for k, v in raw["arrays"]["__arrayrecord__"].items()}
+        except (RuntimeError, EOFError) as exc:  # truncated or not a torch file
+            raise DataError(path, f"unreadable round file ({str(exc).splitlines()[0]})") from exc
+        try:
+            rounds[int(raw["server_round"])] = {k: v.numpy() for k, v in raw["arrays"]["__arrayrecord__"].items()}
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise DataError(path, f"not a round file of federation.keep_rounds (missing {exc})") from exc
     return dict(sorted(rounds.items()))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.supercore.task_identity import TaskIdentity
 
 from configs import load_config
@@ -16,7 +17,7 @@ from simulations.inprocess import InProcessGrid
 from simulations.round_soup import candidates, main, soup
 from simulations.scenario import TINY_RUN, build_synthetic_scenario
 from strnet.bundle import load_bundle
-from strnet.errors import ConfigError
+from strnet.errors import ConfigError, DataError
 
 
 def test_a_soup_is_the_mean_of_floating_arrays_and_keeps_the_last_counters() -> None:
@@ -101,3 +102,19 @@ def test_round_soup_scores_rounds_and_averages_on_validation_and_chooses_there(k
 def test_a_run_without_kept_rounds_is_refused_by_name(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"federation\.keep_rounds"):
         load_rounds(tmp_path)
+
+
+def test_a_broken_round_file_is_named(kept_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, run, _ = kept_run
+    folder = tmp_path / ROUNDS
+    folder.mkdir()
+    good = (run / ROUNDS / "round-1.pt").read_bytes()
+    (folder / "round-1.pt").write_bytes(good)
+    (folder / "round-2.pt").write_bytes(good[: len(good) // 2])  # cut short, as by a full disk
+    with pytest.raises(DataError, match=r"round-2\.pt.*unreadable round file"):
+        load_rounds(tmp_path)
+    torch.save({"format": 2, "weights": {}}, folder / "round-2.pt")  # some other file under the name
+    with pytest.raises(DataError, match=r"round-2\.pt.*not a round file of federation\.keep_rounds"):
+        load_rounds(tmp_path)
+    (folder / "round-2.pt").unlink()
+    assert sorted(load_rounds(tmp_path)) == [1]  # the good file still reads
