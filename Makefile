@@ -46,8 +46,8 @@ real-data: real-data-prepare
 	$(BIN)/python -m simulations.federate --config cpu --out $(REAL)/federated
 	$(BIN)/strnet compare --experiment strnet-real --out $(REAL)/compare
 
-# Every recipe variant and federated strategy behind the README's experiment table (hours on 2 cores; not in CI).
-# Then the round soup (README, "Averaging the federation's rounds"): a federation keeping every round's
+# Every recipe variant and federated strategy behind the experiment table of docs/real-data.md (hours on 2 cores; not in CI).
+# Then the round soup (docs/real-data.md, "Averaging the federation's rounds"): a federation keeping every round's
 # weights, and averages of its rounds scored on validation.
 # Choices are made on validation data: each run logs every site's own validation AUROC per epoch/round to
 # MLflow, and `simulations.inference_variants` compares inference-time variants on the validation split.
@@ -79,7 +79,7 @@ real-data-experiments: real-data-prepare
 	  --reference $(REAL)/centralized/bundle
 	$(MAKE) real-data-seeds
 
-# Cross-validation over the training patients (README, "Cross-validated recipe choices"): the train and val knees
+# Cross-validation over the training patients (docs/real-data.md, "Cross-validated recipe choices"): the train and val knees
 # cut into 5 folds by the split's own rule, each scored out of fold by one network trained on the rest (val rows
 # stay val rows for the early stop and calibration); the test split and the hold-out are never read. ~30 min per
 # recipe on 2 cores. Each variant is compared with the preset on the same folds, paired over radiographs.
@@ -118,7 +118,7 @@ real-data-cv: real-data-prepare
 	$(BIN)/python -m simulations.cross_validate compare $(CV)/base $(CV)/ensemble3 > $(CV)/ensemble3/knees.json
 	$(BIN)/python -m simulations.cross_validate bilateral $(CV)/base $(CV)/seed44 $(CV)/ensemble3 > $(CV)/ensemble3/bilateral.json
 
-# How far one run of the chosen recipe can be trusted (README, "Three seeds"): the centralized bundle is an
+# How far one run of the chosen recipe can be trusted (docs/real-data.md, "Three seeds"): the centralized bundle is an
 # ensemble of seeds 42-44, read as its three members; the federation (one network) runs again with seeds 43 and
 # 44; then each mode's spread and ensemble (and the centralized weight soup) on the same knees (~30 min on 2 cores).
 SEEDS := 43 44

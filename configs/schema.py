@@ -49,7 +49,7 @@ class ModelConfig:
     norm: Literal["auto", "batch", "group", "frozen"] = "auto"
     # A centralized run trains this many networks (seeds seed, seed + 1, ...) and serves their combination
     # (strnet.ensemble). A federation trains one (its recipe says so): three federated seeds' ensemble did not
-    # beat one federated run on validation (README, "Three seeds").
+    # beat one federated run on validation (docs/real-data.md, "Three seeds").
     members: int = 1
     # Train only the backbone's last N stages (strnet.model.freeze_early_stages); null trains all of it.
     trainable_stages: int | None = None

@@ -82,7 +82,7 @@ def comparison_table(runs: pd.DataFrame) -> pd.DataFrame:
 def recipe_differences(runs: pd.DataFrame) -> pd.DataFrame:
     """The ``recipe.*`` tags whose values differ between the compared runs (empty when the recipes agree), and
     the ``env.*`` tags that differ: runs on different kinds of CPU or at another precision are different
-    draws of one recipe (README, "Why two runs differ")."""
+    draws of one recipe (docs/real-data.md, "Why two runs differ")."""
     cols = sorted(c for c in runs.columns if c.startswith(("tags.recipe.", "tags.env.")))
     table = pd.DataFrame(
         {_label(run): {c[len("tags.") :]: run.get(c) for c in cols} for _, run in runs.iterrows()}, dtype=object

@@ -1,4 +1,4 @@
-"""The README's experiment table from finished runs' ``summary.json``: per run, per source, per knee and per
+"""The experiment table of docs/real-data.md from finished runs' ``summary.json``: per run, per source, per knee and per
 radiograph, at each run's own frozen τ*.
 
     python -m simulations.experiment_table runs/exp/base runs/exp/fed-fedavg ...

@@ -1,7 +1,7 @@
 """Would a screening head refitted on both training sites' features together close the federated gap?
 
 The federated model orders knees within each source about as well as the centralized one, and worse across the
-two (README, "One network against one network"). A site's local training only ever compares knees of its own
+two (docs/real-data.md, "One network against one network"). A site's local training only ever compares knees of its own
 source, so nothing in FedAvg sets the two sources' logit levels against each other. A logistic regression on the
 neck features of both sites' training knees together would, and the server could fit it exactly from pooled
 sums, as it fits Platt scaling (Newton steps on summed gradients and Hessians: 129 numbers and a 129 × 129 matrix

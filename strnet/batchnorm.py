@@ -1,6 +1,6 @@
 """BatchNorm statistics of a finished model, re-estimated on each site's own images and pooled by their moments.
 
-Why (README, "Real public data"): under FedBN every site trains with BatchNorm of its own, and the statistics it
+Why (docs/real-data.md): under FedBN every site trains with BatchNorm of its own, and the statistics it
 keeps are an exponential average over its last augmented training batches, normalised by its own layers. The
 bundle needs one set for one model: averaging the sites' kept statistics scored the Mendeley validation knees at
 AUROC 0.38 (centralized 0.68), while the same bundle with statistics re-estimated under its final weights on each

@@ -124,7 +124,7 @@ def precision_words(precision: str, device: torch.device) -> str:
 
     Why it is recorded: ``auto`` is bf16 on CPUs with native bf16 and fp32 elsewhere, and bf16 and fp32 runs of
     one recipe and seed part after a few epochs (different kept epochs, a different network). A run is repeated
-    to the last digit only at the same precision on the same kind of CPU (README, "Why two runs differ")."""
+    to the last digit only at the same precision on the same kind of CPU (docs/real-data.md, "Why two runs differ")."""
     resolved = "bf16 autocast" if autocast_dtype(precision, device) is torch.bfloat16 else "fp32"
     if precision != "auto":
         return resolved

@@ -3,7 +3,7 @@
 Why: on the real data one run's Mendeley hold-out AUROC is a draw from 0.72–0.88 (three seeds of the ``cpu``
 recipe), and validation ranks the seeds differently from the hold-out, so no selection among runs helps. Averaging
 the runs does: the three-seed ensemble beat the expected single run on validation in both sources (pooled 0.930
-against 0.901 ± 0.030, Mendeley 0.750 against 0.633; README, "Three seeds").
+against 0.901 ± 0.030, Mendeley 0.750 against 0.633; docs/real-data.md, "Three seeds").
 
 How the members combine: each member's screening logit is first put on the probability scale by its own Platt
 calibration (``a_k · z_k + b_k``, fitted on validation when the member was trained — members trained with

@@ -33,13 +33,13 @@ class LossWeights:
     t_score: float = 0.1
     warmup_epochs: int = 5
     # ε: the two BCE targets become ε/2 and 1 − ε/2 (0 = the paper's hard labels). A candidate against
-    # overconfident fits of ~300 knees (README, "Real public data"); Platt calibration maps the scores back.
+    # overconfident fits of ~300 knees (docs/real-data.md); Platt calibration maps the scores back.
     label_smoothing: float = 0.0
     # Weight of an image-only T-score regression on the *screening* route, not detached, from the first epoch
     # (0 = the paper: no such head). Why: a site's T-scores order all its knees, where the screening label of a
     # mostly bone-loss source gives a handful of normal ones; this lets that ordering reach the backbone, which
-    # the paper's detached branch never does (README, "An image-only T-score target"). Training only: the head is
-    # not served and not written to a bundle (strnet.model.TRAINING_ONLY).
+    # the paper's detached branch never does (docs/real-data.md, "An image-only T-score target"). Training only: the
+    # head is not served and not written to a bundle (strnet.model.TRAINING_ONLY).
     t_score_image: float = 0.0
     # Weight of a left–right consistency term: the mean squared difference between the screening logits of a
     # training knee and the other knee of its film, drawn into the same step (0 = the paper: no such term). Why:

@@ -534,7 +534,7 @@ def freeze_early_stages(model: STRNet, trainable_stages: int | None) -> STRNet:
     as torchvision's detection backbones count ``trainable_layers`` (ResNet: 5 stages, stem first;
     EfficientNet-Lite0: 9, the stem, its seven block stages and the 1x1 head). Only the weights are frozen:
     BatchNorm layers in frozen stages still track the radiographs' statistics in training, since BatchNorm fixed
-    at ImageNet's statistics did not train on the real data (README, ``model.norm=frozen``).
+    at ImageNet's statistics did not train on the real data (docs/real-data.md, ``model.norm=frozen``).
     """
     if trainable_stages is None:
         return model

@@ -41,7 +41,7 @@ Mode = Literal["centralized", "federated"]
 # How far the bundle's pooled validation AUROC may fall below the one the schedule chose its step by before the run
 # names it as a problem. The two differ by design only in what the bundle adds after training (calibration keeps
 # the ranking; mirror averaging and an ensemble's later members move it by about ±0.01 on the real data); FedBN's
-# bundles fell 0.02-0.12 below, three of four by more than 0.07 (README, "FedAvg again").
+# bundles fell 0.02-0.12 below, three of four by more than 0.07 (docs/real-data.md, "FedAvg again").
 SHIPPED_AUROC_DROP = 0.03
 MIN_PAIRS = 100  # so that the drop is at least three discordant pairs' worth (1 / pairs each)
 

@@ -156,8 +156,9 @@ def refit(
     backbone has fitted almost perfectly, so the branch learns to trust it more than it deserves on new knees.
     Cross-validated over the real training and validation knees, the branch as trained estimates out-of-fold
     T-scores at r 0.74; refitted with ``auto`` at 0.81 (it dropped the adapter in 4 of 5 folds); a least-squares
-    line on age, sex and BMI reaches 0.85 (README, "The T-score's image path"). Both fits run on the same sites
-    with the same validation, so the choice is made like every other: on validation error, pooled in a federation.
+    line on age, sex and BMI reaches 0.85 (docs/real-data.md, "The T-score's image path"). Both fits run on the same
+    sites with the same validation, so the choice is made like every other: on validation error, pooled in a
+    federation.
     """
     if image not in IMAGE_PATHS:
         raise ValueError(f"image={image!r} must be one of {IMAGE_PATHS}")
