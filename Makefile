@@ -135,7 +135,7 @@ real-data-seeds: real-data-prepare
 # (GroupNorm; the pretrained BatchNorm frozen). DP-SGD refuses FedBN (its model has no trainable BatchNorm) and
 # the source x label balanced draws (its accounting assumes uniform Poisson sampling): FedAvg, class weight.
 DP := privacy.dp.enabled=true privacy.dp.target_epsilon=8 train.balance=none federation.strategy=fedavg \
-	federation.rounds=5
+	federation.rounds=5 model.members=1
 dp-table: $(STAMP)
 	$(BIN)/python -m simulations.dp_table --out runs/dp
 

@@ -145,3 +145,21 @@ def test_flatten_and_apply_overrides() -> None:
     assert data == {"a": {"b": 1, "c": 2}, "x": {"y": "hello"}}
     with pytest.raises(ConfigError, match="not a section"):
         apply_overrides({"a": 1}, ["a.b=2"])
+
+
+def makefile_variable(name: str) -> list[str]:
+    """A ``NAME := a b \\`` variable of the repository's Makefile, continuation lines joined, as its words."""
+    text = (Path(__file__).parents[1] / "Makefile").read_text().replace("\\\n", " ")
+    for line in text.splitlines():
+        if line.startswith(f"{name} :="):
+            return line.split(":=", 1)[1].split()
+    raise AssertionError(f"Makefile: no variable {name}")
+
+
+@pytest.mark.parametrize("norm", ["group", "frozen"])
+def test_make_real_data_dp_overrides_load_on_the_cpu_preset(norm: str) -> None:
+    """`make real-data-dp` layers its overrides on the `cpu` preset: a preset change that DP-SGD refuses (an
+    ensemble, pooled BatchNorm statistics) must be undone there, or the target fails at its first line."""
+    cfg = load_config("cpu", [*makefile_variable("DP"), f"model.norm={norm}"])
+    assert cfg.privacy.dp.enabled and cfg.model.members == 1
+
