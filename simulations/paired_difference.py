@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from simulations.seed_ensemble import cohorts, mean_logit
+from simulations.seed_ensemble import cohorts, mean_logit, source_pairs
 from strnet.bundle import load_bundle
 from strnet.data.cache import PreprocessCache
 from strnet.data.manifest import read_manifest
@@ -46,28 +46,6 @@ def paired_auroc_difference(
     a, b = roc_auc_score(y, p_a), roc_auc_score(y, p_b)
     lo, hi = np.percentile(diffs, [2.5, 97.5]) if diffs else (np.nan, np.nan)
     return {"auroc_a": a, "auroc_b": b, "difference": b - a, "ci_lo": float(lo), "ci_hi": float(hi), "n": len(y)}
-
-
-def source_pairs(y: np.ndarray, score: np.ndarray, source: np.ndarray) -> dict[str, float]:
-    """A pooled AUROC split by its (bone-loss, normal) pairs: those within one source and those across two.
-
-    Pooled AUROC is the share of such pairs a model orders correctly (ties half). Across sources whose
-    prevalence differs (Mendeley is mostly bone loss) a model can order pairs by telling the sources apart; within
-    one source it cannot. The pooled value is the pair-count-weighted mean of the two parts.
-    """
-    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
-    diff = score[pos][:, None] - score[neg][None, :]
-    won = (diff > 0) + 0.5 * (diff == 0)
-    same = source[pos][:, None] == source[neg][None, :]
-    part = {
-        name: float(won[m].mean()) if m.any() else float("nan") for name, m in (("within", same), ("across", ~same))
-    }
-    return {
-        "within_source": part["within"],
-        "across_sources": part["across"],
-        "pairs_within": int(same.sum()),
-        "pairs_across": int((~same).sum()),
-    }
 
 
 def ensemble_score(bundles: list[str], frame: pd.DataFrame, cache: PreprocessCache) -> np.ndarray:

@@ -71,6 +71,39 @@ def mean_logit(frames: list[pd.DataFrame]) -> np.ndarray:
     return np.mean([logit(np.clip(f["prob_bone_loss"].to_numpy(float), 1e-15, 1 - 1e-15)) for f in frames], axis=0)
 
 
+def source_pairs(y: np.ndarray, score: np.ndarray, source: np.ndarray) -> dict[str, float]:
+    """A pooled AUROC split by its (bone-loss, normal) pairs: those within one source and those across two.
+
+    Pooled AUROC is the share of such pairs a model orders correctly (ties half). Across sources whose
+    prevalence differs (Mendeley is mostly bone loss) a model can order pairs by telling the sources apart; within
+    one source it cannot. The pooled value is the pair-count-weighted mean of the two parts.
+    """
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    diff = score[pos][:, None] - score[neg][None, :]
+    won = (diff > 0) + 0.5 * (diff == 0)
+    same = source[pos][:, None] == source[neg][None, :]
+    part = {
+        name: float(won[m].mean()) if m.any() else float("nan") for name, m in (("within", same), ("across", ~same))
+    }
+    return {
+        "within_source": part["within"],
+        "across_sources": part["across"],
+        "pairs_within": int(same.sum()),
+        "pairs_across": int((~same).sum()),
+    }
+
+
+def pair_columns(frame: pd.DataFrame) -> dict[str, float]:
+    """AUROC over the (bone-loss, normal) pairs within one source and across two (NaN for a one-source cohort):
+    a federated site only ever compares knees of its own source, so the two parts tell its costs apart."""
+    labelled = frame[frame["label_cls"] != ""]
+    if labelled["source"].nunique() < 2:
+        return {"within": np.nan, "across": np.nan}
+    y = (labelled["label_cls"] != "normal").to_numpy(int)
+    pairs = source_pairs(y, labelled["prob_bone_loss"].to_numpy(float), labelled["source"].to_numpy())
+    return {"within": pairs["within_source"], "across": pairs["across_sources"]}
+
+
 def combine(bundles: list[Bundle], val: pd.DataFrame, cache: PreprocessCache | None) -> Bundle:
     """The runs as the ensemble ``strnet train`` makes with ``model.members`` (:class:`STRNetEnsemble`): each run's
     own calibration on its logit, their mean calibrated by Platt and τ* chosen on validation."""
@@ -180,10 +213,13 @@ def summarise(
             rows.append(
                 {"cohort": name, "run": run, "knees": len(frame), "τ*": threshold}
                 | {title: metrics.get(key, np.nan) for key, title in COLUMNS.items()}
+                | pair_columns(frame)
             )
     table = pd.DataFrame(rows)
     spread = (
-        table[table["run"].isin(singles)].groupby("cohort", sort=False)[list(COLUMNS.values())].agg(["mean", "std"])
+        table[table["run"].isin(singles)]
+        .groupby("cohort", sort=False)[[*COLUMNS.values(), "within", "across"]]
+        .agg(["mean", "std"])
     )
     spread.columns = [f"{a} {b}" for a, b in spread.columns]
     return table, spread

@@ -16,6 +16,7 @@ from configs.schema import ThresholdConfig
 from simulations.scenario import build_synthetic_scenario
 from simulations.seed_ensemble import cohorts, combine, soup, summarise
 from strnet.bundle import load_bundle, save_bundle
+from strnet.data.cache import PreprocessCache
 from strnet.data.manifest import read_manifest
 from strnet.data.preprocess import PreprocessParams
 from strnet.evaluation import predict_frame
@@ -77,6 +78,24 @@ def test_the_ensemble_is_the_runs_calibrated_logits_averaged_and_the_spread_is_o
     assert spread.loc["test (pooled)", "AUROC std"] == pytest.approx(np.std(singles, ddof=1))
     # every cohort the study reads: validation pooled and per training site, pooled test, the external site
     assert list(spread.index) == ["val (pooled)", "val stage1", "val stage2", "test (pooled)", "hospital"]
+    # the pooled test split by its (bone-loss, normal) pairs: within one source, across two; a one-source cohort
+    # has no such split. The two parts weighted by their pair counts are the pooled AUROC.
+    # (scored through the study's own cache: its stored images move an untrained run's near-equal scores)
+    cache = PreprocessCache(tmp_path / "cache")
+    for run, bundle in zip(["0", "1", "2"], loaded, strict=True):
+        frame = predict_frame(bundle, test, cache=cache, progress=False)
+        source, label = frame["source"].to_numpy(), (frame["label_cls"] != "normal").to_numpy(int)
+        pos, neg = np.flatnonzero(label == 1), np.flatnonzero(label == 0)
+        same = source[pos][:, None] == source[neg][None, :]
+        assert same.any() and not same.all()
+        score = frame["prob_bone_loss"].to_numpy(float)
+        won = (score[pos][:, None] > score[neg][None, :]) + 0.5 * (score[pos][:, None] == score[neg][None, :])
+        assert row.loc[run, "within"] == pytest.approx(won[same].mean(), abs=1e-12)
+        assert row.loc[run, "across"] == pytest.approx(won[~same].mean(), abs=1e-12)
+        weighted = (row.loc[run, "within"] * same.sum() + row.loc[run, "across"] * (~same).sum()) / same.size
+        assert weighted == pytest.approx(row.loc[run, "AUROC"], abs=1e-12)
+    assert table[table["cohort"] == "val stage1"][["within", "across"]].isna().all().all()
+    assert spread.loc["test (pooled)", "across mean"] == pytest.approx(row.loc[["0", "1", "2"], "across"].mean())
 
 
 def test_the_soup_is_the_mean_of_the_weights_with_its_own_statistics_and_tau(runs: tuple[Path, list[Path]]) -> None:
