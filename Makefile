@@ -53,11 +53,11 @@ real-data: real-data-prepare
 # MLflow, and `simulations.inference_variants` compares inference-time variants on the validation split.
 EXP := runs/exp
 # name:override,override (the cpu preset is the chosen "balanced + mirror" recipe); strategies run the previous
-# recipe they were compared on (no balancing, no mirror averaging)
+# recipe they were compared on (no balancing, no mirror averaging, batch statistics)
 NO_MIRROR := model.test_time_mirror=false
 VARIANTS := base:train.balance=none,$(NO_MIRROR) balance:$(NO_MIRROR) balance-mirror:train.balance=source_label \
 	balance-site:train.monitor=site_auroc,$(NO_MIRROR) balance-site-mirror:train.monitor=site_auroc \
-	ema:train.ema_decay=0.9 frozen-bn:model.norm=frozen lr-1e-4:train.lr=1e-4 \
+	ema:train.ema_decay=0.9 frozen-bn:model.norm=frozen,federation.batchnorm=batch lr-1e-4:train.lr=1e-4 \
 	strong-aug:augment.max_rotation_deg=15,augment.max_translate=0.08,augment.scale_range=[0.8;1.2],augment.border_mask_max_frac=0.15
 # each recipe variant is one network over 30 epochs, as the variants were compared (the preset's ensemble of three
 # and its epoch cap came after them)
@@ -70,7 +70,8 @@ real-data-experiments: real-data-prepare
 	  $(BIN)/python -m simulations.inference_variants --bundle $(EXP)/$$name/bundle --manifest $(REAL)/split.csv > $(EXP)/$$name/val_variants.txt || exit 1; done
 	for s in $(STRATEGIES); do name=$${s%%:*}; extra=$$(echo $$s | grep -q : && echo --set $${s#*:}); \
 	  $(BIN)/python -m simulations.inprocess --config cpu --layout sites --out $(EXP)/fed-$$name \
-	    --set federation.strategy=$$name --set train.balance=none --set $(NO_MIRROR) $$extra || exit 1; done
+	    --set federation.strategy=$$name --set federation.batchnorm=batch --set train.balance=none \
+	    --set $(NO_MIRROR) $$extra || exit 1; done
 	$(BIN)/python -m simulations.experiment_table $(EXP)/* > $(EXP)/table.md
 	cat $(EXP)/table.md
 	$(BIN)/python -m simulations.inprocess --config cpu --set federation.keep_rounds=true --set tracking.enabled=false \
@@ -135,7 +136,7 @@ real-data-seeds: real-data-prepare
 # (GroupNorm; the pretrained BatchNorm frozen). DP-SGD refuses FedBN (its model has no trainable BatchNorm) and
 # the source x label balanced draws (its accounting assumes uniform Poisson sampling): FedAvg, class weight.
 DP := privacy.dp.enabled=true privacy.dp.target_epsilon=8 train.balance=none federation.strategy=fedavg \
-	federation.rounds=5 model.members=1
+	federation.batchnorm=batch federation.rounds=5 model.members=1
 dp-table: $(STAMP)
 	$(BIN)/python -m simulations.dp_table --out runs/dp
 

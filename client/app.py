@@ -457,8 +457,9 @@ def calibrate(message: Message, context: Context) -> tuple[SiteRunner, Records]:
 
 @_answers(MessageKind.BN_STATISTICS)
 def bn_statistics(message: Message, context: Context) -> tuple[SiteRunner, Records]:
-    """FedBN, once after training: each BatchNorm layer's input mean and variance over this site's training
-    images under the final model the message carries, and the image count (never an image's activations)."""
+    """Each BatchNorm layer's input mean and variance over this site's training images under the model the
+    message carries, and the image count (never an image's activations): FedBN once after training,
+    ``federation.batchnorm: pooled`` before every round."""
     runner = runner_for(message, context)
     stats, n = runner.batchnorm_statistics(_model(message, context, runner))
     return runner, {Key.STATS: _arrays(stats | {"n": np.array([n], np.int64)})}

@@ -161,5 +161,14 @@ def test_make_real_data_dp_overrides_load_on_the_cpu_preset(norm: str) -> None:
     """`make real-data-dp` layers its overrides on the `cpu` preset: a preset change that DP-SGD refuses (an
     ensemble, pooled BatchNorm statistics) must be undone there, or the target fails at its first line."""
     cfg = load_config("cpu", [*makefile_variable("DP"), f"model.norm={norm}"])
-    assert cfg.privacy.dp.enabled and cfg.model.members == 1
+    assert cfg.privacy.dp.enabled and cfg.model.members == 1 and cfg.federation.batchnorm == "batch"
 
+
+def test_the_cpu_federation_trains_under_pooled_batchnorm_statistics() -> None:
+    """The preset's choice (docs/real-data.md, "BatchNorm under pooled statistics, again"), and the clear refusal a
+    run gets where pooled statistics cannot exist."""
+    assert load_config("cpu").federation.batchnorm == "pooled"
+    with pytest.raises(ConfigError, match=r"federation\.batchnorm=pooled needs BatchNorm layers.*model\.norm=frozen"):
+        load_config("cpu", ["model.norm=frozen"])
+    with pytest.raises(ConfigError, match=r"federation\.batchnorm=pooled with strategy=fedbn"):
+        load_config("cpu", ["federation.strategy=fedbn"])
