@@ -34,19 +34,20 @@ def pooled_tscore_refit(sites: TrainingSites, arrays: ArrayRecord) -> tuple[Arra
     model = build_model(cfg, weights="none")
     model.load_state_dict({k: torch.from_numpy(v) for k, v in arrays_numpy(arrays).items()})
     keys = branch_keys(model)
-    digest = sites.shipping.digest(arrays)
-    config = {Field.MODEL_DIGEST: digest}
-    sent_full = False
+    config: dict[str, Any] = {}
 
     def branch() -> dict[str, ArrayRecord]:
-        """The first message is about the whole kept model (shipped once, server.replies.ModelShipping); later
-        ones carry the current branch."""
-        nonlocal sent_full
-        if not sent_full:
-            sent_full = True
-            return {"model": arrays}
+        """The first message is about the whole kept model with the branch as the refit starts it (shipped once,
+        server.replies.ModelShipping; named by its digest in every later message); later ones carry the current
+        branch. The start is not the kept model's own branch when the image path is off (its adapter zeroed):
+        sending the kept model there let every site train the adapter it had, so an `off` refit read the image."""
         state = model.state_dict()
-        return {"arrays": ArrayRecord({k: Array(state[k].detach().cpu().numpy()) for k in keys})}
+        current = {k: Array(state[k].detach().cpu().numpy()) for k in keys}
+        if Field.MODEL_DIGEST not in config:
+            whole = ArrayRecord({k: current.get(k, v) for k, v in arrays.items()})
+            config[Field.MODEL_DIGEST] = sites.shipping.digest(whole)
+            return {"model": whole}
+        return {"arrays": ArrayRecord(current)}
 
     def pooled(replies: dict[str, dict[str, Any]], what: str) -> np.ndarray:
         sums = [np.asarray(v.pop("sums", ())) for v in replies.values()]
@@ -56,12 +57,13 @@ def pooled_tscore_refit(sites: TrainingSites, arrays: ArrayRecord) -> tuple[Arra
         return np.sum(good, axis=0)
 
     def validation(_: torch.nn.Module) -> np.ndarray:
-        return pooled(sites.ask(MessageKind.TSCORE_VAL, config, **branch()), "validation")
+        payload = branch()  # first: it names the model the later messages' config carries
+        return pooled(sites.ask(MessageKind.TSCORE_VAL, dict(config), **payload), "validation")
 
     def step(_: torch.nn.Module, steps: int) -> np.ndarray:
         """Every site's validation sums of the sent branch and its branch after ``steps`` steps, in one exchange."""
-        step_config = config | {Field.STEPS: steps}
-        replies = sites.ask(MessageKind.TSCORE_TRAIN, step_config, **branch(), partial=True)
+        payload = branch()
+        replies = sites.ask(MessageKind.TSCORE_TRAIN, config | {Field.STEPS: steps}, **payload, partial=True)
         sums = pooled(replies, "validation")
         states, weights = [], []
         for site, values in replies.items():

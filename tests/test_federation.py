@@ -568,6 +568,56 @@ def test_federated_tscore_refit_fits_with_and_without_the_image_and_keeps_the_lo
     assert kinds.count("query.tscore_train") == 2 * 2 * 3 and kinds.count("query.tscore_val") == 2 * 2
 
 
+def test_a_federated_refit_with_the_image_path_off_is_the_sites_own_refit_and_never_reads_the_image(
+    scenario, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """``tscore.image=off`` alone: the first refit message once carried the kept model with its own image adapter,
+    so every site trained from the adapter it had and the refit read the image while the bundle said it did not.
+    With one training site holding T-scores, FedAvg of the branch is that site's own refit, so the centralized
+    refit on its cases, from the same kept model, is the oracle."""
+    from strnet.tscore import refit_centralized
+
+    overrides = [
+        *_overrides(scenario, tmp_path),
+        "federation.rounds=1",
+        "tracking.enabled=false",
+        "tscore.image=off",
+        "tscore.rounds=3",
+        "tscore.patience=0",
+    ]
+    cfg = load_config("demo", overrides)
+    result = run_federated(InProcessGrid(3), cfg)  # type: ignore[arg-type]
+    bundle = load_bundle(result.bundle_dir)
+    refit = bundle.metadata["training"]["tscore_refit"]
+    assert refit["status"] == "refitted" and refit["image_path"] == "off"
+    assert all(torch.count_nonzero(p) == 0 for p in bundle.model.t_image.parameters())  # type: ignore[union-attr]
+
+    with_t = [
+        df[pd.to_numeric(df["t_score"], errors="coerce").notna()]
+        for df in (read_manifest(site.manifest) for site in cfg.federation.sites if site.role == "train")
+    ]
+    (site_rows,) = [rows for rows in with_t if len(rows)]  # the one training site with T-scores
+    checkpoint = torch.load(Path(cfg.output_dir) / "federation-checkpoint.pt", weights_only=True)
+    kept = checkpoint["strategy"]["best_arrays"]["__arrayrecord__"]
+    oracle = load_bundle(result.bundle_dir).model
+    oracle.load_state_dict(kept)
+    central = refit_centralized(
+        oracle,
+        site_rows[site_rows["split"] == "train"],
+        site_rows[site_rows["split"] == "val"],
+        bundle.preprocess,
+        PreprocessCache(tmp_path / "cache"),
+        torch.device("cpu"),
+        lr=cfg.tscore.lr,
+        weight_decay=cfg.tscore.weight_decay,
+        **cfg.tscore.schedule(),
+    )
+    np.testing.assert_allclose(refit["val_mse_history"], central["val_mse_history"], rtol=1e-5)
+    served, expected = bundle.model.state_dict(), oracle.state_dict()
+    for key in [k for k in served if k.split(".", 1)[0] in ("t_image", "t_tabular", "t_fusion")]:
+        torch.testing.assert_close(served[key], expected[key], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("transport", ["fp16", "fp32"])
 def test_weights_travel_at_the_configured_precision(scenario, tmp_path: Path, transport: str) -> None:
     """``federation.transport``: every round's weight matrices go both ways at that precision (integer counters
