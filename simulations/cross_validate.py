@@ -43,7 +43,8 @@ from sklearn.metrics import roc_auc_score
 
 from configs import Config, load_config
 from configs.schema import TScoreConfig
-from simulations.paired_difference import paired_auroc_difference, source_pairs
+from simulations.paired_difference import paired_auroc_difference
+from simulations.seed_ensemble import source_pairs
 from strnet import metrics as M
 from strnet.data.manifest import read_manifest, write_manifest
 from strnet.data.split import stratified_group_folds
@@ -228,7 +229,7 @@ def compare(
 ) -> dict[str, dict[str, float]]:
     """B − A per cohort on the knees both scored (``films``: on radiographs, each the mean of its rows), paired
     over whole radiographs; the pooled row also splits each run's AUROC into its (bone-loss, normal) pairs within
-    one source and across sources (:func:`simulations.paired_difference.source_pairs`). The two runs must have
+    one source and across sources (:func:`simulations.seed_ensemble.source_pairs`). The two runs must have
     cut the same folds (same manifest, ``--folds`` and ``--seed``, or ``--folds-from``), or a knee's two scores
     come from different splits."""
     if films:

@@ -24,7 +24,7 @@ from scipy.special import logit
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from simulations.paired_difference import source_pairs
+from simulations.seed_ensemble import source_pairs
 from strnet.bundle import Bundle, load_bundle
 from strnet.data.cache import PreprocessCache
 from strnet.data.manifest import read_manifest

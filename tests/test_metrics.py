@@ -409,7 +409,7 @@ def test_pooled_auroc_splits_into_within_and_across_source_pairs() -> None:
     """Against scikit-learn: the within-source part is the per-source AUROCs weighted by their pair counts, and
     the two parts weighted by theirs give the pooled AUROC; a score that is only the source orders every
     across-source pair of a source that is all bone loss against one that is all normal."""
-    from simulations.paired_difference import source_pairs
+    from simulations.seed_ensemble import source_pairs
 
     rng = np.random.default_rng(5)
     source = np.array(["a"] * 50 + ["b"] * 30)
