@@ -11,6 +11,8 @@ draw meets the target:
   which only widens the spread, so these chances are the optimistic side.
 * **Spearman R/L** over ``n_films`` bilateral films: the two knees' scores are bivariate normal with the
   Pearson r that gives the true Spearman ρs (r = 2·sin(π·ρs/6), the identity for Gaussian pairs).
+* **Flags that differ** between a film's two knees: the number of such films is binomial (exact, no draws);
+  this target is met at or below its value.
 
 ``needed`` answers the question a target's author has to settle first: how many normal knees (at the cohort's
 prevalence), or bilateral films, before the central 95 % of a model's observed values lies within ± a margin of
@@ -29,13 +31,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.stats import norm, rankdata
+from scipy.stats import binom, norm, rankdata
 
 from simulations.seed_ensemble import cohorts
 from strnet.data.manifest import read_manifest
 
 TRUE_AUROC = (0.55, 0.60, 0.65, 0.70, 0.75, 0.80, 0.85, 0.90)
 TRUE_SPEARMAN = (0.50, 0.60, 0.70, 0.77, 0.80, 0.85, 0.90)
+TRUE_DISAGREEMENT = (0.02, 0.05, 0.088, 0.10, 0.15, 0.20)
 
 
 def rowwise_auroc(normal: np.ndarray, bone_loss: np.ndarray) -> np.ndarray:
@@ -74,6 +77,22 @@ def spearman_draws(true_spearman: float, n_films: int, draws: int, rng: np.rando
     right = rng.normal(size=(draws, n_films))
     left = r * right + math.sqrt(1.0 - r * r) * rng.normal(size=(draws, n_films))
     return rowwise_spearman(right, left)
+
+
+def disagreement_summary(true_rate: float, n_films: int, target: float) -> dict[str, float]:
+    """The share of films whose two knees get different flags, for a true rate: exact binomial, no draws.
+
+    ``meets`` is the chance of an observed share at or *below* ``target`` (fewer disagreeing films is better).
+    """
+    if not 0.0 <= true_rate <= 1.0 or n_films < 1:
+        raise ValueError(f"need a rate in [0, 1] and one or more films, got {true_rate} and {n_films}")
+    dist = binom(n_films, true_rate)
+    return {
+        "median": float(dist.median() / n_films),
+        "low": float(dist.ppf(0.025) / n_films),
+        "high": float(dist.ppf(0.975) / n_films),
+        "meets": float(dist.cdf(math.floor(target * n_films + 1e-9))),
+    }
 
 
 def summary(values: np.ndarray, target: float) -> dict[str, float]:
@@ -120,6 +139,7 @@ def cohort_power(
     *,
     auroc_target: float,
     spearman_target: float,
+    disagreement_target: float,
     draws: int,
     seed: int,
     margin: float,
@@ -142,11 +162,19 @@ def cohort_power(
         out["films_needed"] = needed(
             lambda n: spearman_draws(spearman_target, n, draws, rng), margin, start=max(films, 3)
         )
+    if films:
+        out["disagreement"] = {
+            f"{r:.3f}": disagreement_summary(r, films, disagreement_target) for r in TRUE_DISAGREEMENT
+        }
+        out["films_needed_for_disagreement"] = needed(
+            lambda n: rng.binomial(n, disagreement_target, size=draws) / n, margin, start=films
+        )
     return out
 
 
-def table(rows: dict[str, dict[str, float]], what: str, target: float) -> str:
-    lines = [f"| true {what} | median observed | 95 % of draws | meets ≥ {target:g} |", "|---|---|---|---|"]
+def table(rows: dict[str, dict[str, float]], what: str, target: float, *, at_most: bool = False) -> str:
+    sign = "≤" if at_most else "≥"
+    lines = [f"| true {what} | median observed | 95 % of draws | meets {sign} {target:g} |", "|---|---|---|---|"]
     for true, s in rows.items():
         lines.append(f"| {true} | {s['median']:.3f} | {s['low']:.3f}–{s['high']:.3f} | {100 * s['meets']:.1f} % |")
     return "\n".join(lines)
@@ -157,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--manifest", type=Path, required=True, help="a split manifest (strnet data split)")
     p.add_argument("--auroc-target", type=float, default=0.85)
     p.add_argument("--spearman-target", type=float, default=0.80)
+    p.add_argument("--disagreement-target", type=float, default=0.10, help="films whose flags differ, at most")
     p.add_argument("--margin", type=float, default=0.05, help="± spread the needed sizes are for (default 0.05)")
     p.add_argument("--draws", type=int, default=4000)
     p.add_argument("--seed", type=int, default=0)
@@ -173,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             cohort_counts(frame),
             auroc_target=args.auroc_target,
             spearman_target=args.spearman_target,
+            disagreement_target=args.disagreement_target,
             draws=args.draws,
             seed=args.seed,
             margin=args.margin,
@@ -189,6 +219,12 @@ def main(argv: list[str] | None = None) -> int:
         if "spearman" in res:
             print(table(res["spearman"], "Spearman R/L", args.spearman_target))
             print(f"bilateral films for ± {args.margin:g} at Spearman {args.spearman_target:g}: {res['films_needed']}")
+        if "disagreement" in res:
+            print(
+                table(res["disagreement"], "share of films whose flags differ", args.disagreement_target, at_most=True)
+            )
+            need = res["films_needed_for_disagreement"]
+            print(f"bilateral films for ± {args.margin:g} at a share of {args.disagreement_target:g}: {need}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

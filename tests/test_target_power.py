@@ -112,6 +112,8 @@ def test_the_command_reports_each_cohort_of_a_split_manifest(tmp_path: Path, cap
     meets = [s["meets"] for s in result["holdout"]["auroc"].values()]
     assert meets == sorted(meets) and meets[0] < 0.1 < meets[-1]  # a better model passes more often
     assert "spearman" not in result["holdout"]  # one film is no rank correlation
+    assert result["holdout"]["disagreement"]["0.100"]["meets"] == pytest.approx(0.9)  # 0 of 1 film
+    assert result["holdout"]["films_needed_for_disagreement"] > 1
     assert result["test (pooled)"]["films_needed"] > 3
     assert result["holdout"]["normal_knees_needed"] > 3
     assert "## holdout: 3 normal, 9 bone-loss knees, 1 bilateral films" in capsys.readouterr().out
@@ -121,3 +123,15 @@ def test_a_manifest_without_a_training_split_is_refused(tmp_path: Path) -> None:
     manifest = write_manifest(pd.DataFrame(rows("s", "test", ["normal", "osteopenia"])), tmp_path / "m.csv")
     with pytest.raises(SystemExit, match="no rows with split 'train'"):
         T.main(["--manifest", str(manifest)])
+
+
+def test_flag_disagreement_is_binomial() -> None:
+    """9 films at the cross-validated rate of 8.8 %: the 10 % target allows 0 films, met with chance 0.912⁹."""
+    s = T.disagreement_summary(0.088, 9, 0.10)
+    assert s["meets"] == pytest.approx(0.912**9, rel=1e-12)
+    p_up_to_2 = sum(math.comb(9, k) * 0.088**k * 0.912 ** (9 - k) for k in range(3))  # 0.962 < 0.975
+    assert p_up_to_2 < 0.975 and (s["low"], s["high"]) == (0.0, 3 / 9)
+    two = T.disagreement_summary(0.088, 18, 0.10)  # 18 films: 0 or 1 of them
+    assert two["meets"] == pytest.approx(0.912**18 + 18 * 0.088 * 0.912**17, rel=1e-12)
+    with pytest.raises(ValueError, match="one or more films"):
+        T.disagreement_summary(0.1, 0, 0.1)
