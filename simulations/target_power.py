@@ -102,10 +102,11 @@ def summary(values: np.ndarray, target: float) -> dict[str, float]:
 
 
 def needed(draw: Callable[[int], np.ndarray], margin: float, *, start: int, limit: int = 10_000) -> int:
-    """The smallest size ``n`` whose central 95 % of ``draw(n)`` lies within ± ``margin`` of its median.
+    """The smallest size ``n`` ≥ ``start`` whose central 95 % of ``draw(n)`` lies within ± ``margin`` of its median.
 
-    ``draw(n)`` returns observed values for a cohort of size ``n``; the spread shrinks as n grows, so the search
-    doubles ``n`` until the spread fits, then bisects.
+    ``start`` is the cohort's own size: a cohort that already fits needs no more than it has. ``draw(n)`` returns
+    observed values for a cohort of size ``n``; the spread shrinks as n grows, so the search doubles ``n`` until
+    the spread fits, then bisects.
     """
 
     def fits(n: int) -> bool:
