@@ -7,16 +7,18 @@ each statistic many times for a cohort of the given size and a stated true value
 draw meets the target:
 
 * **AUROC** over ``n_normal`` and ``n_bone_loss`` knees. Scores are binormal with equal variances
-  (d' = √2·Φ⁻¹(A) gives true AUROC A). Each knee counts as independent. The two knees of a film are correlated,
-  which only widens the spread, so these chances are the optimistic side.
+  (d' = √2·Φ⁻¹(A) gives true AUROC A). The two knees of a bilateral film carry one label and correlated scores
+  (``--film-correlation`` ρ: each knee's score is a shared film part and its own part, variance ρ and 1 − ρ, so
+  every knee keeps the same marginal and the same true AUROC). At ρ = 0 knees are independent, the optimistic
+  side; at ρ = 1 a film counts once. The cohort's own mix of lone knees and bilateral films per class is used.
 * **Spearman R/L** over ``n_films`` bilateral films: the two knees' scores are bivariate normal with the
   Pearson r that gives the true Spearman ρs (r = 2·sin(π·ρs/6), the identity for Gaussian pairs).
 * **Flags that differ** between a film's two knees: the number of such films is binomial (exact, no draws);
   this target is met at or below its value.
 
 ``needed`` answers the question a target's author has to settle first: how many normal knees (at the cohort's
-prevalence), or bilateral films, before the central 95 % of a model's observed values lies within ± a margin of
-its true value.
+prevalence and share of bilateral films), or bilateral films, before the central 95 % of a model's observed
+values lies within ± a margin of its true value.
 
     python -m simulations.target_power --manifest runs/real/split.csv
 """
@@ -49,14 +51,47 @@ def rowwise_auroc(normal: np.ndarray, bone_loss: np.ndarray) -> np.ndarray:
     return (ranks[:, :n1].sum(axis=1) - n1 * (n1 + 1) / 2.0) / (n0 * n1)
 
 
-def auroc_draws(true_auroc: float, n_normal: int, n_bone_loss: int, draws: int, rng: np.random.Generator) -> np.ndarray:
-    """Observed AUROCs of a model whose true AUROC is ``true_auroc``, on cohorts of the given size."""
+def class_scores(
+    shift: float, knees: int, films: int, film_correlation: float, draws: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Scores of one class: ``knees`` knees of which ``2 * films`` are the two knees of bilateral films.
+
+    Columns hold the lone knees first, then each film's two knees side by side. Every knee is N(shift, 1); the two
+    knees of a film correlate at ``film_correlation``.
+    """
+    if not 0.0 <= film_correlation <= 1.0:
+        raise ValueError(f"the film correlation must lie in [0, 1], got {film_correlation}")
+    if films < 0 or 2 * films > knees:
+        raise ValueError(f"{films} bilateral films need {2 * films} knees, the class has {knees}")
+    lone = rng.normal(shift, 1.0, size=(draws, knees - 2 * films))
+    shared = np.repeat(rng.normal(size=(draws, films)), 2, axis=1)
+    own = rng.normal(size=(draws, 2 * films))
+    paired = shift + math.sqrt(film_correlation) * shared + math.sqrt(1.0 - film_correlation) * own
+    return np.concatenate([lone, paired], axis=1)
+
+
+def auroc_draws(
+    true_auroc: float,
+    n_normal: int,
+    n_bone_loss: int,
+    draws: int,
+    rng: np.random.Generator,
+    *,
+    normal_films: int = 0,
+    bone_loss_films: int = 0,
+    film_correlation: float = 0.0,
+) -> np.ndarray:
+    """Observed AUROCs of a model whose true AUROC is ``true_auroc``, on cohorts of the given size; ``*_films``
+    of each class's knees come as bilateral films whose two knees correlate at ``film_correlation``."""
     if not 0.0 < true_auroc < 1.0:
         raise ValueError(f"true AUROC must lie strictly between 0 and 1, got {true_auroc}")
     if n_normal < 1 or n_bone_loss < 1:
         raise ValueError(f"an AUROC needs both classes, got {n_normal} normal and {n_bone_loss} bone-loss knees")
     d = math.sqrt(2.0) * norm.ppf(true_auroc)
-    return rowwise_auroc(rng.normal(size=(draws, n_normal)), rng.normal(d, 1.0, size=(draws, n_bone_loss)))
+    return rowwise_auroc(
+        class_scores(0.0, n_normal, normal_films, film_correlation, draws, rng),
+        class_scores(d, n_bone_loss, bone_loss_films, film_correlation, draws, rng),
+    )
 
 
 def rowwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -125,13 +160,18 @@ def needed(draw: Callable[[int], np.ndarray], margin: float, *, start: int, limi
 
 
 def cohort_counts(frame: pd.DataFrame) -> dict[str, int]:
-    """Labelled normal and bone-loss knees, and the films with both knees in the cohort (the bilateral films)."""
+    """Labelled normal and bone-loss knees, the films with both knees in the cohort (the bilateral films), and
+    how many of those are normal and bone-loss films (both knees of one screening class)."""
     labelled = frame[frame["label_cls"] != ""]
     sides = frame[frame["side"].isin(("R", "L"))].groupby("path")["side"].nunique()
+    bilateral = labelled[labelled["path"].isin(sides.index[sides == 2])]
+    normal = (bilateral["label_cls"] == "normal").groupby(bilateral["path"]).agg(["size", "sum"])
     return {
         "normal": int((labelled["label_cls"] == "normal").sum()),
         "bone_loss": int((labelled["label_cls"] != "normal").sum()),
         "bilateral_films": int((sides == 2).sum()),
+        "normal_films": int(((normal["size"] == 2) & (normal["sum"] == 2)).sum()),
+        "bone_loss_films": int(((normal["size"] == 2) & (normal["sum"] == 0)).sum()),
     }
 
 
@@ -144,17 +184,26 @@ def cohort_power(
     draws: int,
     seed: int,
     margin: float,
+    film_correlation: float = 0.0,
 ) -> dict[str, object]:
     """Each target's chance on one cohort for a range of true values, and the size a ± ``margin`` spread needs."""
     rng = np.random.default_rng(seed)
     out: dict[str, object] = {"counts": counts}
     n0, n1 = counts["normal"], counts["bone_loss"]
     if n0 and n1:
-        out["auroc"] = {f"{a:.2f}": summary(auroc_draws(a, n0, n1, draws, rng), auroc_target) for a in TRUE_AUROC}
-        ratio = n1 / n0
-        out["normal_knees_needed"] = needed(
-            lambda n: auroc_draws(auroc_target, n, max(1, round(n * ratio)), draws, rng), margin, start=max(n0, 2)
-        )
+        f0, f1 = counts["normal_films"], counts["bone_loss_films"]
+
+        def draw(a: float, n: int) -> np.ndarray:
+            """``n`` normal knees, the bone-loss knees and both classes' films at the cohort's own proportions."""
+            m = max(1, round(n * n1 / n0))
+            films = {
+                "normal_films": min(n // 2, round(n * f0 / n0)),
+                "bone_loss_films": min(m // 2, round(m * f1 / n1)),
+            }
+            return auroc_draws(a, n, m, draws, rng, film_correlation=film_correlation, **films)
+
+        out["auroc"] = {f"{a:.2f}": summary(draw(a, n0), auroc_target) for a in TRUE_AUROC}
+        out["normal_knees_needed"] = needed(lambda n: draw(auroc_target, n), margin, start=max(n0, 2))
     films = counts["bilateral_films"]
     if films >= 3:
         out["spearman"] = {
@@ -187,6 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--auroc-target", type=float, default=0.85)
     p.add_argument("--spearman-target", type=float, default=0.80)
     p.add_argument("--disagreement-target", type=float, default=0.10, help="films whose flags differ, at most")
+    p.add_argument(
+        "--film-correlation",
+        type=float,
+        default=0.0,
+        help="correlation of the two knees' scores within a bilateral film for the AUROC (default 0: independent)",
+    )
     p.add_argument("--margin", type=float, default=0.05, help="± spread the needed sizes are for (default 0.05)")
     p.add_argument("--draws", type=int, default=4000)
     p.add_argument("--seed", type=int, default=0)
@@ -207,12 +262,14 @@ def main(argv: list[str] | None = None) -> int:
             draws=args.draws,
             seed=args.seed,
             margin=args.margin,
+            film_correlation=args.film_correlation,
         )
         result[name] = res
         c = res["counts"]
         print(
             f"\n## {name}: {c['normal']} normal, {c['bone_loss']} bone-loss knees, "
-            f"{c['bilateral_films']} bilateral films"
+            f"{c['bilateral_films']} bilateral films ({c['normal_films']} normal, {c['bone_loss_films']} bone loss); "
+            f"film correlation {args.film_correlation:g}"
         )
         if "auroc" in res:
             print(table(res["auroc"], "AUROC", args.auroc_target))

@@ -92,7 +92,22 @@ def test_cohort_counts_counts_labelled_knees_and_films_with_both_knees() -> None
     )
     lone_right = {"path": "/x/lone.png", "patient_id": "p", "site": "s", "source": "s", "split": "test"}
     frame = pd.concat([frame, pd.DataFrame([lone_right | {"label_cls": "normal", "side": "R"}])], ignore_index=True)
-    assert T.cohort_counts(frame) == {"normal": 3, "bone_loss": 3, "bilateral_films": 2}
+    # film 0: normal R + osteopenia L (mixed: neither class's film); film 1: osteoporosis + normal (mixed)
+    assert T.cohort_counts(frame) == {
+        "normal": 3,
+        "bone_loss": 3,
+        "bilateral_films": 2,
+        "normal_films": 0,
+        "bone_loss_films": 0,
+    }
+    same = pd.DataFrame(rows("s", "test", ["normal", "normal", "osteopenia", "osteoporosis", "normal"], bilateral=2))
+    assert T.cohort_counts(same) == {
+        "normal": 3,
+        "bone_loss": 2,
+        "bilateral_films": 2,
+        "normal_films": 1,
+        "bone_loss_films": 1,
+    }
 
 
 def test_the_command_reports_each_cohort_of_a_split_manifest(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -107,8 +122,14 @@ def test_the_command_reports_each_cohort_of_a_split_manifest(tmp_path: Path, cap
     assert T.main(["--manifest", str(manifest), "--draws", "500", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert set(result) == {"test (pooled)", "holdout"}
-    assert result["holdout"]["counts"] == {"normal": 3, "bone_loss": 9, "bilateral_films": 1}
-    assert result["test (pooled)"]["counts"] == {"normal": 3, "bone_loss": 3, "bilateral_films": 3}
+    assert result["holdout"]["counts"] == {
+        "normal": 3,
+        "bone_loss": 9,
+        "bilateral_films": 1,
+        "normal_films": 1,
+        "bone_loss_films": 0,
+    }
+    assert result["test (pooled)"]["counts"]["bilateral_films"] == 3
     meets = [s["meets"] for s in result["holdout"]["auroc"].values()]
     assert meets == sorted(meets) and meets[0] < 0.1 < meets[-1]  # a better model passes more often
     assert "spearman" not in result["holdout"]  # one film is no rank correlation
@@ -116,7 +137,9 @@ def test_the_command_reports_each_cohort_of_a_split_manifest(tmp_path: Path, cap
     assert result["holdout"]["films_needed_for_disagreement"] > 1
     assert result["test (pooled)"]["films_needed"] > 3
     assert result["holdout"]["normal_knees_needed"] > 3
-    assert "## holdout: 3 normal, 9 bone-loss knees, 1 bilateral films" in capsys.readouterr().out
+    assert (
+        "## holdout: 3 normal, 9 bone-loss knees, 1 bilateral films (1 normal, 0 bone loss)" in capsys.readouterr().out
+    )
 
 
 def test_a_manifest_without_a_training_split_is_refused(tmp_path: Path) -> None:
@@ -135,3 +158,38 @@ def test_flag_disagreement_is_binomial() -> None:
     assert two["meets"] == pytest.approx(0.912**18 + 18 * 0.088 * 0.912**17, rel=1e-12)
     with pytest.raises(ValueError, match="one or more films"):
         T.disagreement_summary(0.1, 0, 0.1)
+
+
+def test_the_two_knees_of_a_film_correlate_as_asked_and_keep_the_marginal() -> None:
+    rng = np.random.default_rng(4)
+    scores = T.class_scores(0.7, 5, 2, 0.6, 40_000, rng)  # a lone knee, then two films' knee pairs
+    assert scores.shape == (40_000, 5)
+    assert np.corrcoef(scores[:, 1], scores[:, 2])[0, 1] == pytest.approx(0.6, abs=0.02)
+    assert abs(np.corrcoef(scores[:, 2], scores[:, 3])[0, 1]) < 0.02  # two films are independent
+    np.testing.assert_allclose(scores.mean(axis=0), 0.7, atol=0.02)
+    np.testing.assert_allclose(scores.std(axis=0), 1.0, atol=0.02)
+    clustered = T.auroc_draws(0.75, 8, 30, 20_000, rng, normal_films=3, bone_loss_films=12, film_correlation=0.7)
+    independent = T.auroc_draws(0.75, 8, 30, 20_000, rng)
+    assert clustered.mean() == pytest.approx(0.75, abs=0.005)
+    assert clustered.std() > 1.1 * independent.std()  # fewer independent cases, a wider spread
+
+
+def test_at_full_correlation_a_film_counts_once() -> None:
+    """ρ = 1: a film's two knees score alike, and the AUROC is that of one knee per film (each pair of films
+    then stands for four identical knee pairs, which leaves the share of correctly ordered pairs unchanged)."""
+    rng = np.random.default_rng(5)
+    normal = T.class_scores(0.0, 6, 3, 1.0, 50, rng)  # three films, no lone knee
+    bone_loss = T.class_scores(1.0, 9, 4, 1.0, 50, rng)  # a lone knee and four films
+    np.testing.assert_array_equal(normal[:, 0::2], normal[:, 1::2])
+    np.testing.assert_array_equal(bone_loss[:, 1::2], bone_loss[:, 2::2])
+    once = T.rowwise_auroc(normal[:, 0::2], bone_loss[:, [0, 1, 3, 5, 7]])
+    twice = T.rowwise_auroc(normal, np.concatenate([bone_loss[:, :1], bone_loss[:, :1], bone_loss[:, 1:]], axis=1))
+    np.testing.assert_allclose(twice, once, atol=1e-12)
+
+
+def test_a_film_structure_the_class_cannot_hold_is_refused() -> None:
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="3 bilateral films need 6 knees, the class has 5"):
+        T.class_scores(0.0, 5, 3, 0.5, 10, rng)
+    with pytest.raises(ValueError, match="film correlation must lie in"):
+        T.class_scores(0.0, 5, 1, 1.5, 10, rng)
