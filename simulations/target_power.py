@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         help="correlation of the two knees' scores within a bilateral film for the AUROC (default 0: independent)",
     )
     p.add_argument("--margin", type=float, default=0.05, help="± spread the needed sizes are for (default 0.05)")
-    p.add_argument("--draws", type=int, default=4000)
+    p.add_argument("--draws", type=int, default=20_000, help="draws per true value (default 20000, about 1 min)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the numbers here")
     args = p.parse_args(argv)
