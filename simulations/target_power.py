@@ -247,6 +247,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the numbers here")
     args = p.parse_args(argv)
+    if args.draws < 100:
+        p.error(f"--draws {args.draws}: need 100 or more to read a 95 % range")
+    if not 0.0 < args.margin < 1.0:
+        p.error(f"--margin {args.margin}: must lie strictly between 0 and 1")
+    if not 0.0 <= args.film_correlation <= 1.0:
+        p.error(f"--film-correlation {args.film_correlation}: must lie in [0, 1]")
+    for name in ("auroc_target", "spearman_target", "disagreement_target"):
+        if not 0.0 < getattr(args, name) <= 1.0:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must lie in (0, 1]")
     df = read_manifest(args.manifest)
     train_sites = sorted(set(df.loc[df["split"] == "train", "site"]))
     if not train_sites:

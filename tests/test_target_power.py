@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -193,3 +194,21 @@ def test_a_film_structure_the_class_cannot_hold_is_refused() -> None:
         T.class_scores(0.0, 5, 3, 0.5, 10, rng)
     with pytest.raises(ValueError, match="film correlation must lie in"):
         T.class_scores(0.0, 5, 1, 1.5, 10, rng)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--draws", "0", "need 100 or more"),
+        ("--margin", "0", "strictly between 0 and 1"),
+        ("--film-correlation", "1.5", "must lie in \\[0, 1\\]"),
+        ("--auroc-target", "85", "--auroc-target 85.0: must lie in"),
+    ],
+)
+def test_bad_options_are_refused_before_the_manifest_is_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture, option: str, value: str, message: str
+) -> None:
+    with pytest.raises(SystemExit) as stop:
+        T.main(["--manifest", str(tmp_path / "absent.csv"), option, value])
+    assert stop.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
